@@ -1,0 +1,251 @@
+//! Kafka: one consumer per projection, polled on its own thread, with the rebalance callbacks
+//! bridged to the projection's async worker over the same channel as the records, so that the
+//! worker sees assignments, records and revocations in the order they happened.
+//!
+//! - On assignment the callback asks the worker for the stored checkpoints and starts each
+//!   partition exactly there (Kafka's committed offsets are only advisory).
+//! - On revocation the callback waits until the worker has committed (or rolled back) the batch
+//!   in flight; only then is the partition released.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::projection::Record;
+use crate::settings::KafkaSettings;
+use crate::store::checkpoint::TopicPartition;
+
+/// What the consumer thread tells a projection's worker, in order.
+pub enum Input {
+    /// A record, tagged with the seek epoch of its partition at the time it was polled.
+    Record(Record, u64),
+    /// Partitions were assigned: reply with the offset to start each from (absent: no checkpoint).
+    Assigned { partitions: Vec<TopicPartition>, reply: oneshot::Sender<HashMap<TopicPartition, i64>> },
+    /// Partitions are being revoked: reply once no batch touching them is in flight.
+    Revoked { partitions: Vec<TopicPartition>, reply: oneshot::Sender<()> },
+}
+
+/// What the worker asks of the consumer thread.
+pub enum Command {
+    /// Advisory: commit these next offsets to Kafka for outside tools.
+    Commit(Vec<(TopicPartition, i64)>),
+    /// Re-read a partition from `offset` (`None`: from the configured start); records polled
+    /// afterwards carry `epoch`.
+    Seek { partition: TopicPartition, offset: Option<i64>, epoch: u64 },
+}
+
+/// The consumer's context: rebalance callbacks talk to the worker.
+pub struct ProjectorContext {
+    projection: String,
+    inputs: mpsc::Sender<Input>,
+    start_from: Offset,
+}
+
+impl ClientContext for ProjectorContext {}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements().iter().map(|element| (element.topic().to_string(), element.partition())).collect()
+}
+
+impl ConsumerContext for ProjectorContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, list: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions = partitions_of(list);
+                tracing::info!(projection = %self.projection, ?partitions, "partitions assigned");
+                let (reply, answer) = oneshot::channel();
+                let offsets = match self.inputs.blocking_send(Input::Assigned { partitions: partitions.clone(), reply }) {
+                    Ok(()) => answer.blocking_recv().ok(),
+                    Err(_) => None,
+                };
+                let Some(offsets) = offsets else {
+                    // The worker is gone (shutting down): take nothing.
+                    let _ = consumer.assign(&TopicPartitionList::new());
+                    return;
+                };
+                for (topic, partition) in &partitions {
+                    let offset = offsets.get(&(topic.clone(), *partition)).map_or(self.start_from, |next| Offset::Offset(*next));
+                    if let Err(error) = list.set_partition_offset(topic, *partition, offset) {
+                        tracing::error!(projection = %self.projection, %error, "cannot set start offset");
+                    }
+                }
+                if let Err(error) = consumer.assign(list) {
+                    tracing::error!(projection = %self.projection, %error, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions = partitions_of(list);
+                tracing::info!(projection = %self.projection, ?partitions, "partitions revoked");
+                let (reply, answer) = oneshot::channel();
+                if self.inputs.blocking_send(Input::Revoked { partitions, reply }).is_ok() {
+                    let _ = answer.blocking_recv();
+                }
+                if let Err(error) = consumer.unassign() {
+                    tracing::error!(projection = %self.projection, %error, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(projection = %self.projection, error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// The librdkafka configuration for a projection's consumer.
+pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.bootstrap_servers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", if settings.start_from == "latest" { "latest" } else { "earliest" })
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (name, value) in &settings.properties {
+        config.set(name, value);
+    }
+    config
+}
+
+/// A running consumer thread.
+pub struct ConsumerThread {
+    pub commands: std_mpsc::Sender<Command>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ConsumerThread {
+    /// Subscribes to `topics` and polls on a new thread, sending everything to `inputs`.
+    pub fn start(
+        settings: &KafkaSettings,
+        projection: &str,
+        topics: &[String],
+        inputs: mpsc::Sender<Input>,
+    ) -> KafkaResult<ConsumerThread> {
+        let group = format!("{}.{}", settings.group_prefix, projection);
+        let start_from = if settings.start_from == "latest" { Offset::End } else { Offset::Beginning };
+        let context = ProjectorContext { projection: projection.to_string(), inputs: inputs.clone(), start_from };
+        let consumer: BaseConsumer<ProjectorContext> = consumer_config(settings, &group).create_with_context(context)?;
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let (commands, command_rx) = std_mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let name = projection.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-{projection}"))
+            .spawn(move || poll_loop(name, consumer, inputs, command_rx, thread_stop, start_from))
+            .expect("spawning a thread");
+        Ok(ConsumerThread { commands, stop, thread: Some(thread) })
+    }
+
+    /// Asks the thread to stop; the worker must keep answering inputs until the channel closes.
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits for the thread to end (call after the input channel closed).
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn poll_loop(
+    projection: String,
+    consumer: BaseConsumer<ProjectorContext>,
+    inputs: mpsc::Sender<Input>,
+    commands: std_mpsc::Receiver<Command>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    start_from: Offset,
+) {
+    let mut epochs: HashMap<TopicPartition, u64> = HashMap::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        while let Ok(command) = commands.try_recv() {
+            run_command(&projection, &consumer, command, &mut epochs, start_from);
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => {
+                let record = Record {
+                    topic: message.topic().to_string(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    value: message.payload().map(<[u8]>::to_vec),
+                    headers: message
+                        .headers()
+                        .map(|headers| headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+                        .unwrap_or_default(),
+                    timestamp_ms: message.timestamp().to_millis(),
+                };
+                let epoch = epochs.get(&(record.topic.clone(), record.partition)).copied().unwrap_or(0);
+                drop(message);
+                if inputs.blocking_send(Input::Record(record, epoch)).is_err() {
+                    break;
+                }
+            }
+            Some(Err(error)) => tracing::warn!(projection = %projection, %error, "kafka consumer error"),
+        }
+    }
+    // Leaving the group revokes our partitions through the callback, which the worker answers.
+    consumer.unsubscribe();
+    drop(consumer);
+}
+
+fn run_command(
+    projection: &str,
+    consumer: &BaseConsumer<ProjectorContext>,
+    command: Command,
+    epochs: &mut HashMap<TopicPartition, u64>,
+    start_from: Offset,
+) {
+    match command {
+        Command::Commit(offsets) => {
+            let mut list = TopicPartitionList::new();
+            for ((topic, partition), next) in &offsets {
+                let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            }
+            if let Err(error) = consumer.commit(&list, CommitMode::Async) {
+                tracing::debug!(projection, %error, "advisory offset commit failed");
+            }
+        }
+        Command::Seek { partition, offset, epoch } => {
+            let target = offset.map_or(start_from, Offset::Offset);
+            if let Err(error) = consumer.seek(&partition.0, partition.1, target, Duration::from_secs(10)) {
+                tracing::warn!(projection, topic = %partition.0, partition = partition.1, %error, "seek failed");
+            }
+            epochs.insert(partition, epoch);
+        }
+    }
+}
+
+/// Low and high watermarks of every partition of `topics`, from a short-lived client.
+pub fn watermarks(settings: &KafkaSettings, topics: &[String], timeout: Duration) -> KafkaResult<HashMap<TopicPartition, (i64, i64)>> {
+    let consumer: BaseConsumer = consumer_config(settings, "projector-watermarks").create()?;
+    let mut result = HashMap::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        for topic_metadata in metadata.topics() {
+            for partition in topic_metadata.partitions() {
+                let (low, high) = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
+                result.insert((topic.clone(), partition.id()), (low, high));
+            }
+        }
+    }
+    Ok(result)
+}

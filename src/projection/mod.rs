@@ -1,0 +1,164 @@
+//! Projection definitions, compiled: what a projection reads, how it decodes an event, and which
+//! statements it runs for each event type.
+//!
+//! This module is pure: it does no I/O beyond reading definition files, and imports no tokio,
+//! rdkafka or tokio-postgres (only the sans-I/O `postgres-types`), so it is unit-tested in isolation.
+//!
+//! # Layout
+//! - [`definition`]: the serde mirror of a definition file (with source spans).
+//! - [`compile`]: definition files to [`Projection`]s, reporting every error with file and line.
+//! - [`params`]: `:name` parameters in SQL text to `$n` placeholders.
+//! - [`event`]: a Kafka record to an [`event::Event`] through the projection's envelope.
+//! - [`value`]: an event's values converted to the Postgres type each parameter needs.
+
+pub mod compile;
+pub mod definition;
+pub mod event;
+pub mod params;
+pub mod value;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub use compile::{compile_file, load_dir, DefinitionError};
+pub use event::{Decoded, DecodeError, Event, Record};
+
+/// One compiled projection, ready to run.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    pub name: String,
+    /// The file it was compiled from.
+    pub file: PathBuf,
+    pub topics: Vec<String>,
+    pub envelope: Envelope,
+    pub dedupe: Dedupe,
+    /// Event type to what it does. Types not in this map are `ignored`.
+    pub handlers: BTreeMap<String, Handler>,
+    /// Hex SHA-256 of the definition file's bytes: recorded with checkpoints to notice changes.
+    pub hash: String,
+}
+
+/// How duplicates are recognised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dedupe {
+    /// One row per entity carrying the entity's version: every handler's first statement is a
+    /// guarded write (`Create` or `Update`), and `version_lookup` tells a duplicate from a gap.
+    Version(VersionedTable),
+    /// Every event id is recorded in `projector.processed_events` in the same transaction; an id
+    /// seen before is a duplicate. Statements may be anything.
+    EventId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedTable {
+    /// Table name as written in the definition (may be schema-qualified), validated as plain identifiers.
+    pub table: String,
+    pub key_column: String,
+    pub version_column: String,
+    /// `SELECT <version_column> FROM <table> WHERE <key_column> = $1` with `$1` = the event's key.
+    pub version_lookup: Statement,
+}
+
+/// What one event type does.
+#[derive(Debug, Clone)]
+pub struct Handler {
+    /// Run in order in the batch's transaction. For `Dedupe::Version` the first one is the guard:
+    /// the others run only when it changed a row.
+    pub statements: Vec<Statement>,
+}
+
+/// A statement compiled from a definition: `$n` placeholders only, each bound from the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub sql: String,
+    /// `params[i]` binds `$(i+1)`.
+    pub params: Vec<ParamRef>,
+    pub kind: StatementKind,
+    /// Where it was written, for error messages.
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatementKind {
+    /// An insert that only the entity's first event can make (`ON CONFLICT … DO NOTHING`).
+    Create,
+    /// An update guarded by the entity's version (`WHERE version = :version - 1` or `< :version`).
+    Update,
+    /// Anything else: allowed after a guard, or in an event-id-deduped projection.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A named parameter: where its value comes from and whether it may be missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamRef {
+    /// As written, without the colon or the `?`: `data.amount`, `event_id`.
+    pub name: String,
+    pub source: ParamSource,
+    /// Written `:name?`: a missing value binds SQL NULL instead of failing.
+    pub optional: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamSource {
+    EventId,
+    EventType,
+    Key,
+    Version,
+    OccurredAt,
+    Topic,
+    Partition,
+    Offset,
+    /// `:header.NAME`: a Kafka header's value as UTF-8 text.
+    Header(String),
+    /// `:value`: the whole JSON value.
+    WholeValue,
+    /// Any other name: a path into the JSON value, split on dots (`data.items.0.sku`).
+    Path(Vec<String>),
+}
+
+/// Where each envelope field is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub event_type: Source,
+    pub event_id: Source,
+    pub key: Source,
+    pub version: Source,
+    pub occurred_at: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A path into the JSON value (`stream_id`, `meta.version`).
+    Path(Vec<String>),
+    /// `header:NAME`.
+    Header(String),
+    /// `kafka:key`: the record key as UTF-8.
+    KafkaKey,
+    /// `kafka:timestamp`: the record timestamp (milliseconds since the epoch).
+    KafkaTimestamp,
+}
+
+impl Default for Envelope {
+    fn default() -> Self {
+        Envelope {
+            event_type: Source::Path(vec!["type".into()]),
+            event_id: Source::Path(vec!["id".into()]),
+            key: Source::Path(vec!["stream_id".into()]),
+            version: Source::Path(vec!["stream_version".into()]),
+            occurred_at: Source::Path(vec!["occurred_at".into()]),
+        }
+    }
+}

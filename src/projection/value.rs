@@ -1,0 +1,317 @@
+//! An event's values converted to the Postgres type the server inferred for each `$n` parameter.
+//!
+//! The conversion is chosen by the parameter's type, never by the JSON it receives, so a value that
+//! does not fit is an error naming the parameter instead of a confusing database error.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use postgres_types::{ToSql, Type};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+use super::event::{parse_time, shown, step, Event, Record};
+use super::{ParamRef, ParamSource, Statement};
+
+/// A value ready to bind.
+pub type SqlValue = Box<dyn ToSql + Sync + Send>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    #[error("parameter `:{name}` is missing from the event")]
+    Missing { name: String },
+    #[error("parameter `:{name}` = {value} does not fit `{ty}`: {reason}")]
+    DoesNotFit { name: String, value: String, ty: String, reason: String },
+    #[error("parameter `:{name}` needs unsupported type `{ty}`")]
+    Unsupported { name: String, ty: String },
+    #[error("parameter `:{name}`: header `{header}` is not valid UTF-8")]
+    HeaderNotUtf8 { name: String, header: String },
+    #[error("statement has {params} parameters but {types} types were given")]
+    Count { params: usize, types: usize },
+}
+
+/// The JSON value of `param` for this event; `None` when missing. A header that is not valid
+/// UTF-8 is `None` here (and a [`BindError::HeaderNotUtf8`] in [`bind`]).
+pub fn resolve(param: &ParamRef, event: &Event, record: &Record) -> Option<Value> {
+    lookup(param, event, record).ok().flatten()
+}
+
+fn lookup(param: &ParamRef, event: &Event, record: &Record) -> Result<Option<Value>, BindError> {
+    Ok(match &param.source {
+        ParamSource::EventId => event.event_id.clone().map(Value::String),
+        ParamSource::EventType => Some(Value::String(event.event_type.clone())),
+        ParamSource::Key => event.key.clone().map(Value::String),
+        ParamSource::Version => event.version.map(Value::from),
+        ParamSource::OccurredAt => event.occurred_at.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true))),
+        ParamSource::Topic => Some(Value::String(record.topic.clone())),
+        ParamSource::Partition => Some(Value::from(record.partition)),
+        ParamSource::Offset => Some(Value::from(record.offset)),
+        ParamSource::Header(header) => match record.headers.iter().rev().find(|(name, _)| name == header) {
+            Some((_, Some(bytes))) => Some(Value::String(String::from_utf8(bytes.clone()).map_err(|_| {
+                BindError::HeaderNotUtf8 { name: param.name.clone(), header: header.clone() }
+            })?)),
+            _ => None,
+        },
+        ParamSource::WholeValue => Some(event.value.clone()),
+        ParamSource::Path(path) => path.iter().try_fold(&event.value, |at, segment| step(at, segment)).cloned(),
+    })
+}
+
+/// The value of `param` converted for the Postgres type `ty`; JSON null or a missing optional
+/// parameter binds a typed NULL.
+pub fn bind(param: &ParamRef, event: &Event, record: &Record, ty: &Type) -> Result<SqlValue, BindError> {
+    match lookup(param, event, record)? {
+        None if !param.optional => Err(BindError::Missing { name: param.name.clone() }),
+        None | Some(Value::Null) => null_of(ty).ok_or_else(|| unsupported(param, ty)),
+        Some(value) => convert(param, &value, ty),
+    }
+}
+
+/// Every parameter of `statement`, converted for `types` (the prepared statement's parameter types).
+pub fn bind_all(statement: &Statement, types: &[Type], event: &Event, record: &Record) -> Result<Vec<SqlValue>, BindError> {
+    if statement.params.len() != types.len() {
+        return Err(BindError::Count { params: statement.params.len(), types: types.len() });
+    }
+    statement.params.iter().zip(types).map(|(param, ty)| bind(param, event, record, ty)).collect()
+}
+
+fn unsupported(param: &ParamRef, ty: &Type) -> BindError {
+    BindError::Unsupported { name: param.name.clone(), ty: ty.name().to_string() }
+}
+
+fn is_text(ty: &Type) -> bool {
+    matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN)
+}
+
+fn null_of(ty: &Type) -> Option<SqlValue> {
+    Some(match *ty {
+        Type::BOOL => Box::new(None::<bool>),
+        Type::INT2 => Box::new(None::<i16>),
+        Type::INT4 => Box::new(None::<i32>),
+        Type::INT8 => Box::new(None::<i64>),
+        Type::FLOAT4 => Box::new(None::<f32>),
+        Type::FLOAT8 => Box::new(None::<f64>),
+        Type::NUMERIC => Box::new(None::<Decimal>),
+        Type::UUID => Box::new(None::<uuid::Uuid>),
+        Type::TIMESTAMPTZ => Box::new(None::<DateTime<Utc>>),
+        Type::TIMESTAMP => Box::new(None::<NaiveDateTime>),
+        Type::DATE => Box::new(None::<NaiveDate>),
+        Type::JSON | Type::JSONB => Box::new(None::<Value>),
+        _ if is_text(ty) => Box::new(None::<String>),
+        _ => return None,
+    })
+}
+
+fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindError> {
+    let misfit = |reason: &str| BindError::DoesNotFit {
+        name: param.name.clone(),
+        value: shown(value),
+        ty: ty.name().to_string(),
+        reason: reason.to_string(),
+    };
+    // Integers: JSON integers and digit strings; the exact text, so range checks are exact.
+    let integer_text = || match value {
+        Value::Number(n) => Ok(n.to_string()),
+        Value::String(text) => Ok(text.clone()),
+        _ => Err(misfit("not an integer")),
+    };
+    let integer = |text: String| {
+        let digits = text.strip_prefix(['-', '+']).unwrap_or(&text);
+        if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(misfit("not an integer"));
+        }
+        text.parse::<i64>().map_err(|_| misfit("out of range"))
+    };
+    let in_range = |n: i64, min: i64, max: i64| if (min..=max).contains(&n) { Ok(n) } else { Err(misfit("out of range")) };
+    let float = || match value {
+        Value::Number(n) => n.as_f64().ok_or_else(|| misfit("not a number")),
+        Value::String(text) => text.trim().parse::<f64>().map_err(|_| misfit("not a number")),
+        _ => Err(misfit("not a number")),
+    };
+    let string = || match value {
+        Value::String(text) => Ok(text.as_str()),
+        _ => Err(misfit("not a string")),
+    };
+    Ok(match *ty {
+        Type::BOOL => Box::new(match value {
+            Value::Bool(b) => *b,
+            Value::String(text) if text == "true" => true,
+            Value::String(text) if text == "false" => false,
+            _ => return Err(misfit("not a boolean")),
+        }),
+        Type::INT2 => Box::new(in_range(integer(integer_text()?)?, i16::MIN.into(), i16::MAX.into())? as i16),
+        Type::INT4 => Box::new(in_range(integer(integer_text()?)?, i32::MIN.into(), i32::MAX.into())? as i32),
+        Type::INT8 => Box::new(integer(integer_text()?)?),
+        Type::FLOAT4 => Box::new(float()? as f32),
+        Type::FLOAT8 => Box::new(float()?),
+        Type::NUMERIC => {
+            let text = match value {
+                Value::Number(n) => n.to_string(),
+                Value::String(text) => text.trim().to_string(),
+                _ => return Err(misfit("not a number")),
+            };
+            let decimal = if text.contains(['e', 'E']) { Decimal::from_scientific(&text) } else { Decimal::from_str(&text) };
+            Box::new(decimal.map_err(|e| misfit(&e.to_string().to_lowercase()))?)
+        }
+        Type::UUID => Box::new(uuid::Uuid::parse_str(string()?).map_err(|_| misfit("invalid uuid"))?),
+        Type::TIMESTAMPTZ => Box::new(parse_time(value).ok_or_else(|| misfit("not an RFC 3339 time or epoch milliseconds"))?),
+        Type::TIMESTAMP => {
+            let naive = match value {
+                Value::String(text) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                    .iter()
+                    .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok()),
+                _ => None,
+            };
+            let time = naive.or_else(|| parse_time(value).map(|t| t.naive_utc()));
+            Box::new(time.ok_or_else(|| misfit("not a date and time"))?)
+        }
+        Type::DATE => {
+            let text = string()?;
+            let date = NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .ok()
+                .or_else(|| parse_time(value).map(|t| t.date_naive()));
+            Box::new(date.ok_or_else(|| misfit("not a date like `2024-05-01`"))?)
+        }
+        Type::JSON | Type::JSONB => Box::new(value.clone()),
+        _ if is_text(ty) => Box::new(match value {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        }),
+        _ => return Err(unsupported(param, ty)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::params::source_of;
+    use bytes_of::to_text;
+
+    /// Encodes a bound value the way the client would, to look at what was bound.
+    mod bytes_of {
+        use super::*;
+        pub fn to_text(value: &SqlValue, ty: &Type) -> Option<Vec<u8>> {
+            let mut buf = bytes::BytesMut::new();
+            match value.to_sql_checked(ty, &mut buf).unwrap() {
+                postgres_types::IsNull::Yes => None,
+                postgres_types::IsNull::No => Some(buf.to_vec()),
+            }
+        }
+    }
+
+    fn event(value: Value) -> (Event, Record) {
+        let event = Event {
+            event_type: "Placed".into(),
+            event_id: Some("e-1".into()),
+            key: Some("o-1".into()),
+            version: Some(3),
+            occurred_at: DateTime::from_timestamp_millis(1_700_000_000_000),
+            value,
+        };
+        let record = Record {
+            topic: "t".into(),
+            partition: 2,
+            offset: 9,
+            key: None,
+            value: None,
+            headers: vec![("trace".into(), Some(b"abc".to_vec())), ("bad".into(), Some(vec![0xff]))],
+            timestamp_ms: None,
+        };
+        (event, record)
+    }
+
+    fn param(name: &str) -> ParamRef {
+        let (name, optional) = match name.strip_suffix('?') {
+            Some(name) => (name, true),
+            None => (name, false),
+        };
+        ParamRef { name: name.into(), source: source_of(name), optional }
+    }
+
+    fn bound(name: &str, ty: Type) -> Result<Option<Vec<u8>>, String> {
+        let (event, record) = event(serde_json::from_str(
+            r#"{"data":{"total":"12.50","n":40000,"big":1e2,"exact":0.1000000000000000000000000001,"s":"abc","u":"67e55044-10b1-426f-9247-bb680e5fe0c8","t":"2024-05-01T10:00:00Z","d":"2024-05-01","b":true,"nil":null,"items":[{"sku":"A"}]}}"#,
+        ).unwrap());
+        bind(&param(name), &event, &record, &ty).map(|v| to_text(&v, &ty)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn resolves_sources() {
+        let (event, record) = event(serde_json::json!({"data": {"items": [{"sku": "A"}]}}));
+        let get = |name: &str| resolve(&param(name), &event, &record);
+        assert_eq!(get("key"), Some(Value::from("o-1")));
+        assert_eq!(get("version"), Some(Value::from(3)));
+        assert_eq!(get("occurred_at"), Some(Value::from("2023-11-14T22:13:20Z")));
+        assert_eq!(get("partition"), Some(Value::from(2)));
+        assert_eq!(get("offset"), Some(Value::from(9)));
+        assert_eq!(get("header.trace"), Some(Value::from("abc")));
+        assert_eq!(get("header.bad"), None);
+        assert_eq!(get("data.items.0.sku"), Some(Value::from("A")));
+        assert_eq!(get("data.items.1.sku"), None);
+        assert_eq!(get("value"), Some(event.value.clone()));
+    }
+
+    #[test]
+    fn converts_by_type() {
+        assert_eq!(bound("data.n", Type::INT4).unwrap(), Some(40000i32.to_be_bytes().to_vec()));
+        assert_eq!(bound("version", Type::INT8).unwrap(), Some(3i64.to_be_bytes().to_vec()));
+        assert_eq!(bound("data.s", Type::TEXT).unwrap(), Some(b"abc".to_vec()));
+        assert_eq!(bound("data.n", Type::TEXT).unwrap(), Some(b"40000".to_vec()));
+        assert_eq!(bound("data.items", Type::TEXT).unwrap(), Some(br#"[{"sku":"A"}]"#.to_vec()));
+        assert_eq!(bound("data.b", Type::BOOL).unwrap(), Some(vec![1]));
+        assert!(bound("data.total", Type::NUMERIC).unwrap().is_some());
+        assert!(bound("data.big", Type::NUMERIC).unwrap().is_some());
+        assert!(bound("data.exact", Type::NUMERIC).unwrap().is_some());
+        assert!(bound("data.u", Type::UUID).unwrap().is_some());
+        assert!(bound("data.t", Type::TIMESTAMPTZ).unwrap().is_some());
+        assert!(bound("data.t", Type::TIMESTAMP).unwrap().is_some());
+        assert!(bound("data.d", Type::DATE).unwrap().is_some());
+        assert!(bound("occurred_at", Type::TIMESTAMPTZ).unwrap().is_some());
+        assert!(bound("data.items", Type::JSONB).unwrap().is_some());
+        assert_eq!(bound("data.total", Type::FLOAT8).unwrap(), Some(12.5f64.to_be_bytes().to_vec()));
+    }
+
+    #[test]
+    fn nulls_are_typed() {
+        for ty in [Type::INT4, Type::TEXT, Type::NUMERIC, Type::UUID, Type::JSONB, Type::TIMESTAMPTZ, Type::DATE] {
+            assert_eq!(bound("data.nil", ty.clone()), Ok(None), "{ty}");
+            assert_eq!(bound("data.absent?", ty.clone()), Ok(None), "{ty}");
+        }
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(bound("data.absent", Type::TEXT).unwrap_err(), "parameter `:data.absent` is missing from the event");
+        assert_eq!(bound("data.n", Type::INT2).unwrap_err(), "parameter `:data.n` = 40000 does not fit `int2`: out of range");
+        assert_eq!(bound("data.s", Type::INT8).unwrap_err(), "parameter `:data.s` = \"abc\" does not fit `int8`: not an integer");
+        assert!(bound("data.s", Type::NUMERIC).unwrap_err().starts_with("parameter `:data.s` = \"abc\" does not fit `numeric`: "));
+        assert_eq!(bound("data.s", Type::UUID).unwrap_err(), "parameter `:data.s` = \"abc\" does not fit `uuid`: invalid uuid");
+        assert_eq!(bound("data.s", Type::POINT).unwrap_err(), "parameter `:data.s` needs unsupported type `point`");
+        assert!(bound("header.bad", Type::TEXT).unwrap_err().contains("is not valid UTF-8"));
+        let (event, record) = event(serde_json::json!({"n": 99999999999999999999999u128.to_string().parse::<Value>().unwrap()}));
+        let error = bind(&param("n"), &event, &record, &Type::INT8).err().unwrap().to_string();
+        assert!(error.ends_with("out of range"), "{error}");
+        let error = bind(&param("n"), &event, &record, &Type::NUMERIC).err().map(|e| e.to_string());
+        assert!(error.is_none(), "{error:?}");
+        let (event, record) = event_with_huge();
+        let error = bind(&param("n"), &event, &record, &Type::NUMERIC).err().unwrap().to_string();
+        assert!(error.contains("does not fit `numeric`"), "{error}");
+    }
+
+    fn event_with_huge() -> (Event, Record) {
+        event(serde_json::from_str(r#"{"n":123456789012345678901234567890123}"#).unwrap())
+    }
+
+    #[test]
+    fn bind_all_checks_counts() {
+        let (event, record) = event(serde_json::json!({}));
+        let statement = Statement {
+            sql: "SELECT $1, $2".into(),
+            params: vec![param("key"), param("version")],
+            kind: crate::projection::StatementKind::Other,
+            origin: crate::projection::Origin { file: "f".into(), line: 1 },
+        };
+        assert_eq!(bind_all(&statement, &[Type::TEXT, Type::INT8], &event, &record).unwrap().len(), 2);
+        assert!(bind_all(&statement, &[Type::TEXT], &event, &record).is_err());
+    }
+}

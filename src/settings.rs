@@ -1,0 +1,217 @@
+//! Engine settings: one TOML file (`projector.toml`), every value overridable from the environment.
+//!
+//! Environment overrides use the `PROJECTOR_` prefix and `__` between levels, for example
+//! `PROJECTOR_KAFKA__BOOTSTRAP_SERVERS=broker:9092` or `PROJECTOR_BATCH__MAX_EVENTS=500`.
+//! librdkafka properties go through `PROJECTOR_KAFKA__PROPERTIES__<NAME>` with the property's dots
+//! written as underscores (`PROJECTOR_KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`; no
+//! librdkafka property has an underscore in its name). `DATABASE_URL` sets the database URL.
+//! The `Debug` form of these settings never shows a password.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Everything the engine needs to know before it starts.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub database: DatabaseSettings,
+    /// Folder holding one definition file per projection.
+    pub projections_dir: PathBuf,
+    pub batch: BatchSettings,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    /// Each projection consumes in its own consumer group, `<group_prefix>.<projection>`.
+    pub group_prefix: String,
+    /// Where a partition with no checkpoint starts: `earliest` (default) or `latest`.
+    pub start_from: String,
+    /// Commit offsets to Kafka after each database commit, for outside tools (advisory only:
+    /// the engine always resumes from the checkpoints stored in Postgres).
+    pub commit_offsets: bool,
+    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*`, …), passed through as is.
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/database?sslmode=…`; `DATABASE_URL` overrides it.
+    pub url: String,
+    pub pool_size: usize,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Most events applied in one transaction.
+    pub max_events: usize,
+    /// Longest a batch waits to fill before it is applied, in milliseconds.
+    pub max_wait_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            kafka: KafkaSettings {
+                bootstrap_servers: "127.0.0.1:9092".into(),
+                group_prefix: "projector".into(),
+                start_from: "earliest".into(),
+                commit_offsets: true,
+                properties: BTreeMap::new(),
+            },
+            database: DatabaseSettings {
+                url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+                pool_size: 8,
+            },
+            projections_dir: PathBuf::from("projections"),
+            batch: BatchSettings {
+                max_events: 1000,
+                max_wait_ms: 100,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid settings: {0}")]
+pub struct SettingsError(String);
+
+impl Settings {
+    /// Defaults, then the file (if it exists, or fails when it was named explicitly), then the
+    /// environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(SettingsError(format!("settings file `{}` does not exist", path.display())));
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None => figment = figment.merge(Toml::file("projector.toml")),
+        }
+        figment = figment.merge(Env::prefixed("PROJECTOR_").split("__").filter(|key| key != "config"));
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            figment = figment.merge(("database.url", url));
+        }
+        let mut settings: Settings = figment.extract().map_err(|error| SettingsError(redact_text(&error.to_string())))?;
+        settings.kafka.properties = std::mem::take(&mut settings.kafka.properties)
+            .into_iter()
+            .map(|(name, value)| (name.replace('_', "."), value))
+            .collect();
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), SettingsError> {
+        if self.batch.max_events == 0 {
+            return Err(SettingsError("`batch.max_events` must be at least 1".into()));
+        }
+        if self.database.pool_size == 0 {
+            return Err(SettingsError("`database.pool_size` must be at least 1".into()));
+        }
+        if !matches!(self.kafka.start_from.as_str(), "earliest" | "latest") {
+            return Err(SettingsError(format!(
+                "`kafka.start_from` must be `earliest` or `latest`, not `{}`",
+                self.kafka.start_from
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The database URL with its password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => "<unparsable database url>".to_string(),
+    }
+}
+
+/// Replaces anything that looks like a URL password (`://user:secret@`) in free text.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let (head, tail) = rest.split_at(scheme_end + 3);
+        out.push_str(head);
+        let authority_end = tail.find(['/', ' ', '"', '\'', '\n']).unwrap_or(tail.len());
+        let authority = &tail[..authority_end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("password") || name.contains("secret") || name.ends_with(".key.pem") || name.contains("sasl.oauthbearer.config")
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .kafka
+            .properties
+            .iter()
+            .map(|(name, value)| (name.as_str(), if is_secret_property(name) { "***" } else { value.as_str() }))
+            .collect();
+        f.debug_struct("Settings")
+            .field("kafka.bootstrap_servers", &self.kafka.bootstrap_servers)
+            .field("kafka.group_prefix", &self.kafka.group_prefix)
+            .field("kafka.start_from", &self.kafka.start_from)
+            .field("kafka.commit_offsets", &self.kafka.commit_offsets)
+            .field("kafka.properties", &properties)
+            .field("database.url", &redact_url(&self.database.url))
+            .field("database.pool_size", &self.database.pool_size)
+            .field("projections_dir", &self.projections_dir)
+            .field("batch.max_events", &self.batch.max_events)
+            .field("batch.max_wait_ms", &self.batch.max_wait_ms)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_passwords() {
+        let mut settings = Settings::default();
+        settings.database.url = "postgres://app:hunter2@db:5432/reads".into();
+        settings.kafka.properties.insert("sasl.password".into(), "hunter3".into());
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("hunter3"), "{shown}");
+        assert!(shown.contains("app:***@db"), "{shown}");
+    }
+
+    #[test]
+    fn redact_text_masks_urls_in_messages() {
+        let text = "cannot connect to postgres://app:s3cret@db/reads: refused";
+        assert_eq!(redact_text(text), "cannot connect to postgres://app:***@db/reads: refused");
+        assert_eq!(redact_text("no url here"), "no url here");
+    }
+}

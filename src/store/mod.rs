@@ -1,0 +1,124 @@
+//! The only place that speaks SQL: the connection pool, migrations, checkpoints, and applying a
+//! batch of events with its checkpoint moves in one transaction ([`apply`]).
+
+pub mod apply;
+pub mod checkpoint;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::settings::redact_text;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database url: {0}")]
+    Url(String),
+    #[error("cannot connect to postgres: {0}")]
+    Connect(String),
+    #[error("migration failed: {0}")]
+    Migrate(String),
+    #[error("postgres: {0}")]
+    Postgres(String),
+}
+
+impl StoreError {
+    pub fn postgres(error: &tokio_postgres::Error) -> StoreError {
+        StoreError::Postgres(describe(error))
+    }
+}
+
+/// A Postgres error as one line: the server's message with its SQLSTATE and detail, or the
+/// client's own; never the connection string.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(inner) = source {
+                text.push_str(": ");
+                text.push_str(&inner.to_string());
+                source = inner.source();
+            }
+            redact_text(&text)
+        }
+    }
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    url.parse::<tokio_postgres::Config>().map_err(|error| StoreError::Url(redact_text(&error.to_string())))
+}
+
+/// A pool over `url`, checked with one round trip so that a wrong URL fails at start-up.
+pub async fn connect(url: &str, size: usize) -> Result<Pool, StoreError> {
+    let config = parse_url(url)?;
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let pool = Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .map_err(|error| StoreError::Connect(error.to_string()))?;
+    let client = pool.get().await.map_err(|error| StoreError::Connect(redact_text(&error.to_string())))?;
+    client.simple_query("SELECT 1").await.map_err(|error| StoreError::Connect(describe(&error)))?;
+    Ok(pool)
+}
+
+/// Applies the migrations in `migrations/` that this database has not seen yet, each exactly
+/// once, under an advisory lock so that instances starting together do not race.
+pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
+    let config = parse_url(url)?;
+    let (mut client, connection) = config.connect(NoTls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
+    let driver = tokio::spawn(connection);
+    const LOCK: i64 = 0x7072_6f6a_6563_746f; // "projecto"
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
+        .await
+        .map_err(|error| StoreError::Migrate(describe(&error)))?;
+    let result = embedded::migrations::runner().run_async(&mut client).await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await;
+    drop(client);
+    let _ = driver.await;
+    let report = result.map_err(|error| StoreError::Migrate(error.to_string()))?;
+    Ok(report.applied_migrations().iter().map(|migration| migration.to_string()).collect())
+}
+
+/// Prepares every statement of every projection against the live schema; returns one message per
+/// statement that does not fit it (missing table or column, type mismatch, …), with file and line.
+pub async fn check_statements(
+    client: &tokio_postgres::Client,
+    projections: &[crate::projection::Projection],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for projection in projections {
+        let mut statements: Vec<(&str, &crate::projection::Statement)> = projection
+            .handlers
+            .iter()
+            .flat_map(|(event_type, handler)| handler.statements.iter().map(move |s| (event_type.as_str(), s)))
+            .collect();
+        if let crate::projection::Dedupe::Version(table) = &projection.dedupe {
+            statements.push(("version lookup", &table.version_lookup));
+        }
+        for (event_type, statement) in statements {
+            if let Err(error) = client.prepare(&statement.sql).await {
+                problems.push(format!(
+                    "{}: statement for `{}` of projection `{}` does not fit the database: {}",
+                    statement.origin,
+                    event_type,
+                    projection.name,
+                    describe(&error)
+                ));
+            }
+        }
+    }
+    problems
+}

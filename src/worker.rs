@@ -1,0 +1,279 @@
+//! One projection's worker: gathers records into batches, applies each batch with its checkpoint
+//! moves in one transaction, and answers the consumer's rebalance callbacks. Transient failures
+//! are retried with capped, jittered backoff; nothing is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+
+use crate::kafka::{Command, ConsumerThread, Input};
+use crate::metrics::Metrics;
+use crate::projection::{Projection, Record};
+use crate::settings::Settings;
+use crate::store::apply::{apply_batch, ApplyError, Batch, BatchReport};
+use crate::store::checkpoint::{self, TopicPartition};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("projection `{projection}`: kafka: {message}")]
+    Kafka { projection: String, message: String },
+    #[error("projection `{projection}` stopped: {message}")]
+    Fatal { projection: String, message: String },
+}
+
+/// Where a partition stands, as this worker knows it.
+struct PartitionState {
+    /// The stored checkpoint (`None`: never checkpointed): the compare-and-set's expected value.
+    checkpoint: Option<i64>,
+}
+
+struct Worker {
+    projection: Arc<Projection>,
+    pool: Pool,
+    metrics: Metrics,
+    max_events: usize,
+    max_wait: Duration,
+    commit_offsets: bool,
+    partitions: HashMap<TopicPartition, PartitionState>,
+    /// The latest seek epoch of each partition (kept across revocations, as the consumer thread
+    /// keeps it): records polled before that seek carry an older epoch and are dropped.
+    epochs: HashMap<TopicPartition, u64>,
+    next_epoch: u64,
+    commands: std::sync::mpsc::Sender<Command>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Runs one projection until `shutdown` turns true, then commits the batch in flight and leaves
+/// the consumer group.
+pub async fn run(
+    projection: Arc<Projection>,
+    pool: Pool,
+    settings: &Settings,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    let (inputs_tx, mut inputs) = mpsc::channel(settings.batch.max_events.max(64) * 2);
+    let consumer = ConsumerThread::start(&settings.kafka, &projection.name, &projection.topics, inputs_tx)
+        .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
+    metrics.set_state(&projection.name, "running");
+    let mut worker = Worker {
+        projection: projection.clone(),
+        pool,
+        metrics: metrics.clone(),
+        max_events: settings.batch.max_events,
+        max_wait: Duration::from_millis(settings.batch.max_wait_ms),
+        commit_offsets: settings.kafka.commit_offsets,
+        partitions: HashMap::new(),
+        epochs: HashMap::new(),
+        next_epoch: 1,
+        commands: consumer.commands.clone(),
+        shutdown,
+    };
+    let result = worker.consume(&mut inputs).await;
+
+    // Leave the group: keep answering the consumer thread until it has closed.
+    consumer.stop();
+    while let Some(input) = inputs.recv().await {
+        match input {
+            Input::Revoked { reply, .. } => {
+                let _ = reply.send(());
+            }
+            Input::Assigned { .. } | Input::Record(..) => {}
+        }
+    }
+    tokio::task::spawn_blocking(move || consumer.join()).await.ok();
+    if result.is_err() {
+        metrics.set_state(&projection.name, "failed");
+    }
+    result
+}
+
+impl Worker {
+    async fn consume(&mut self, inputs: &mut mpsc::Receiver<Input>) -> Result<(), WorkerError> {
+        let mut batch: Vec<Record> = Vec::with_capacity(self.max_events);
+        let mut deadline = tokio::time::Instant::now();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
+                    self.flush(&mut batch).await?;
+                }
+                input = inputs.recv() => match input {
+                    None => break,
+                    Some(Input::Record(record, epoch)) => {
+                        if self.accepts(&record, epoch) {
+                            if batch.is_empty() {
+                                deadline = tokio::time::Instant::now() + self.max_wait;
+                            }
+                            batch.push(record);
+                            if batch.len() >= self.max_events {
+                                self.flush(&mut batch).await?;
+                            }
+                        }
+                    }
+                    Some(Input::Assigned { partitions, reply }) => {
+                        self.flush(&mut batch).await?;
+                        let stored = self.load_checkpoints(&partitions).await?;
+                        for partition in partitions {
+                            let checkpoint = stored.get(&partition).copied();
+                            self.metrics.checkpoint.with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
+                                .set(checkpoint.unwrap_or(0));
+                            self.partitions.insert(partition, PartitionState { checkpoint });
+                        }
+                        let _ = reply.send(stored);
+                    }
+                    Some(Input::Revoked { partitions, reply }) => {
+                        self.flush(&mut batch).await?;
+                        for partition in &partitions {
+                            self.partitions.remove(partition);
+                        }
+                        let _ = reply.send(());
+                    }
+                },
+            }
+        }
+        self.flush(&mut batch).await
+    }
+
+    /// Drops records of partitions we do not own, polled before a seek, or already checkpointed.
+    fn accepts(&self, record: &Record, epoch: u64) -> bool {
+        let partition = (record.topic.clone(), record.partition);
+        let Some(state) = self.partitions.get(&partition) else {
+            return false;
+        };
+        epoch == self.epochs.get(&partition).copied().unwrap_or(0) && state.checkpoint.is_none_or(|next| record.offset >= next)
+    }
+
+    async fn load_checkpoints(&self, partitions: &[TopicPartition]) -> Result<HashMap<TopicPartition, i64>, WorkerError> {
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                let client = self.pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+                checkpoint::load(&**client, &self.projection.name, partitions).await
+            }
+            .await;
+            match result {
+                Ok(stored) => return Ok(stored),
+                Err(error) => {
+                    attempt += 1;
+                    tracing::warn!(projection = %self.projection.name, %error, attempt, "cannot load checkpoints, retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Applies `batch` (then empties it), retrying transient failures until it commits, the
+    /// partitions turn out to be someone else's, or shutdown is requested.
+    async fn flush(&mut self, batch: &mut Vec<Record>) -> Result<(), WorkerError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut moves: BTreeMap<TopicPartition, (Option<i64>, i64)> = BTreeMap::new();
+        for record in batch.iter() {
+            let partition = (record.topic.clone(), record.partition);
+            let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
+            let entry = moves.entry(partition).or_insert((from, record.offset + 1));
+            entry.1 = entry.1.max(record.offset + 1);
+        }
+        let moves: Vec<(TopicPartition, Option<i64>, i64)> =
+            moves.into_iter().map(|(partition, (from, to))| (partition, from, to)).collect();
+        let started = Instant::now();
+        let mut isolate = false;
+        let mut attempt = 0;
+        let report: BatchReport = loop {
+            let result = match self.pool.get().await {
+                Ok(mut client) => {
+                    apply_batch(&mut client, &self.projection, &Batch { records: batch, moves: moves.clone() }, isolate).await
+                }
+                Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
+            };
+            match result {
+                Ok(report) => break report,
+                Err(ApplyError::EventFailed { topic, partition, offset, message }) => {
+                    tracing::info!(projection = %self.projection.name, %topic, partition, offset, %message,
+                        "a statement failed on an event's data: retrying the batch event by event");
+                    isolate = true;
+                }
+                Err(ApplyError::Fenced { partition }) => {
+                    tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
+                        "checkpoint moved by another instance: batch rolled back, re-reading from the stored checkpoint");
+                    self.resync(&moves).await?;
+                    batch.clear();
+                    return Ok(());
+                }
+                Err(ApplyError::Transient(message)) => {
+                    attempt += 1;
+                    let stopping = *self.shutdown.borrow();
+                    if stopping && attempt > 3 {
+                        tracing::warn!(projection = %self.projection.name, %message, "giving up the batch in flight at shutdown: it was rolled back and will be read again");
+                        batch.clear();
+                        return Ok(());
+                    }
+                    let wait = backoff(attempt);
+                    tracing::warn!(projection = %self.projection.name, %message, attempt, ?wait, "batch failed, retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(ApplyError::Fatal(message)) => {
+                    tracing::error!(projection = %self.projection.name, %message, "batch failed and cannot be retried");
+                    return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message });
+                }
+            }
+        };
+
+        let mut committed = Vec::with_capacity(moves.len());
+        for (partition, _, to) in &moves {
+            if let Some(state) = self.partitions.get_mut(partition) {
+                state.checkpoint = Some(*to);
+            }
+            self.metrics
+                .checkpoint
+                .with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
+                .set(*to);
+            committed.push((partition.clone(), *to));
+        }
+        self.metrics.record_batch(&self.projection.name, &report, batch.len(), started.elapsed().as_secs_f64());
+        tracing::debug!(projection = %self.projection.name, events = batch.len(), ?report, "batch committed");
+        if self.commit_offsets {
+            let _ = self.commands.send(Command::Commit(committed));
+        }
+        batch.clear();
+        Ok(())
+    }
+
+    /// After a fenced batch: take the stored checkpoints as the truth and re-read from them.
+    async fn resync(&mut self, moves: &[(TopicPartition, Option<i64>, i64)]) -> Result<(), WorkerError> {
+        let partitions: Vec<TopicPartition> = moves.iter().map(|(partition, _, _)| partition.clone()).collect();
+        let stored = self.load_checkpoints(&partitions).await?;
+        for partition in partitions {
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            let checkpoint = stored.get(&partition).copied();
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.checkpoint = checkpoint;
+            }
+            self.epochs.insert(partition.clone(), epoch);
+            let _ = self.commands.send(Command::Seek { partition, offset: checkpoint, epoch });
+        }
+        Ok(())
+    }
+}
+
+/// Capped exponential backoff with full jitter: up to 100 ms × 2^attempt, at most 30 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_secs(30);
+    let ceiling = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let millis = rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
+    Duration::from_millis(millis)
+}
