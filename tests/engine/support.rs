@@ -1,0 +1,232 @@
+//! What every engine test needs: a database of its own, a mock Kafka topic of its own, settings
+//! pointing at both, and an engine that can be started, stopped gracefully or crashed.
+
+use std::time::Duration;
+
+use projector::app::AppError;
+use projector::kafka::mock::MockKafka;
+use projector::metrics::Metrics;
+use projector::projection::Projection;
+use projector::settings::Settings;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+/// The server the test databases are created on, unless `PROJECTOR_TEST_DATABASE_URL` says otherwise.
+pub fn server_url() -> String {
+    std::env::var("PROJECTOR_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A short random hex name part, for databases, topics and consumer groups.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Connects to `url`, driving the connection on the current runtime.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("connecting to `{url}`: {error} (is PostgreSQL running?)"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// `projector_test_<random>`, created empty (the engine migrates it) and dropped at the end.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+    dropped: bool,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = unique("projector_test");
+        connect(&server_url())
+            .await
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap_or_else(|error| panic!("creating database `{name}`: {error}"));
+        let url = projector::demo::database_url(&server_url(), &name).expect("database url");
+        TestDb {
+            url,
+            name,
+            dropped: false,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Drops the database, disconnecting whoever is still connected (a crashed engine's pool).
+    pub async fn drop(mut self) {
+        connect(&server_url())
+            .await
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .unwrap_or_else(|error| panic!("dropping database `{}`: {error}", self.name));
+        self.dropped = true;
+    }
+}
+
+impl Drop for TestDb {
+    /// Best effort when the test panicked before dropping it: on a thread with its own runtime,
+    /// since this may run inside the test's runtime.
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(async {
+                if let Ok((client, connection)) =
+                    tokio_postgres::connect(&server_url(), NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Creates a topic of its own on `kafka`.
+pub fn new_topic(kafka: &MockKafka, partitions: i32) -> String {
+    let topic = unique("orders");
+    kafka
+        .create_topic(&topic, partitions, 1)
+        .expect("creating a topic on the mock cluster");
+    topic
+}
+
+/// Settings for one test: its broker, database and consumer groups, small batches.
+pub fn settings(kafka: &MockKafka, db: &TestDb, max_events: usize, commit_offsets: bool) -> Settings {
+    let mut settings = Settings::default();
+    settings.kafka.bootstrap_servers = kafka.bootstrap_servers();
+    settings.kafka.group_prefix = unique("group");
+    settings.kafka.commit_offsets = commit_offsets;
+    settings.database.url = db.url.clone();
+    settings.database.pool_size = 4;
+    settings.batch.max_events = max_events;
+    settings.batch.max_wait_ms = 20;
+    settings
+}
+
+/// The example projections (`order_summary`, `customer_totals`) reading `topic`.
+pub fn example_projections(topic: &str) -> Vec<Projection> {
+    let mut projections = projector::demo::example_projections().expect("example projections compile");
+    for projection in &mut projections {
+        projection.topics = vec![topic.to_string()];
+    }
+    projections
+}
+
+/// Only the example projection called `name`, reading `topic`.
+pub fn example_projection(topic: &str, name: &str) -> Vec<Projection> {
+    example_projections(topic)
+        .into_iter()
+        .filter(|projection| projection.name == name)
+        .collect()
+}
+
+pub async fn wait_caught_up(settings: &Settings, projections: &[Projection]) {
+    projector::demo::wait_caught_up(settings, projections, Duration::from_secs(60))
+        .await
+        .expect("the projections catch up");
+}
+
+/// An engine (`projector::app::run`) running on a task of its own, with fresh metrics.
+pub struct Engine {
+    pub metrics: Metrics,
+    handle: JoinHandle<Result<(), AppError>>,
+    shutdown: oneshot::Sender<()>,
+}
+
+impl Engine {
+    pub fn start(settings: &Settings, projections: &[Projection]) -> Engine {
+        let metrics = Metrics::new();
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let (settings, projections, task_metrics) =
+            (settings.clone(), projections.to_vec(), metrics.clone());
+        let handle = tokio::spawn(async move {
+            projector::app::run(&settings, projections, task_metrics, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Engine {
+            metrics,
+            handle,
+            shutdown,
+        }
+    }
+
+    /// Graceful stop: the batch in flight commits, the consumers leave their groups.
+    pub async fn stop(self) -> Metrics {
+        let _ = self.shutdown.send(());
+        match tokio::time::timeout(Duration::from_secs(60), self.handle).await {
+            Ok(Ok(Ok(()))) => self.metrics,
+            Ok(Ok(Err(error))) => panic!("the engine failed: {error}"),
+            Ok(Err(join)) => panic!("the engine task failed: {join}"),
+            Err(_) => panic!("the engine did not stop within 60 s"),
+        }
+    }
+
+    /// Crash: the task is dropped wherever it is; an open transaction rolls back.
+    pub async fn crash(self) -> Metrics {
+        self.handle.abort();
+        let _ = self.handle.await;
+        self.metrics
+    }
+}
+
+/// The count of `outcome` for `projection`, and the same over every outcome, as a short report.
+pub fn outcomes(metrics: &Metrics, projection: &str) -> Vec<(&'static str, u64)> {
+    projector::store::apply::Outcome::ALL
+        .iter()
+        .map(|outcome| (outcome.as_str(), metrics.outcome_count(projection, *outcome)))
+        .collect()
+}
+
+/// `SELECT count(*)` as i64.
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|error| panic!("`{sql}`: {error}"))
+        .get::<_, i64>(0)
+}
+
+/// Every row of `table` as text (`t::text`), ordered by its key: for byte-for-byte comparisons.
+pub async fn table_text(client: &Client, table: &str, key: &str) -> Vec<String> {
+    client
+        .query(&format!("SELECT t::text FROM {table} t ORDER BY {key}"), &[])
+        .await
+        .unwrap_or_else(|error| panic!("reading `{table}`: {error}"))
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
