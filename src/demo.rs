@@ -23,24 +23,14 @@ const DEMO_DATABASE: &str = "projector_demo";
 /// The example projections, compiled from the copies embedded in the binary.
 pub fn example_projections() -> anyhow::Result<Vec<Projection>> {
     let files = [
-        (
-            "projections/order_summary.toml",
-            include_str!("../projections/order_summary.toml"),
-        ),
-        (
-            "projections/customer_totals.toml",
-            include_str!("../projections/customer_totals.toml"),
-        ),
+        ("projections/order_summary.toml", include_str!("../projections/order_summary.toml")),
+        ("projections/customer_totals.toml", include_str!("../projections/customer_totals.toml")),
     ];
     files
         .iter()
         .map(|(path, text)| {
             compile_file(std::path::Path::new(path), text).map_err(|errors| {
-                anyhow::anyhow!(errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n"))
+                anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
             })
         })
         .collect()
@@ -54,12 +44,7 @@ pub struct ShopEvent {
 }
 
 /// Builds a shop event in the default envelope.
-pub fn shop_event(
-    order: &str,
-    version: i64,
-    event_type: &str,
-    data: serde_json::Value,
-) -> ShopEvent {
+pub fn shop_event(order: &str, version: i64, event_type: &str, data: serde_json::Value) -> ShopEvent {
     ShopEvent {
         key: order.to_string(),
         value: json!({
@@ -81,12 +66,8 @@ pub fn demo_history(orders: usize) -> Vec<Vec<ShopEvent>> {
             let order = uuid::Uuid::from_u128(0x5eed_0000 + i as u128).to_string();
             let customer = format!("customer-{}", i % 4 + 1);
             let total = format!("{}.{:02}", 10 + i * 7, (i * 13) % 100);
-            let mut stream = vec![shop_event(
-                &order,
-                1,
-                "OrderPlaced",
-                json!({"customer_id": customer, "total": total}),
-            )];
+            let mut stream =
+                vec![shop_event(&order, 1, "OrderPlaced", json!({"customer_id": customer, "total": total}))];
             if i % 4 == 3 {
                 stream.push(shop_event(
                     &order,
@@ -95,12 +76,7 @@ pub fn demo_history(orders: usize) -> Vec<Vec<ShopEvent>> {
                     json!({"customer_id": customer, "reason": "changed mind"}),
                 ));
             } else {
-                stream.push(shop_event(
-                    &order,
-                    2,
-                    "OrderPaid",
-                    json!({"customer_id": customer, "amount": total}),
-                ));
+                stream.push(shop_event(&order, 2, "OrderPaid", json!({"customer_id": customer, "amount": total})));
                 if i % 3 != 0 {
                     stream.push(shop_event(
                         &order,
@@ -126,10 +102,7 @@ pub async fn publish(bootstrap: &str, topic: &str, events: &[ShopEvent]) -> anyh
     for event in events {
         let payload = serde_json::to_vec(&event.value)?;
         producer
-            .send(
-                FutureRecord::to(topic).key(&event.key).payload(&payload),
-                Duration::from_secs(10),
-            )
+            .send(FutureRecord::to(topic).key(&event.key).payload(&payload), Duration::from_secs(10))
             .await
             .map_err(|(error, _)| anyhow::anyhow!("publishing: {error}"))?;
     }
@@ -147,24 +120,15 @@ pub fn database_url(url: &str, name: &str) -> anyhow::Result<String> {
 pub async fn recreate_database(url: &str, name: &str) -> anyhow::Result<String> {
     let pool = store::connect(url, 1).await?;
     let client = pool.get().await?;
-    for statement in [
-        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
-        format!("CREATE DATABASE \"{name}\""),
-    ] {
-        client
-            .batch_execute(&statement)
-            .await
-            .map_err(|error| StoreError::postgres(&error))?;
+    for statement in [format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"), format!("CREATE DATABASE \"{name}\"")]
+    {
+        client.batch_execute(&statement).await.map_err(|error| StoreError::postgres(&error))?;
     }
     database_url(url, name)
 }
 
 /// Waits until every projection's checkpoints reach the end of every partition of its topics.
-pub async fn wait_caught_up(
-    settings: &Settings,
-    projections: &[Projection],
-    timeout: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_caught_up(settings: &Settings, projections: &[Projection], timeout: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let pool = store::connect(&settings.database.url, 1).await?;
     loop {
@@ -172,19 +136,15 @@ pub async fn wait_caught_up(
         for projection in projections {
             let kafka = settings.kafka.clone();
             let topics = projection.topics.clone();
-            let ends = tokio::task::spawn_blocking(move || {
-                crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(5))
-            })
-            .await??;
+            let ends =
+                tokio::task::spawn_blocking(move || crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(5)))
+                    .await??;
             let client = pool.get().await?;
-            let stored: HashMap<_, _> =
-                match store::checkpoint::load_all(&**client, &projection.name).await {
-                    Ok(stored) => stored,
-                    Err(_) => HashMap::new(),
-                };
-            caught_up &= ends
-                .iter()
-                .all(|(partition, (_, high))| stored.get(partition).copied().unwrap_or(0) >= *high);
+            let stored: HashMap<_, _> = match store::checkpoint::load_all(&**client, &projection.name).await {
+                Ok(stored) => stored,
+                Err(_) => HashMap::new(),
+            };
+            caught_up &= ends.iter().all(|(partition, (_, high))| stored.get(partition).copied().unwrap_or(0) >= *high);
         }
         if caught_up {
             return Ok(());
@@ -197,19 +157,13 @@ pub async fn wait_caught_up(
 }
 
 pub async fn run(settings: &Settings) -> anyhow::Result<()> {
-    let cluster =
-        crate::kafka::mock::MockKafka::start(1).context("starting the mock Kafka cluster")?;
-    cluster
-        .create_topic(TOPIC, 4, 1)
-        .context("creating the demo topic")?;
+    let cluster = crate::kafka::mock::MockKafka::start(1).context("starting the mock Kafka cluster")?;
+    cluster.create_topic(TOPIC, 4, 1).context("creating the demo topic")?;
     let mut settings = settings.clone();
     settings.kafka.bootstrap_servers = cluster.bootstrap_servers();
     settings.kafka.properties.clear();
     settings.database.url = recreate_database(&settings.database.url, DEMO_DATABASE).await?;
-    println!(
-        "mock Kafka cluster at {}, read models in database `{DEMO_DATABASE}`",
-        settings.kafka.bootstrap_servers
-    );
+    println!("mock Kafka cluster at {}, read models in database `{DEMO_DATABASE}`", settings.kafka.bootstrap_servers);
 
     // Stream order, then the faults of at-least-once delivery.
     let history = demo_history(12);
@@ -219,12 +173,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
             // Out of order: shipped is published before paid.
             5 => published.extend([stream[0].clone(), stream[2].clone(), stream[1].clone()]),
             // A producer retry: paid is published twice.
-            2 => published.extend([
-                stream[0].clone(),
-                stream[1].clone(),
-                stream[1].clone(),
-                stream[2].clone(),
-            ]),
+            2 => published.extend([stream[0].clone(), stream[1].clone(), stream[1].clone(), stream[2].clone()]),
             _ => published.extend(stream.iter().cloned()),
         }
     }
@@ -238,8 +187,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let (done, caught_up) = oneshot::channel::<()>();
     let engine = {
-        let (settings, projections, metrics) =
-            (settings.clone(), projections.clone(), metrics.clone());
+        let (settings, projections, metrics) = (settings.clone(), projections.clone(), metrics.clone());
         tokio::spawn(async move {
             crate::app::run(&settings, projections, metrics, async {
                 let _ = caught_up.await;
@@ -314,13 +262,7 @@ fn print_outcomes(metrics: &Metrics, projections: &[Projection]) {
     for projection in projections {
         let counts: Vec<String> = crate::store::apply::Outcome::ALL
             .iter()
-            .map(|outcome| {
-                format!(
-                    "{} {}",
-                    outcome.as_str(),
-                    metrics.outcome_count(&projection.name, *outcome)
-                )
-            })
+            .map(|outcome| format!("{} {}", outcome.as_str(), metrics.outcome_count(&projection.name, *outcome)))
             .collect();
         println!("  {:<16} {}", projection.name, counts.join(", "));
     }

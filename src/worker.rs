@@ -152,10 +152,14 @@ impl Worker {
         let Some(state) = self.partitions.get(&partition) else {
             return false;
         };
-        epoch == self.epochs.get(&partition).copied().unwrap_or(0) && state.checkpoint.is_none_or(|next| record.offset >= next)
+        epoch == self.epochs.get(&partition).copied().unwrap_or(0)
+            && state.checkpoint.is_none_or(|next| record.offset >= next)
     }
 
-    async fn load_checkpoints(&self, partitions: &[TopicPartition]) -> Result<HashMap<TopicPartition, i64>, WorkerError> {
+    async fn load_checkpoints(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, WorkerError> {
         let mut attempt = 0;
         loop {
             let result = async {
@@ -195,7 +199,8 @@ impl Worker {
         let report: BatchReport = loop {
             let result = match self.pool.get().await {
                 Ok(mut client) => {
-                    apply_batch(&mut client, &self.projection, &Batch { records: batch, moves: moves.clone() }, isolate).await
+                    apply_batch(&mut client, &self.projection, &Batch { records: batch, moves: moves.clone() }, isolate)
+                        .await
                 }
                 Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
             };

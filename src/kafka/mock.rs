@@ -37,12 +37,8 @@ impl MockKafka {
     /// Starts a cluster of `brokers` brokers on loopback ports chosen by the system.
     pub fn start(brokers: i32) -> KafkaResult<MockKafka> {
         let config = ClientConfig::new();
-        let client = Client::new(
-            &config,
-            config.create_native_config()?,
-            RDKafkaType::RD_KAFKA_PRODUCER,
-            DefaultClientContext,
-        )?;
+        let client =
+            Client::new(&config, config.create_native_config()?, RDKafkaType::RD_KAFKA_PRODUCER, DefaultClientContext)?;
         // SAFETY: the handle is valid for the client's lifetime, which outlives the cluster.
         let cluster = unsafe { rdsys::rd_kafka_mock_cluster_new(client.native_ptr(), brokers) };
         if cluster.is_null() {
@@ -50,26 +46,18 @@ impl MockKafka {
         }
         // SAFETY: `cluster` is a live mock cluster.
         unsafe { rdsys::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0) };
-        Ok(MockKafka {
-            cluster,
-            _client: client,
-        })
+        Ok(MockKafka { cluster, _client: client })
     }
 
     pub fn bootstrap_servers(&self) -> String {
         // SAFETY: the cluster owns the returned string for its lifetime; we copy it at once.
-        unsafe { CStr::from_ptr(rdsys::rd_kafka_mock_cluster_bootstraps(self.cluster)) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(rdsys::rd_kafka_mock_cluster_bootstraps(self.cluster)) }.to_string_lossy().into_owned()
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32, replication: i32) -> KafkaResult<()> {
-        let name = CString::new(name)
-            .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidTopic))?;
+        let name = CString::new(name).map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidTopic))?;
         // SAFETY: valid cluster and NUL-terminated name.
-        check(unsafe {
-            rdsys::rd_kafka_mock_topic_create(self.cluster, name.as_ptr(), partitions, replication)
-        })
+        check(unsafe { rdsys::rd_kafka_mock_topic_create(self.cluster, name.as_ptr(), partitions, replication) })
     }
 
     /// Takes broker `id` (1-based) down: connections to it fail until [`MockKafka::broker_up`].

@@ -32,15 +32,9 @@ pub enum Input {
     /// A record, tagged with the seek epoch of its partition at the time it was polled.
     Record(Record, u64),
     /// Partitions were assigned: reply with the offset to start each from (absent: no checkpoint).
-    Assigned {
-        partitions: Vec<TopicPartition>,
-        reply: oneshot::Sender<HashMap<TopicPartition, i64>>,
-    },
+    Assigned { partitions: Vec<TopicPartition>, reply: oneshot::Sender<HashMap<TopicPartition, i64>> },
     /// Partitions are being revoked: reply once no batch touching them is in flight.
-    Revoked {
-        partitions: Vec<TopicPartition>,
-        reply: oneshot::Sender<()>,
-    },
+    Revoked { partitions: Vec<TopicPartition>, reply: oneshot::Sender<()> },
 }
 
 /// What the worker asks of the consumer thread.
@@ -49,11 +43,7 @@ pub enum Command {
     Commit(Vec<(TopicPartition, i64)>),
     /// Re-read a partition from `offset` (`None`: from the configured start); records polled
     /// afterwards carry `epoch`.
-    Seek {
-        partition: TopicPartition,
-        offset: Option<i64>,
-        epoch: u64,
-    },
+    Seek { partition: TopicPartition, offset: Option<i64>, epoch: u64 },
 }
 
 /// The consumer's context: rebalance callbacks talk to the worker.
@@ -66,28 +56,18 @@ pub struct ProjectorContext {
 impl ClientContext for ProjectorContext {}
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
-    list.elements()
-        .iter()
-        .map(|element| (element.topic().to_string(), element.partition()))
-        .collect()
+    list.elements().iter().map(|element| (element.topic().to_string(), element.partition())).collect()
 }
 
 impl ConsumerContext for ProjectorContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        list: &mut TopicPartitionList,
-    ) {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, list: &mut TopicPartitionList) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions = partitions_of(list);
                 tracing::info!(projection = %self.projection, ?partitions, "partitions assigned");
                 let (reply, answer) = oneshot::channel();
-                let offsets = match self.inputs.blocking_send(Input::Assigned {
-                    partitions: partitions.clone(),
-                    reply,
-                }) {
+                let offsets = match self.inputs.blocking_send(Input::Assigned { partitions: partitions.clone(), reply })
+                {
                     Ok(()) => answer.blocking_recv().ok(),
                     Err(_) => None,
                 };
@@ -97,9 +77,8 @@ impl ConsumerContext for ProjectorContext {
                     return;
                 };
                 for (topic, partition) in &partitions {
-                    let offset = offsets
-                        .get(&(topic.clone(), *partition))
-                        .map_or(self.start_from, |next| Offset::Offset(*next));
+                    let offset =
+                        offsets.get(&(topic.clone(), *partition)).map_or(self.start_from, |next| Offset::Offset(*next));
                     if let Err(error) = list.set_partition_offset(topic, *partition, offset) {
                         tracing::error!(projection = %self.projection, %error, "cannot set start offset");
                     }
@@ -112,11 +91,7 @@ impl ConsumerContext for ProjectorContext {
                 let partitions = partitions_of(list);
                 tracing::info!(projection = %self.projection, ?partitions, "partitions revoked");
                 let (reply, answer) = oneshot::channel();
-                if self
-                    .inputs
-                    .blocking_send(Input::Revoked { partitions, reply })
-                    .is_ok()
-                {
+                if self.inputs.blocking_send(Input::Revoked { partitions, reply }).is_ok() {
                     let _ = answer.blocking_recv();
                 }
                 if let Err(error) = consumer.unassign() {
@@ -139,14 +114,7 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set(
-            "auto.offset.reset",
-            if settings.start_from == "latest" {
-                "latest"
-            } else {
-                "earliest"
-            },
-        )
+        .set("auto.offset.reset", if settings.start_from == "latest" { "latest" } else { "earliest" })
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
         .set_log_level(RDKafkaLogLevel::Warning);
@@ -172,16 +140,8 @@ impl ConsumerThread {
         inputs: mpsc::Sender<Input>,
     ) -> KafkaResult<ConsumerThread> {
         let group = format!("{}.{}", settings.group_prefix, projection);
-        let start_from = if settings.start_from == "latest" {
-            Offset::End
-        } else {
-            Offset::Beginning
-        };
-        let context = ProjectorContext {
-            projection: projection.to_string(),
-            inputs: inputs.clone(),
-            start_from,
-        };
+        let start_from = if settings.start_from == "latest" { Offset::End } else { Offset::Beginning };
+        let context = ProjectorContext { projection: projection.to_string(), inputs: inputs.clone(), start_from };
         let consumer: BaseConsumer<ProjectorContext> =
             consumer_config(settings, &group).create_with_context(context)?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -194,11 +154,7 @@ impl ConsumerThread {
             .name(format!("kafka-{projection}"))
             .spawn(move || poll_loop(name, consumer, inputs, command_rx, thread_stop, start_from))
             .expect("spawning a thread");
-        Ok(ConsumerThread {
-            commands,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(ConsumerThread { commands, stop, thread: Some(thread) })
     }
 
     /// Asks the thread to stop; the worker must keep answering inputs until the channel closes.
@@ -247,18 +203,12 @@ fn poll_loop(
                     headers: message
                         .headers()
                         .map(|headers| {
-                            headers
-                                .iter()
-                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                                .collect()
+                            headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect()
                         })
                         .unwrap_or_default(),
                     timestamp_ms: message.timestamp().to_millis(),
                 };
-                let epoch = epochs
-                    .get(&(record.topic.clone(), record.partition))
-                    .copied()
-                    .unwrap_or(0);
+                let epoch = epochs.get(&(record.topic.clone(), record.partition)).copied().unwrap_or(0);
                 drop(message);
                 if inputs.blocking_send(Input::Record(record, epoch)).is_err() {
                     break;
@@ -291,15 +241,9 @@ fn run_command(
                 tracing::debug!(projection, %error, "advisory offset commit failed");
             }
         }
-        Command::Seek {
-            partition,
-            offset,
-            epoch,
-        } => {
+        Command::Seek { partition, offset, epoch } => {
             let target = offset.map_or(start_from, Offset::Offset);
-            if let Err(error) =
-                consumer.seek(&partition.0, partition.1, target, Duration::from_secs(10))
-            {
+            if let Err(error) = consumer.seek(&partition.0, partition.1, target, Duration::from_secs(10)) {
                 tracing::warn!(projection, topic = %partition.0, partition = partition.1, %error, "seek failed");
             }
             epochs.insert(partition, epoch);

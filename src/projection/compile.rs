@@ -14,13 +14,11 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use toml::Spanned;
 
-use super::definition::{
-    DedupeKind, DefinitionFile, Entries, EnvelopeDef, HandlerDef, SqlDef, TableDef,
-};
+use super::definition::{DedupeKind, DefinitionFile, Entries, EnvelopeDef, HandlerDef, SqlDef, TableDef};
 use super::params::compile_named;
 use super::{
-    Dedupe, Envelope, Handler, Origin, ParamRef, ParamSource, Projection, Source, Statement,
-    StatementKind, VersionedTable,
+    Dedupe, Envelope, Handler, Origin, ParamRef, ParamSource, Projection, Source, Statement, StatementKind,
+    VersionedTable,
 };
 
 /// One mistake in a definition file, at a 1-based line and column.
@@ -35,11 +33,7 @@ pub struct DefinitionError {
 
 /// Compiles one definition file; `path` names it in errors and gives the default projection name.
 pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<DefinitionError>> {
-    let mut cx = Context {
-        file: path.to_path_buf(),
-        text,
-        errors: Vec::new(),
-    };
+    let mut cx = Context { file: path.to_path_buf(), text, errors: Vec::new() };
     let definition: DefinitionFile = match toml::from_str(text) {
         Ok(definition) => definition,
         Err(error) => {
@@ -50,18 +44,12 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
     let name = cx.projection_name(path, definition.name.as_ref());
     let topics = cx.topics(definition.topics.as_ref());
     let envelope = cx.envelope(definition.envelope.as_ref().map(Spanned::get_ref));
-    let dedupe_kind = definition
-        .dedupe
-        .as_ref()
-        .map_or(DedupeKind::Version, |d| *d.get_ref());
+    let dedupe_kind = definition.dedupe.as_ref().map_or(DedupeKind::Version, |d| *d.get_ref());
     let table = match (dedupe_kind, &definition.table) {
         (DedupeKind::Version, Some(table)) => cx.table(table),
         (DedupeKind::Version, None) => {
             let span = definition.dedupe.as_ref().map_or(0..0, Spanned::span);
-            cx.error(
-                span,
-                "`dedupe = \"version\"` needs a `[table]` with `name` and `key`",
-            );
+            cx.error(span, "`dedupe = \"version\"` needs a `[table]` with `name` and `key`");
             None
         }
         (DedupeKind::EventId, Some(table)) => {
@@ -77,8 +65,7 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
     match &definition.on {
         Some(on) if !on.get_ref().0.is_empty() => {
             for (event_type, handler) in &on.get_ref().0 {
-                let compiled =
-                    cx.handler(event_type, handler, dedupe_kind, table.as_ref(), &envelope);
+                let compiled = cx.handler(event_type, handler, dedupe_kind, table.as_ref(), &envelope);
                 if let Some(compiled) = compiled {
                     handlers.insert(event_type.get_ref().clone(), compiled);
                 }
@@ -94,36 +81,41 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         Some(table) => Dedupe::Version(table),
         None => Dedupe::EventId,
     };
-    let hash = Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok(Projection {
-        name,
-        file: path.to_path_buf(),
-        topics,
-        envelope,
-        dedupe,
-        handlers,
-        hash,
-    })
+    let mut projection =
+        Projection { name, file: path.to_path_buf(), topics, envelope, dedupe, handlers, hash: String::new() };
+    projection.hash = semantic_hash(&projection);
+    let _ = text;
+    Ok(projection)
+}
+
+/// Hex SHA-256 of what the projection does (topics, envelope, dedupe, every compiled statement),
+/// not of the file's bytes: comments, layout and key order do not count as a change.
+fn semantic_hash(projection: &Projection) -> String {
+    let mut canonical = format!("topics={:?}\nenvelope={:?}\n", projection.topics, projection.envelope);
+    match &projection.dedupe {
+        Dedupe::EventId => canonical.push_str("dedupe=event_id\n"),
+        Dedupe::Version(table) => canonical.push_str(&format!(
+            "dedupe=version table={} key={} version={}\n",
+            table.table, table.key_column, table.version_column
+        )),
+    }
+    for (event_type, handler) in &projection.handlers {
+        canonical.push_str(&format!("on {event_type}\n"));
+        for statement in &handler.statements {
+            canonical.push_str(&format!("  {}\n  {:?}\n", statement.sql, statement.params));
+        }
+    }
+    Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Compiles every `*.toml` file of `dir`, in file name order, reporting all errors of all files.
 pub fn load_dir(dir: &Path) -> Result<Vec<Projection>, Vec<DefinitionError>> {
-    let at_start = |file: &Path, message: String| DefinitionError {
-        file: file.to_path_buf(),
-        line: 1,
-        column: 1,
-        message,
-    };
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| vec![at_start(dir, format!("cannot read the folder: {e}"))])?;
+    let at_start =
+        |file: &Path, message: String| DefinitionError { file: file.to_path_buf(), line: 1, column: 1, message };
+    let entries = std::fs::read_dir(dir).map_err(|e| vec![at_start(dir, format!("cannot read the folder: {e}"))])?;
     let mut paths = Vec::new();
     for entry in entries {
-        let path = entry
-            .map_err(|e| vec![at_start(dir, format!("cannot read the folder: {e}"))])?
-            .path();
+        let path = entry.map_err(|e| vec![at_start(dir, format!("cannot read the folder: {e}"))])?.path();
         if path.extension().is_some_and(|ext| ext == "toml") && path.is_file() {
             paths.push(path);
         }
@@ -136,10 +128,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Projection>, Vec<DefinitionError>> {
         let text = match std::fs::read(&path).map(String::from_utf8) {
             Ok(Ok(text)) => text,
             Ok(Err(e)) => {
-                errors.push(at_start(
-                    &path,
-                    format!("not valid UTF-8: {}", e.utf8_error()),
-                ));
+                errors.push(at_start(&path, format!("not valid UTF-8: {}", e.utf8_error())));
                 continue;
             }
             Err(e) => {
@@ -151,11 +140,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Projection>, Vec<DefinitionError>> {
             Ok(projection) => match defined_in.get(&projection.name) {
                 Some(first) => errors.push(at_start(
                     &path,
-                    format!(
-                        "projection `{}` is already defined in `{}`",
-                        projection.name,
-                        first.display()
-                    ),
+                    format!("projection `{}` is already defined in `{}`", projection.name, first.display()),
                 )),
                 None => {
                     defined_in.insert(projection.name.clone(), path);
@@ -183,40 +168,24 @@ impl Context<'_> {
         let before = self.text.get(..span.start).unwrap_or(self.text);
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-        self.errors.push(DefinitionError {
-            file: self.file.clone(),
-            line,
-            column,
-            message: message.into(),
-        });
+        self.errors.push(DefinitionError { file: self.file.clone(), line, column, message: message.into() });
     }
 
     fn line(&self, span: &Range<usize>) -> usize {
-        self.text
-            .get(..span.start)
-            .unwrap_or(self.text)
-            .matches('\n')
-            .count()
-            + 1
+        self.text.get(..span.start).unwrap_or(self.text).matches('\n').count() + 1
     }
 
     fn projection_name(&mut self, path: &Path, name: Option<&Spanned<String>>) -> String {
         match name {
             Some(name) => {
                 if !is_identifier(name.get_ref()) {
-                    let message = format!(
-                        "projection name `{}` must match `[a-z_][a-z0-9_]*`",
-                        name.get_ref()
-                    );
+                    let message = format!("projection name `{}` must match `[a-z_][a-z0-9_]*`", name.get_ref());
                     self.error(name.span(), message);
                 }
                 name.get_ref().clone()
             }
             None => {
-                let stem = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 if !is_identifier(&stem) {
                     let message = format!(
                         "projection name `{stem}` (from the file name) must match `[a-z_][a-z0-9_]*`: rename the file or set `name`"
@@ -230,10 +199,7 @@ impl Context<'_> {
 
     fn topics(&mut self, topics: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<String> {
         let Some(topics) = topics else {
-            self.error(
-                0..0,
-                "missing `topics`: the Kafka topics to read, like `topics = [\"shop.orders\"]`",
-            );
+            self.error(0..0, "missing `topics`: the Kafka topics to read, like `topics = [\"shop.orders\"]`");
             return Vec::new();
         };
         if topics.get_ref().is_empty() {
@@ -244,14 +210,9 @@ impl Context<'_> {
             let name = topic.get_ref();
             let valid = !name.is_empty()
                 && name.len() <= 249
-                && name
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+                && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
             if !valid {
-                self.error(
-                    topic.span(),
-                    format!("bad topic name `{name}`: use letters, digits, `.`, `_` and `-`"),
-                );
+                self.error(topic.span(), format!("bad topic name `{name}`: use letters, digits, `.`, `_` and `-`"));
             } else if seen.contains(name) {
                 self.error(topic.span(), format!("topic `{name}` is listed twice"));
             }
@@ -270,23 +231,15 @@ impl Context<'_> {
             ("id", &envelope.id, &mut result.event_id),
             ("key", &envelope.key, &mut result.key),
             ("version", &envelope.version, &mut result.version),
-            (
-                "occurred_at",
-                &envelope.occurred_at,
-                &mut result.occurred_at,
-            ),
+            ("occurred_at", &envelope.occurred_at, &mut result.occurred_at),
         ];
         for (field, written, source) in fields {
             let Some(written) = written else { continue };
             match parse_source(written.get_ref()) {
-                Ok(Source::KafkaTimestamp) if field != "occurred_at" => self.error(
-                    written.span(),
-                    format!("envelope `{field}`: `kafka:timestamp` is only for `occurred_at`"),
-                ),
+                Ok(Source::KafkaTimestamp) if field != "occurred_at" => self
+                    .error(written.span(), format!("envelope `{field}`: `kafka:timestamp` is only for `occurred_at`")),
                 Ok(parsed) => *source = parsed,
-                Err(message) => {
-                    self.error(written.span(), format!("envelope `{field}`: {message}"))
-                }
+                Err(message) => self.error(written.span(), format!("envelope `{field}`: {message}")),
             }
         }
         result
@@ -295,25 +248,23 @@ impl Context<'_> {
     fn table(&mut self, table: &Spanned<TableDef>) -> Option<VersionedTable> {
         let definition = table.get_ref();
         let mut valid = true;
-        let mut required =
-            |cx: &mut Self, value: &Option<Spanned<String>>, key: &str, check: fn(&str) -> bool| {
-                let Some(value) = value else {
-                    cx.error(table.span(), format!("`[table]` needs `{key}`"));
-                    valid = false;
-                    return String::new();
-                };
-                if !check(value.get_ref()) {
-                    let message =
-                        format!(
+        let mut required = |cx: &mut Self, value: &Option<Spanned<String>>, key: &str, check: fn(&str) -> bool| {
+            let Some(value) = value else {
+                cx.error(table.span(), format!("`[table]` needs `{key}`"));
+                valid = false;
+                return String::new();
+            };
+            if !check(value.get_ref()) {
+                let message = format!(
                     "`{}` is not a plain identifier: use `[a-z_][a-z0-9_]*`{}, without quotes",
                     value.get_ref(),
                     if key == "name" { " (optionally `schema.table`)" } else { "" }
                 );
-                    cx.error(value.span(), message);
-                    valid = false;
-                }
-                value.get_ref().clone()
-            };
+                cx.error(value.span(), message);
+                valid = false;
+            }
+            value.get_ref().clone()
+        };
         let name = required(self, &definition.name, "name", is_table_name);
         let key_column = required(self, &definition.key, "key", is_identifier);
         let version_column = match &definition.version {
@@ -321,25 +272,16 @@ impl Context<'_> {
             None => "version".to_string(),
         };
         if valid && key_column == version_column {
-            self.error(
-                table.span(),
-                "`[table]` `key` and `version` must be different columns",
-            );
+            self.error(table.span(), "`[table]` `key` and `version` must be different columns");
             valid = false;
         }
         valid.then(|| VersionedTable {
             version_lookup: Statement {
                 sql: format!("SELECT {version_column} FROM {name} WHERE {key_column} = $1"),
-                params: vec![ParamRef {
-                    name: "key".into(),
-                    source: ParamSource::Key,
-                    optional: false,
-                }],
+                params: vec![ParamRef { name: "key".into(), source: ParamSource::Key, optional: false }],
                 kind: StatementKind::Other,
-                origin: Origin {
-                    file: self.file.clone(),
-                    line: self.line(&table.span()),
-                },
+                origin: Origin { file: self.file.clone(), line: self.line(&table.span()) },
+                writes: None,
             },
             table: name,
             key_column,
@@ -370,14 +312,11 @@ impl Context<'_> {
                 [] => (event_type.span(), "none".to_string()),
                 [.., last] => (
                     last.1.clone(),
-                    written
-                        .iter()
-                        .map(|(key, _)| format!("`{key}`"))
-                        .collect::<Vec<_>>()
-                        .join(" and "),
+                    written.iter().map(|(key, _)| format!("`{key}`")).collect::<Vec<_>>().join(" and "),
                 ),
             };
-            let message = format!("handler for `{name}` must have exactly one of `insert`, `update` or `sql`, found {found}");
+            let message =
+                format!("handler for `{name}` must have exactly one of `insert`, `update` or `sql`, found {found}");
             self.error(span, message);
             return None;
         }
@@ -388,23 +327,18 @@ impl Context<'_> {
             let Some(table) = table else {
                 if dedupe == DedupeKind::EventId {
                     let key = if is_insert { "insert" } else { "update" };
-                    self.error(columns.span(), format!("`{key}` needs a `[table]` (only with `dedupe = \"version\"`): write `sql`"));
+                    self.error(
+                        columns.span(),
+                        format!("`{key}` needs a `[table]` (only with `dedupe = \"version\"`): write `sql`"),
+                    );
                 }
                 return None;
             };
             let pairs = self.columns(columns.get_ref(), table)?;
-            let sql = if is_insert {
-                insert_sql(table, &pairs)
-            } else {
-                update_sql(table, &pairs)
-            };
+            let sql = if is_insert { insert_sql(table, &pairs) } else { update_sql(table, &pairs) };
             sources.push((sql, columns.span()));
         }
-        match definition
-            .sql
-            .as_ref()
-            .map(|sql| (sql.get_ref(), sql.span()))
-        {
+        match definition.sql.as_ref().map(|sql| (sql.get_ref(), sql.span())) {
             Some((SqlDef::One(sql), span)) => sources.push((sql.clone(), span)),
             Some((SqlDef::Many(all), span)) => {
                 if all.is_empty() {
@@ -416,11 +350,7 @@ impl Context<'_> {
             None => {}
         }
         if let Some(also) = &definition.also {
-            sources.extend(
-                also.get_ref()
-                    .iter()
-                    .map(|sql| (sql.get_ref().clone(), sql.span())),
-            );
+            sources.extend(also.get_ref().iter().map(|sql| (sql.get_ref().clone(), sql.span())));
         }
         let mut statements = Vec::new();
         let errors_before = self.errors.len();
@@ -434,29 +364,27 @@ impl Context<'_> {
     }
 
     /// Validated `(column, expression)` pairs of an `insert` or `update` table.
-    fn columns(
-        &mut self,
-        columns: &Entries<Spanned<String>>,
-        table: &VersionedTable,
-    ) -> Option<Vec<(String, String)>> {
+    fn columns(&mut self, columns: &Entries<Spanned<String>>, table: &VersionedTable) -> Option<Vec<(String, String)>> {
         let errors_before = self.errors.len();
         let mut pairs = Vec::new();
         for (column, expression) in &columns.0 {
             let column_name = column.get_ref();
             if !is_identifier(column_name) {
-                let message = format!("column `{column_name}` is not a plain identifier: use `[a-z_][a-z0-9_]*`, without quotes");
+                let message =
+                    format!("column `{column_name}` is not a plain identifier: use `[a-z_][a-z0-9_]*`, without quotes");
                 self.error(column.span(), message);
             } else if column_name.eq_ignore_ascii_case(&table.key_column)
                 || column_name.eq_ignore_ascii_case(&table.version_column)
             {
                 self.error(
                     column.span(),
-                    format!(
-                        "column `{column_name}` is set by the engine (from `:key` and `:version`)"
-                    ),
+                    format!("column `{column_name}` is set by the engine (from `:key` and `:version`)"),
                 );
             } else if expression.get_ref().trim().is_empty() {
-                self.error(expression.span(), format!("column `{column_name}` needs an SQL expression, like `\":data.{column_name}\"`"));
+                self.error(
+                    expression.span(),
+                    format!("column `{column_name}` needs an SQL expression, like `\":data.{column_name}\"`"),
+                );
             }
             pairs.push((column_name.clone(), expression.get_ref().clone()));
         }
@@ -484,10 +412,7 @@ impl Context<'_> {
             Err(error) => {
                 let error = error.to_string();
                 let error = error.strip_prefix("sql parser error: ").unwrap_or(&error);
-                self.error(
-                    span,
-                    format!("statement for `{event_type}` does not parse: {error}"),
-                );
+                self.error(span, format!("statement for `{event_type}` does not parse: {error}"));
                 return None;
             }
         };
@@ -504,36 +429,19 @@ impl Context<'_> {
             Some(table) => match guard_kind(parsed, &compiled.params, table, envelope) {
                 Ok(kind) => kind,
                 Err(reason) => {
-                    self.error(
-                        span,
-                        format!(
-                            "statement for `{event_type}` could apply an event twice: {reason}"
-                        ),
-                    );
+                    self.error(span, format!("statement for `{event_type}` could apply an event twice: {reason}"));
                     return None;
                 }
             },
         };
-        let origin = Origin {
-            file: self.file.clone(),
-            line: self.line(&span),
-        };
-        Some(Statement {
-            sql: compiled.sql,
-            params: compiled.params,
-            kind,
-            origin,
-        })
+        let origin = Origin { file: self.file.clone(), line: self.line(&span) };
+        let writes = written_table(parsed);
+        Some(Statement { sql: compiled.sql, params: compiled.params, kind, origin, writes })
     }
 }
 
 fn insert_sql(table: &VersionedTable, pairs: &[(String, String)]) -> String {
-    let VersionedTable {
-        table,
-        key_column: key,
-        version_column: version,
-        ..
-    } = table;
+    let VersionedTable { table, key_column: key, version_column: version, .. } = table;
     let mut columns = vec![key.as_str()];
     let mut values = vec![":key"];
     for (column, expression) in pairs {
@@ -550,21 +458,10 @@ fn insert_sql(table: &VersionedTable, pairs: &[(String, String)]) -> String {
 }
 
 fn update_sql(table: &VersionedTable, pairs: &[(String, String)]) -> String {
-    let VersionedTable {
-        table,
-        key_column: key,
-        version_column: version,
-        ..
-    } = table;
-    let mut sets: Vec<String> = pairs
-        .iter()
-        .map(|(column, expression)| format!("{column} = {expression}"))
-        .collect();
+    let VersionedTable { table, key_column: key, version_column: version, .. } = table;
+    let mut sets: Vec<String> = pairs.iter().map(|(column, expression)| format!("{column} = {expression}")).collect();
     sets.push(format!("{version} = :version"));
-    format!(
-        "UPDATE {table} SET {} WHERE {key} = :key AND {version} = :version - 1",
-        sets.join(", ")
-    )
+    format!("UPDATE {table} SET {} WHERE {key} = :key AND {version} = :version - 1", sets.join(", "))
 }
 
 /// `a.b.c`, `header:NAME`, `kafka:key` or `kafka:timestamp`.
@@ -592,9 +489,7 @@ fn parse_source(text: &str) -> Result<Source, String> {
 fn is_identifier(name: &str) -> bool {
     let mut bytes = name.bytes();
     name.len() <= 63
-        && bytes
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == b'_')
+        && bytes.next().is_some_and(|c| c.is_ascii_lowercase() || c == b'_')
         && bytes.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
 }
 
@@ -614,11 +509,7 @@ pub fn guard_kind(
     table: &VersionedTable,
     envelope: &Envelope,
 ) -> Result<StatementKind, String> {
-    let VersionedTable {
-        key_column: key,
-        version_column: version,
-        ..
-    } = table;
+    let VersionedTable { key_column: key, version_column: version, .. } = table;
     let is_param = |expr: &Expr, source: &ParamSource, envelope_source: &Source| {
         let Expr::Value(value) = strip(expr) else {
             return false;
@@ -672,10 +563,13 @@ pub fn guard_kind(
             if !target.joins.is_empty() {
                 return Err(reason);
             }
-            let qualifiers: Vec<&str> = [alias.as_ref().map(|a| a.name.value.as_str()), name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.as_str())]
-                .into_iter()
-                .flatten()
-                .collect();
+            let qualifiers: Vec<&str> = [
+                alias.as_ref().map(|a| a.name.value.as_str()),
+                name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.as_str()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             let is_column = |expr: &Expr, column: &str| match strip(expr) {
                 Expr::Identifier(ident) => ident.value.eq_ignore_ascii_case(column),
                 Expr::CompoundIdentifier(parts) => match parts.as_slice() {
@@ -689,7 +583,8 @@ pub fn guard_kind(
             };
             let sets_version = assignments.iter().any(|assignment| {
                 let ast::AssignmentTarget::ColumnName(target) = &assignment.target else { return false };
-                let named = target.0.last().and_then(|p| p.as_ident()).is_some_and(|i| i.value.eq_ignore_ascii_case(version));
+                let named =
+                    target.0.last().and_then(|p| p.as_ident()).is_some_and(|i| i.value.eq_ignore_ascii_case(version));
                 named && is_version(&assignment.value)
             });
             let mut conjuncts = Vec::new();
@@ -707,12 +602,15 @@ pub fn guard_kind(
             });
             let minus_one = |expr: &Expr| match strip(expr) {
                 Expr::BinaryOp { left, op: BinaryOperator::Minus, right } => {
-                    is_version(left) && matches!(strip(right), Expr::Value(v) if v.value == ast::Value::Number("1".into(), false))
+                    is_version(left)
+                        && matches!(strip(right), Expr::Value(v) if v.value == ast::Value::Number("1".into(), false))
                 }
                 _ => false,
             };
             let version_matches = has(&|l, op, r| match op {
-                BinaryOperator::Eq => (is_column(l, version) && minus_one(r)) || (minus_one(l) && is_column(r, version)),
+                BinaryOperator::Eq => {
+                    (is_column(l, version) && minus_one(r)) || (minus_one(l) && is_column(r, version))
+                }
                 BinaryOperator::Lt => is_column(l, version) && is_version(r),
                 BinaryOperator::Gt => is_version(l) && is_column(r, version),
                 _ => false,
@@ -726,20 +624,37 @@ pub fn guard_kind(
     }
 }
 
+/// The table a data-changing statement writes, lowercased and unquoted (`shop.orders`).
+fn written_table(statement: &ast::Statement) -> Option<String> {
+    let from_factor = |factor: &ast::TableFactor| match factor {
+        ast::TableFactor::Table { name, .. } => Some(name.clone()),
+        _ => None,
+    };
+    let name = match statement {
+        ast::Statement::Insert(insert) => match &insert.table {
+            ast::TableObject::TableName(name) => Some(name.clone()),
+            _ => None,
+        },
+        ast::Statement::Update { table, .. } => from_factor(&table.relation),
+        ast::Statement::Delete(delete) => match &delete.from {
+            ast::FromTable::WithFromKeyword(tables) | ast::FromTable::WithoutKeyword(tables) => {
+                tables.first().and_then(|table| from_factor(&table.relation))
+            }
+        },
+        ast::Statement::Merge { table, .. } => from_factor(table),
+        _ => None,
+    }?;
+    Some(name.0.iter().map(|part| part.to_string().trim_matches('"').to_lowercase()).collect::<Vec<_>>().join("."))
+}
+
 /// Whether `name` (as written in SQL) is `table` (as written in the definition).
 fn same_table(name: &ast::ObjectName, table: &str) -> Result<(), String> {
-    let written: Vec<String> = name
-        .0
-        .iter()
-        .map(|part| part.to_string().trim_matches('"').to_lowercase())
-        .collect();
+    let written: Vec<String> = name.0.iter().map(|part| part.to_string().trim_matches('"').to_lowercase()).collect();
     let expected: Vec<&str> = table.split('.').collect();
     if written.len() == expected.len() && written.iter().zip(&expected).all(|(a, b)| a == b) {
         Ok(())
     } else {
-        Err(format!(
-            "it writes `{name}`, not the projection's table `{table}`"
-        ))
+        Err(format!("it writes `{name}`, not the projection's table `{table}`"))
     }
 }
 
@@ -753,11 +668,7 @@ fn strip(expr: &Expr) -> &Expr {
 
 fn flatten_and<'e>(expr: &'e Expr, into: &mut Vec<&'e Expr>) {
     match strip(expr) {
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::And,
-            right,
-        } => {
+        Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
             flatten_and(left, into);
             flatten_and(right, into);
         }
@@ -769,19 +680,14 @@ fn flatten_and<'e>(expr: &'e Expr, into: &mut Vec<&'e Expr>) {
 mod tests {
     use super::*;
 
-    const HEAD: &str =
-        "topics = [\"shop.orders\"]\n[table]\nname = \"order_summary\"\nkey = \"order_id\"\n";
+    const HEAD: &str = "topics = [\"shop.orders\"]\n[table]\nname = \"order_summary\"\nkey = \"order_id\"\n";
 
     fn compile(text: &str) -> Result<Projection, Vec<DefinitionError>> {
         compile_file(Path::new("projections/order_summary.toml"), text)
     }
 
     fn messages(text: &str) -> Vec<(usize, String)> {
-        compile(text)
-            .unwrap_err()
-            .into_iter()
-            .map(|e| (e.line, e.message))
-            .collect()
+        compile(text).unwrap_err().into_iter().map(|e| (e.line, e.message)).collect()
     }
 
     fn first_kind(sql: &str) -> Result<StatementKind, String> {
@@ -814,13 +720,8 @@ mod tests {
             "UPDATE order_summary SET status = 'shipped', version = $1 WHERE order_id = $2 AND version = $1 - 1"
         );
         assert_eq!(shipped.kind, StatementKind::Update);
-        let Dedupe::Version(table) = &projection.dedupe else {
-            panic!("version dedupe")
-        };
-        assert_eq!(
-            table.version_lookup.sql,
-            "SELECT version FROM order_summary WHERE order_id = $1"
-        );
+        let Dedupe::Version(table) = &projection.dedupe else { panic!("version dedupe") };
+        assert_eq!(table.version_lookup.sql, "SELECT version FROM order_summary WHERE order_id = $1");
         assert_eq!(projection.hash.len(), 64);
     }
 
@@ -854,11 +755,8 @@ mod tests {
             let error = first_kind(sql).unwrap_err();
             assert!(error.starts_with("statement for `E` could apply an event twice"), "{sql}: {error}");
         }
-        let other_table =
-            "UPDATE other SET version = :version WHERE order_id = :key AND version = :version - 1";
-        assert!(first_kind(other_table)
-            .unwrap_err()
-            .contains("not the projection's table `order_summary`"));
+        let other_table = "UPDATE other SET version = :version WHERE order_id = :key AND version = :version - 1";
+        assert!(first_kind(other_table).unwrap_err().contains("not the projection's table `order_summary`"));
     }
 
     #[test]
@@ -867,10 +765,7 @@ mod tests {
         let errors = messages(text);
         let lines: Vec<usize> = errors.iter().map(|(line, _)| *line).collect();
         assert_eq!(lines, [1, 2, 4, 7, 9, 10], "{errors:?}");
-        assert!(
-            errors[4].1.starts_with("statement for `A` does not parse"),
-            "{errors:?}"
-        );
+        assert!(errors[4].1.starts_with("statement for `A` does not parse"), "{errors:?}");
     }
 
     #[test]
@@ -882,14 +777,27 @@ mod tests {
     }
 
     #[test]
+    fn hash_follows_meaning_not_layout() {
+        let base = "topics = [\"t\"]\ndedupe = \"event_id\"\n[on.A]\nsql = \"UPDATE totals SET n = n + 1\"\n";
+        let commented = format!("# a comment\n{base}");
+        let changed = base.replace("n + 1", "n + 2");
+        let hash = |text: &str| compile(text).unwrap().hash;
+        assert_eq!(hash(base), hash(&commented));
+        assert_ne!(hash(base), hash(&changed));
+    }
+
+    #[test]
+    fn tables_are_what_the_statements_write() {
+        let text = "topics = [\"t\"]\ndedupe = \"event_id\"\n[on.A]\nsql = [\"UPDATE Totals SET n = n + 1\", \"INSERT INTO shop.log (x) VALUES (1)\", \"SELECT 1\"]\n[on.B]\nsql = \"DELETE FROM totals WHERE id = :id\"\n";
+        assert_eq!(compile(text).unwrap().tables(), vec!["shop.log".to_string(), "totals".to_string()]);
+    }
+
+    #[test]
     fn event_id_dedupe_takes_any_statement() {
         let text = "topics = [\"t\"]\ndedupe = \"event_id\"\n[on.A]\nsql = [\"DELETE FROM x WHERE id = :key\", \"SELECT 1\"]\n";
         let projection = compile(text).unwrap();
         assert_eq!(projection.dedupe, Dedupe::EventId);
-        assert!(projection.handlers["A"]
-            .statements
-            .iter()
-            .all(|s| s.kind == StatementKind::Other));
+        assert!(projection.handlers["A"].statements.iter().all(|s| s.kind == StatementKind::Other));
     }
 
     #[test]

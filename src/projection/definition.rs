@@ -138,12 +138,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_keys() {
-        let err = toml::from_str::<DefinitionFile>("topics = [\"t\"]\n[on.A]\nsqll = \"x\"\n")
-            .unwrap_err();
-        assert!(
-            err.message().contains("unknown field `sqll`"),
-            "{}",
-            err.message()
-        );
+        let err = toml::from_str::<DefinitionFile>("topics = [\"t\"]\n[on.A]\nsqll = \"x\"\n").unwrap_err();
+        assert!(err.message().contains("unknown field `sqll`"), "{}", err.message());
     }
 }

@@ -61,12 +61,7 @@ pub enum DecodeError {
     #[error("envelope field `{field}` (from `{from}`) is not valid UTF-8")]
     FieldNotUtf8 { field: &'static str, from: String },
     #[error("envelope field `{field}` (from `{from}`) must be {expected}, got {got}")]
-    WrongType {
-        field: &'static str,
-        from: String,
-        expected: &'static str,
-        got: String,
-    },
+    WrongType { field: &'static str, from: String, expected: &'static str, got: String },
     #[error("envelope field `version` (from `{from}`) must be a non-negative integer, got {got}")]
     BadVersion { from: String, got: String },
     #[error("envelope field `occurred_at` (from `{from}`) is not an RFC 3339 time, got {got}")]
@@ -100,46 +95,31 @@ impl Projection {
             Err(error) => return poison(None, DecodeError::NotJson(error.to_string())),
         };
         let envelope = &self.envelope;
-        let event_type = match read(&envelope.event_type, "type", record, &value)
-            .and_then(|raw| text_of(raw, "type", false))
-        {
-            Ok(Some(event_type)) => event_type,
-            Ok(None) => return poison(None, missing("type", &envelope.event_type)),
-            Err(error) => return poison(None, error),
-        };
+        let event_type =
+            match read(&envelope.event_type, "type", record, &value).and_then(|raw| text_of(raw, "type", false)) {
+                Ok(Some(event_type)) => event_type,
+                Ok(None) => return poison(None, missing("type", &envelope.event_type)),
+                Err(error) => return poison(None, error),
+            };
         let Some(handler) = self.handlers.get(&event_type) else {
             return Decoded::Ignored { event_type };
         };
         let fields = (|| {
-            let event_id = read(&envelope.event_id, "id", record, &value)
-                .and_then(|raw| text_of(raw, "id", true))?;
-            let key = read(&envelope.key, "key", record, &value)
-                .and_then(|raw| text_of(raw, "key", true))?;
-            let version =
-                read(&envelope.version, "version", record, &value).and_then(version_of)?;
-            let occurred_at =
-                read(&envelope.occurred_at, "occurred_at", record, &value).and_then(time_of)?;
+            let event_id = read(&envelope.event_id, "id", record, &value).and_then(|raw| text_of(raw, "id", true))?;
+            let key = read(&envelope.key, "key", record, &value).and_then(|raw| text_of(raw, "key", true))?;
+            let version = read(&envelope.version, "version", record, &value).and_then(version_of)?;
+            let occurred_at = read(&envelope.occurred_at, "occurred_at", record, &value).and_then(time_of)?;
             match &self.dedupe {
                 Dedupe::Version(_) if key.is_none() => Err(missing("key", &envelope.key)),
-                Dedupe::Version(_) if version.is_none() => {
-                    Err(missing("version", &envelope.version))
-                }
+                Dedupe::Version(_) if version.is_none() => Err(missing("version", &envelope.version)),
                 Dedupe::EventId if event_id.is_none() => Err(missing("id", &envelope.event_id)),
                 _ => Ok((event_id, key, version, occurred_at)),
             }
         })();
         match fields {
-            Ok((event_id, key, version, occurred_at)) => Decoded::Handled {
-                event: Event {
-                    event_type,
-                    event_id,
-                    key,
-                    version,
-                    occurred_at,
-                    value,
-                },
-                handler,
-            },
+            Ok((event_id, key, version, occurred_at)) => {
+                Decoded::Handled { event: Event { event_type, event_id, key, version, occurred_at, value }, handler }
+            }
             Err(error) => poison(Some(event_type), error),
         }
     }
@@ -158,10 +138,7 @@ struct Read<'v> {
 }
 
 fn missing(field: &'static str, source: &Source) -> DecodeError {
-    DecodeError::Missing {
-        field,
-        from: source.to_string(),
-    }
+    DecodeError::Missing { field, from: source.to_string() }
 }
 
 /// The raw value of `source`, `None` when absent (a JSON null counts as absent).
@@ -172,23 +149,13 @@ fn read<'v>(
     value: &'v Value,
 ) -> Result<Option<Read<'v>>, DecodeError> {
     let utf8 = |bytes: &[u8]| {
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::FieldNotUtf8 {
-            field,
-            from: source.to_string(),
-        })
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::FieldNotUtf8 { field, from: source.to_string() })
     };
     let raw = match source {
-        Source::Path(path) => path
-            .iter()
-            .try_fold(value, |at, segment| step(at, segment))
-            .filter(|v| !v.is_null())
-            .map(Raw::Json),
-        Source::Header(name) => match record
-            .headers
-            .iter()
-            .rev()
-            .find(|(header, _)| header == name)
-        {
+        Source::Path(path) => {
+            path.iter().try_fold(value, |at, segment| step(at, segment)).filter(|v| !v.is_null()).map(Raw::Json)
+        }
+        Source::Header(name) => match record.headers.iter().rev().find(|(header, _)| header == name) {
             Some((_, Some(bytes))) => Some(Raw::Text(utf8(bytes)?)),
             _ => None,
         },
@@ -216,29 +183,19 @@ pub(crate) fn shown(value: &Value) -> String {
     }
 }
 
-fn text_of(
-    read: Option<Read<'_>>,
-    field: &'static str,
-    integers: bool,
-) -> Result<Option<String>, DecodeError> {
+fn text_of(read: Option<Read<'_>>, field: &'static str, integers: bool) -> Result<Option<String>, DecodeError> {
     let Some(Read { raw, source }) = read else {
         return Ok(None);
     };
     match raw {
         Raw::Text(text) => Ok(Some(text)),
         Raw::Json(Value::String(text)) => Ok(Some(text.clone())),
-        Raw::Json(Value::Number(n)) if integers && (n.is_i64() || n.is_u64()) => {
-            Ok(Some(n.to_string()))
-        }
+        Raw::Json(Value::Number(n)) if integers && (n.is_i64() || n.is_u64()) => Ok(Some(n.to_string())),
         Raw::Millis(ms) if integers => Ok(Some(ms.to_string())),
         other => Err(DecodeError::WrongType {
             field,
             from: source.to_string(),
-            expected: if integers {
-                "a string or integer"
-            } else {
-                "a string"
-            },
+            expected: if integers { "a string or integer" } else { "a string" },
             got: match other {
                 Raw::Json(value) => shown(value),
                 Raw::Text(text) => text,
@@ -253,9 +210,7 @@ fn version_of(read: Option<Read<'_>>) -> Result<Option<i64>, DecodeError> {
         return Ok(None);
     };
     let digits = |text: &str| {
-        (!text.is_empty() && text.bytes().all(|c| c.is_ascii_digit()))
-            .then(|| text.parse::<i64>().ok())
-            .flatten()
+        (!text.is_empty() && text.bytes().all(|c| c.is_ascii_digit())).then(|| text.parse::<i64>().ok()).flatten()
     };
     let (version, got) = match raw {
         Raw::Json(Value::Number(n)) => (n.as_i64().filter(|v| *v >= 0), n.to_string()),
@@ -266,19 +221,14 @@ fn version_of(read: Option<Read<'_>>) -> Result<Option<i64>, DecodeError> {
     };
     match version {
         Some(version) => Ok(Some(version)),
-        None => Err(DecodeError::BadVersion {
-            from: source.to_string(),
-            got,
-        }),
+        None => Err(DecodeError::BadVersion { from: source.to_string(), got }),
     }
 }
 
 /// An RFC 3339 string, or integer milliseconds since the epoch.
 pub(crate) fn parse_time(value: &Value) -> Option<DateTime<Utc>> {
     match value {
-        Value::String(text) => DateTime::parse_from_rfc3339(text)
-            .ok()
-            .map(|t| t.with_timezone(&Utc)),
+        Value::String(text) => DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc)),
         Value::Number(n) => DateTime::from_timestamp_millis(n.as_i64()?),
         _ => None,
     }
@@ -293,9 +243,7 @@ fn time_of(read: Option<Read<'_>>) -> Result<Option<DateTime<Utc>>, DecodeError>
         Raw::Text(text) => {
             let time = match text.parse::<i64>() {
                 Ok(ms) => DateTime::from_timestamp_millis(ms),
-                Err(_) => DateTime::parse_from_rfc3339(&text)
-                    .ok()
-                    .map(|t| t.with_timezone(&Utc)),
+                Err(_) => DateTime::parse_from_rfc3339(&text).ok().map(|t| t.with_timezone(&Utc)),
             };
             (time, format!("{text:?}"))
         }
@@ -303,10 +251,7 @@ fn time_of(read: Option<Read<'_>>) -> Result<Option<DateTime<Utc>>, DecodeError>
     };
     match time {
         Some(time) => Ok(Some(time)),
-        None => Err(DecodeError::BadOccurredAt {
-            from: source.to_string(),
-            got,
-        }),
+        None => Err(DecodeError::BadOccurredAt { from: source.to_string(), got }),
     }
 }
 
@@ -330,10 +275,7 @@ mod tests {
             offset: 7,
             key: Some(b"k-1".to_vec()),
             value: Some(value.to_vec()),
-            headers: vec![
-                ("ce_type".into(), Some(b"Placed".to_vec())),
-                ("bad".into(), Some(vec![0xff])),
-            ],
+            headers: vec![("ce_type".into(), Some(b"Placed".to_vec())), ("bad".into(), Some(vec![0xff]))],
             timestamp_ms: Some(1_700_000_000_000),
         }
     }
@@ -365,20 +307,11 @@ mod tests {
         assert_eq!(event.event_id.as_deref(), Some("12"));
         assert_eq!(event.key.as_deref(), Some("o-1"));
         assert_eq!(event.version, Some(3));
-        assert_eq!(
-            event.occurred_at.unwrap().to_rfc3339(),
-            "2024-05-01T08:00:00+00:00"
-        );
-        let event = handled(
-            &p,
-            br#"{"type":"Placed","stream_id":42,"stream_version":0,"occurred_at":1700000000000}"#,
-        );
+        assert_eq!(event.occurred_at.unwrap().to_rfc3339(), "2024-05-01T08:00:00+00:00");
+        let event = handled(&p, br#"{"type":"Placed","stream_id":42,"stream_version":0,"occurred_at":1700000000000}"#);
         assert_eq!(event.key.as_deref(), Some("42"));
         assert_eq!(event.event_id, None);
-        assert_eq!(
-            event.occurred_at.unwrap().timestamp_millis(),
-            1_700_000_000_000
-        );
+        assert_eq!(event.occurred_at.unwrap().timestamp_millis(), 1_700_000_000_000);
     }
 
     #[test]
@@ -388,37 +321,24 @@ mod tests {
         assert!(poison(&p, b"{").starts_with("value is not valid JSON"));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(poison(&p, deep.as_bytes()).contains("recursion limit exceeded"));
-        assert_eq!(
-            poison(&p, br#"{"stream_id":"a"}"#),
-            "envelope field `type` (from `type`) is missing"
-        );
-        assert_eq!(
-            poison(&p, br#"{"type":1}"#),
-            "envelope field `type` (from `type`) must be a string, got 1"
-        );
+        assert_eq!(poison(&p, br#"{"stream_id":"a"}"#), "envelope field `type` (from `type`) is missing");
+        assert_eq!(poison(&p, br#"{"type":1}"#), "envelope field `type` (from `type`) must be a string, got 1");
         assert_eq!(
             poison(&p, br#"{"type":"Placed","stream_version":1}"#),
             "envelope field `key` (from `stream_id`) is missing"
         );
         assert_eq!(
-            poison(
-                &p,
-                br#"{"type":"Placed","stream_id":{"a":1},"stream_version":1}"#
-            ),
+            poison(&p, br#"{"type":"Placed","stream_id":{"a":1},"stream_version":1}"#),
             "envelope field `key` (from `stream_id`) must be a string or integer, got {\"a\":1}"
         );
         assert_eq!(
             poison(&p, br#"{"type":"Placed","stream_id":"a"}"#),
             "envelope field `version` (from `stream_version`) is missing"
         );
-        for (version, got) in [
-            ("-1", "-1"),
-            ("9223372036854775808", "9223372036854775808"),
-            ("1.5", "1.5"),
-            ("\"x1\"", "\"x1\""),
-        ] {
-            let value =
-                format!(r#"{{"type":"Placed","stream_id":"a","stream_version":{version}}}"#);
+        for (version, got) in
+            [("-1", "-1"), ("9223372036854775808", "9223372036854775808"), ("1.5", "1.5"), ("\"x1\"", "\"x1\"")]
+        {
+            let value = format!(r#"{{"type":"Placed","stream_id":"a","stream_version":{version}}}"#);
             assert_eq!(
                 poison(&p, value.as_bytes()),
                 format!("envelope field `version` (from `stream_version`) must be a non-negative integer, got {got}")
@@ -436,29 +356,21 @@ mod tests {
 
     #[test]
     fn headers_and_kafka_sources() {
-        let p = projection("[envelope]\ntype = \"header:ce_type\"\nkey = \"kafka:key\"\noccurred_at = \"kafka:timestamp\"");
+        let p =
+            projection("[envelope]\ntype = \"header:ce_type\"\nkey = \"kafka:key\"\noccurred_at = \"kafka:timestamp\"");
         let event = handled(&p, br#"{"stream_version":2}"#);
         assert_eq!(event.event_type, "Placed");
         assert_eq!(event.key.as_deref(), Some("k-1"));
-        assert_eq!(
-            event.occurred_at.unwrap().timestamp_millis(),
-            1_700_000_000_000
-        );
+        assert_eq!(event.occurred_at.unwrap().timestamp_millis(), 1_700_000_000_000);
         let p = projection("[envelope]\ntype = \"header:bad\"");
-        assert_eq!(
-            poison(&p, b"{}"),
-            "envelope field `type` (from `header:bad`) is not valid UTF-8"
-        );
+        assert_eq!(poison(&p, b"{}"), "envelope field `type` (from `header:bad`) is not valid UTF-8");
     }
 
     #[test]
     fn event_id_dedupe_requires_the_id() {
         let text = "topics = [\"t\"]\ndedupe = \"event_id\"\n[on.Placed]\nsql = \"SELECT 1\"\n";
         let p = compile_file(Path::new("e.toml"), text).unwrap();
-        assert_eq!(
-            poison(&p, br#"{"type":"Placed"}"#),
-            "envelope field `id` (from `id`) is missing"
-        );
+        assert_eq!(poison(&p, br#"{"type":"Placed"}"#), "envelope field `id` (from `id`) is missing");
         let event = handled(&p, br#"{"type":"Placed","id":"e-1"}"#);
         assert_eq!(event.event_id.as_deref(), Some("e-1"));
         assert_eq!(event.version, None);

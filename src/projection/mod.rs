@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use compile::{compile_file, load_dir, DefinitionError};
-pub use event::{Decoded, DecodeError, Event, Record};
+pub use event::{DecodeError, Decoded, Event, Record};
 
 /// One compiled projection, ready to run.
 #[derive(Debug, Clone)]
@@ -34,8 +34,32 @@ pub struct Projection {
     pub dedupe: Dedupe,
     /// Event type to what it does. Types not in this map are `ignored`.
     pub handlers: BTreeMap<String, Handler>,
-    /// Hex SHA-256 of the definition file's bytes: recorded with checkpoints to notice changes.
+    /// Hex SHA-256 of what the projection does (topics, envelope, dedupe, compiled statements):
+    /// recorded with checkpoints to notice definition changes. Comments and layout do not count.
     pub hash: String,
+}
+
+impl Projection {
+    /// Every table the projection's statements write, sorted: its read model.
+    pub fn tables(&self) -> Vec<String> {
+        let mut tables: Vec<String> = self
+            .handlers
+            .values()
+            .flat_map(|handler| handler.statements.iter().filter_map(|statement| statement.writes.clone()))
+            .collect();
+        if let Dedupe::Version(table) = &self.dedupe {
+            tables.push(table.table.to_lowercase());
+        }
+        tables.sort();
+        tables.dedup();
+        tables
+    }
+
+    /// A copy running under another name (its own checkpoints, processed ids, held events and
+    /// consumer group): used by rebuilds into shadow tables.
+    pub fn renamed(&self, name: &str) -> Projection {
+        Projection { name: name.to_string(), ..self.clone() }
+    }
 }
 
 /// How duplicates are recognised.
@@ -76,6 +100,9 @@ pub struct Statement {
     pub kind: StatementKind,
     /// Where it was written, for error messages.
     pub origin: Origin,
+    /// The table it writes (`INSERT INTO`, `UPDATE`, `DELETE FROM`, `MERGE INTO`), lowercased, as
+    /// written (maybe schema-qualified); `None` for statements that write no table.
+    pub writes: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

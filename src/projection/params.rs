@@ -23,9 +23,7 @@ pub enum ParamError {
     Unterminated(&'static str),
     #[error("parameter `:{0}` is written both with and without `?`")]
     MixedOptional(String),
-    #[error(
-        "bad parameter name `:{0}`: segments are `[A-Za-z_][A-Za-z0-9_]*` or digits, joined by `.`"
-    )]
+    #[error("bad parameter name `:{0}`: segments are `[A-Za-z_][A-Za-z0-9_]*` or digits, joined by `.`")]
     BadName(String),
 }
 
@@ -44,42 +42,28 @@ pub fn compile_named(sql: &str) -> Result<CompiledSql, ParamError> {
         let prev_is_ident = i > 0 && is_ident_char(bytes[i - 1]);
         match b {
             b'\'' => {
-                let escapes = i > 0
-                    && matches!(bytes[i - 1], b'E' | b'e')
-                    && !(i > 1 && is_ident_char(bytes[i - 2]));
-                i = skip_quoted(bytes, i, b'\'', escapes)
-                    .ok_or(ParamError::Unterminated("string"))?;
+                let escapes = i > 0 && matches!(bytes[i - 1], b'E' | b'e') && !(i > 1 && is_ident_char(bytes[i - 2]));
+                i = skip_quoted(bytes, i, b'\'', escapes).ok_or(ParamError::Unterminated("string"))?;
             }
             b'"' => {
-                i = skip_quoted(bytes, i, b'"', false)
-                    .ok_or(ParamError::Unterminated("quoted identifier"))?;
+                i = skip_quoted(bytes, i, b'"', false).ok_or(ParamError::Unterminated("quoted identifier"))?;
             }
             b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                i = bytes[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(bytes.len(), |p| i + p + 1);
+                i = bytes[i..].iter().position(|&c| c == b'\n').map_or(bytes.len(), |p| i + p + 1);
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
                 i = skip_block_comment(bytes, i).ok_or(ParamError::Unterminated("comment"))?;
             }
             b'$' if !prev_is_ident => {
                 if bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
-                    let end = i
-                        + 1
-                        + bytes[i + 1..]
-                            .iter()
-                            .take_while(|c| c.is_ascii_digit())
-                            .count();
+                    let end = i + 1 + bytes[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
                     return Err(ParamError::Positional(sql[i..end].to_string()));
                 }
                 match dollar_tag(bytes, i) {
                     Some(tag_end) => {
                         let tag = &sql[i..tag_end];
                         let body = &sql[tag_end..];
-                        let close = body
-                            .find(tag)
-                            .ok_or(ParamError::Unterminated("dollar-quoted string"))?;
+                        let close = body.find(tag).ok_or(ParamError::Unterminated("dollar-quoted string"))?;
                         i = tag_end + close + tag.len();
                     }
                     None => i += 1,
@@ -97,11 +81,7 @@ pub fn compile_named(sql: &str) -> Result<CompiledSql, ParamError> {
                         n
                     }
                     None => {
-                        params.push(ParamRef {
-                            source: source_of(&name),
-                            name: name.clone(),
-                            optional,
-                        });
+                        params.push(ParamRef { source: source_of(&name), name: name.clone(), optional });
                         index_of.insert(name, params.len() - 1);
                         params.len() - 1
                     }
@@ -153,12 +133,7 @@ fn is_name_char(c: u8) -> bool {
 /// it is optional (`?`), and the index just after it.
 fn read_name(sql: &str, start: usize) -> Result<(String, bool, usize), ParamError> {
     let bytes = sql.as_bytes();
-    let segment_end = |from: usize| {
-        from + bytes[from..]
-            .iter()
-            .take_while(|&&c| is_name_char(c))
-            .count()
-    };
+    let segment_end = |from: usize| from + bytes[from..].iter().take_while(|&&c| is_name_char(c)).count();
     let mut end = segment_end(start);
     while bytes.get(end) == Some(&b'.') && bytes.get(end + 1).is_some_and(|&c| is_name_char(c)) {
         end = segment_end(end + 1);
@@ -241,12 +216,8 @@ mod tests {
 
     #[test]
     fn replaces_names_and_reuses_numbers() {
-        let (sql, names) =
-            compiled("UPDATE t SET a = :data.a, v = :version WHERE k = :key AND v = :version - 1");
-        assert_eq!(
-            sql,
-            "UPDATE t SET a = $1, v = $2 WHERE k = $3 AND v = $2 - 1"
-        );
+        let (sql, names) = compiled("UPDATE t SET a = :data.a, v = :version WHERE k = :key AND v = :version - 1");
+        assert_eq!(sql, "UPDATE t SET a = $1, v = $2 WHERE k = $3 AND v = $2 - 1");
         assert_eq!(names, ["data.a", "version", "key"]);
     }
 
@@ -278,19 +249,13 @@ mod tests {
 
     #[test]
     fn array_indexes_and_optional() {
-        let c = compile_named("VALUES (:data.items.0.sku?, :header.trace_id, :value, :offset)")
-            .unwrap();
+        let c = compile_named("VALUES (:data.items.0.sku?, :header.trace_id, :value, :offset)").unwrap();
         assert_eq!(c.sql, "VALUES ($1, $2, $3, $4)");
         assert_eq!(c.params[0].name, "data.items.0.sku");
         assert!(c.params[0].optional);
         assert_eq!(
             c.params[0].source,
-            ParamSource::Path(vec![
-                "data".into(),
-                "items".into(),
-                "0".into(),
-                "sku".into()
-            ])
+            ParamSource::Path(vec!["data".into(), "items".into(), "0".into(), "sku".into()])
         );
         assert_eq!(c.params[1].source, ParamSource::Header("trace_id".into()));
         assert_eq!(c.params[2].source, ParamSource::WholeValue);
@@ -316,30 +281,12 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert_eq!(
-            compile_named("SELECT 'x").unwrap_err(),
-            ParamError::Unterminated("string")
-        );
-        assert_eq!(
-            compile_named("SELECT \"x").unwrap_err(),
-            ParamError::Unterminated("quoted identifier")
-        );
-        assert_eq!(
-            compile_named("SELECT $a$ x").unwrap_err(),
-            ParamError::Unterminated("dollar-quoted string")
-        );
-        assert_eq!(
-            compile_named("SELECT /* /* */").unwrap_err(),
-            ParamError::Unterminated("comment")
-        );
-        assert_eq!(
-            compile_named("SELECT :a, :a?").unwrap_err(),
-            ParamError::MixedOptional("a".into())
-        );
-        assert_eq!(
-            compile_named("SELECT :a.0b").unwrap_err(),
-            ParamError::BadName("a.0b".into())
-        );
+        assert_eq!(compile_named("SELECT 'x").unwrap_err(), ParamError::Unterminated("string"));
+        assert_eq!(compile_named("SELECT \"x").unwrap_err(), ParamError::Unterminated("quoted identifier"));
+        assert_eq!(compile_named("SELECT $a$ x").unwrap_err(), ParamError::Unterminated("dollar-quoted string"));
+        assert_eq!(compile_named("SELECT /* /* */").unwrap_err(), ParamError::Unterminated("comment"));
+        assert_eq!(compile_named("SELECT :a, :a?").unwrap_err(), ParamError::MixedOptional("a".into()));
+        assert_eq!(compile_named("SELECT :a.0b").unwrap_err(), ParamError::BadName("a.0b".into()));
     }
 
     #[test]

@@ -21,12 +21,7 @@ pub enum BindError {
     #[error("parameter `:{name}` is missing from the event")]
     Missing { name: String },
     #[error("parameter `:{name}` = {value} does not fit `{ty}`: {reason}")]
-    DoesNotFit {
-        name: String,
-        value: String,
-        ty: String,
-        reason: String,
-    },
+    DoesNotFit { name: String, value: String, ty: String, reason: String },
     #[error("parameter `:{name}` needs unsupported type `{ty}`")]
     Unsupported { name: String, ty: String },
     #[error("parameter `:{name}`: header `{header}` is not valid UTF-8")]
@@ -47,43 +42,29 @@ fn lookup(param: &ParamRef, event: &Event, record: &Record) -> Result<Option<Val
         ParamSource::EventType => Some(Value::String(event.event_type.clone())),
         ParamSource::Key => event.key.clone().map(Value::String),
         ParamSource::Version => event.version.map(Value::from),
-        ParamSource::OccurredAt => event
-            .occurred_at
-            .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true))),
+        ParamSource::OccurredAt => {
+            event.occurred_at.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
+        }
         ParamSource::Topic => Some(Value::String(record.topic.clone())),
         ParamSource::Partition => Some(Value::from(record.partition)),
         ParamSource::Offset => Some(Value::from(record.offset)),
-        ParamSource::Header(header) => {
-            match record.headers.iter().rev().find(|(name, _)| name == header) {
-                Some((_, Some(bytes))) => Some(Value::String(
-                    String::from_utf8(bytes.clone()).map_err(|_| BindError::HeaderNotUtf8 {
-                        name: param.name.clone(),
-                        header: header.clone(),
-                    })?,
-                )),
-                _ => None,
-            }
-        }
+        ParamSource::Header(header) => match record.headers.iter().rev().find(|(name, _)| name == header) {
+            Some((_, Some(bytes))) => Some(Value::String(
+                String::from_utf8(bytes.clone())
+                    .map_err(|_| BindError::HeaderNotUtf8 { name: param.name.clone(), header: header.clone() })?,
+            )),
+            _ => None,
+        },
         ParamSource::WholeValue => Some(event.value.clone()),
-        ParamSource::Path(path) => path
-            .iter()
-            .try_fold(&event.value, |at, segment| step(at, segment))
-            .cloned(),
+        ParamSource::Path(path) => path.iter().try_fold(&event.value, |at, segment| step(at, segment)).cloned(),
     })
 }
 
 /// The value of `param` converted for the Postgres type `ty`; JSON null or a missing optional
 /// parameter binds a typed NULL.
-pub fn bind(
-    param: &ParamRef,
-    event: &Event,
-    record: &Record,
-    ty: &Type,
-) -> Result<SqlValue, BindError> {
+pub fn bind(param: &ParamRef, event: &Event, record: &Record, ty: &Type) -> Result<SqlValue, BindError> {
     match lookup(param, event, record)? {
-        None if !param.optional => Err(BindError::Missing {
-            name: param.name.clone(),
-        }),
+        None if !param.optional => Err(BindError::Missing { name: param.name.clone() }),
         None | Some(Value::Null) => null_of(ty).ok_or_else(|| unsupported(param, ty)),
         Some(value) => convert(param, &value, ty),
     }
@@ -97,31 +78,17 @@ pub fn bind_all(
     record: &Record,
 ) -> Result<Vec<SqlValue>, BindError> {
     if statement.params.len() != types.len() {
-        return Err(BindError::Count {
-            params: statement.params.len(),
-            types: types.len(),
-        });
+        return Err(BindError::Count { params: statement.params.len(), types: types.len() });
     }
-    statement
-        .params
-        .iter()
-        .zip(types)
-        .map(|(param, ty)| bind(param, event, record, ty))
-        .collect()
+    statement.params.iter().zip(types).map(|(param, ty)| bind(param, event, record, ty)).collect()
 }
 
 fn unsupported(param: &ParamRef, ty: &Type) -> BindError {
-    BindError::Unsupported {
-        name: param.name.clone(),
-        ty: ty.name().to_string(),
-    }
+    BindError::Unsupported { name: param.name.clone(), ty: ty.name().to_string() }
 }
 
 fn is_text(ty: &Type) -> bool {
-    matches!(
-        *ty,
-        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN
-    )
+    matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN)
 }
 
 fn null_of(ty: &Type) -> Option<SqlValue> {
@@ -172,10 +139,7 @@ fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindE
     };
     let float = || match value {
         Value::Number(n) => n.as_f64().ok_or_else(|| misfit("not a number")),
-        Value::String(text) => text
-            .trim()
-            .parse::<f64>()
-            .map_err(|_| misfit("not a number")),
+        Value::String(text) => text.trim().parse::<f64>().map_err(|_| misfit("not a number")),
         _ => Err(misfit("not a number")),
     };
     let string = || match value {
@@ -189,12 +153,8 @@ fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindE
             Value::String(text) if text == "false" => false,
             _ => return Err(misfit("not a boolean")),
         }),
-        Type::INT2 => {
-            Box::new(in_range(integer(integer_text()?)?, i16::MIN.into(), i16::MAX.into())? as i16)
-        }
-        Type::INT4 => {
-            Box::new(in_range(integer(integer_text()?)?, i32::MIN.into(), i32::MAX.into())? as i32)
-        }
+        Type::INT2 => Box::new(in_range(integer(integer_text()?)?, i16::MIN.into(), i16::MAX.into())? as i16),
+        Type::INT4 => Box::new(in_range(integer(integer_text()?)?, i32::MIN.into(), i32::MAX.into())? as i32),
         Type::INT8 => Box::new(integer(integer_text()?)?),
         Type::FLOAT4 => Box::new(float()? as f32),
         Type::FLOAT8 => Box::new(float()?),
@@ -204,20 +164,14 @@ fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindE
                 Value::String(text) => text.trim().to_string(),
                 _ => return Err(misfit("not a number")),
             };
-            let decimal = if text.contains(['e', 'E']) {
-                Decimal::from_scientific(&text)
-            } else {
-                Decimal::from_str(&text)
-            };
+            let decimal =
+                if text.contains(['e', 'E']) { Decimal::from_scientific(&text) } else { Decimal::from_str(&text) };
             Box::new(decimal.map_err(|e| misfit(&e.to_string().to_lowercase()))?)
         }
-        Type::UUID => {
-            Box::new(uuid::Uuid::parse_str(string()?).map_err(|_| misfit("invalid uuid"))?)
+        Type::UUID => Box::new(uuid::Uuid::parse_str(string()?).map_err(|_| misfit("invalid uuid"))?),
+        Type::TIMESTAMPTZ => {
+            Box::new(parse_time(value).ok_or_else(|| misfit("not an RFC 3339 time or epoch milliseconds"))?)
         }
-        Type::TIMESTAMPTZ => Box::new(
-            parse_time(value)
-                .ok_or_else(|| misfit("not an RFC 3339 time or epoch milliseconds"))?,
-        ),
         Type::TIMESTAMP => {
             let naive = match value {
                 Value::String(text) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
@@ -230,9 +184,8 @@ fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindE
         }
         Type::DATE => {
             let text = string()?;
-            let date = NaiveDate::parse_from_str(text, "%Y-%m-%d")
-                .ok()
-                .or_else(|| parse_time(value).map(|t| t.date_naive()));
+            let date =
+                NaiveDate::parse_from_str(text, "%Y-%m-%d").ok().or_else(|| parse_time(value).map(|t| t.date_naive()));
             Box::new(date.ok_or_else(|| misfit("not a date like `2024-05-01`"))?)
         }
         Type::JSON | Type::JSONB => Box::new(value.clone()),
@@ -277,10 +230,7 @@ mod tests {
             offset: 9,
             key: None,
             value: None,
-            headers: vec![
-                ("trace".into(), Some(b"abc".to_vec())),
-                ("bad".into(), Some(vec![0xff])),
-            ],
+            headers: vec![("trace".into(), Some(b"abc".to_vec())), ("bad".into(), Some(vec![0xff]))],
             timestamp_ms: None,
         };
         (event, record)
@@ -291,20 +241,14 @@ mod tests {
             Some(name) => (name, true),
             None => (name, false),
         };
-        ParamRef {
-            name: name.into(),
-            source: source_of(name),
-            optional,
-        }
+        ParamRef { name: name.into(), source: source_of(name), optional }
     }
 
     fn bound(name: &str, ty: Type) -> Result<Option<Vec<u8>>, String> {
         let (event, record) = event(serde_json::from_str(
             r#"{"data":{"total":"12.50","n":40000,"big":1e2,"exact":0.1000000000000000000000000001,"s":"abc","u":"67e55044-10b1-426f-9247-bb680e5fe0c8","t":"2024-05-01T10:00:00Z","d":"2024-05-01","b":true,"nil":null,"items":[{"sku":"A"}]}}"#,
         ).unwrap());
-        bind(&param(name), &event, &record, &ty)
-            .map(|v| to_text(&v, &ty))
-            .map_err(|e| e.to_string())
+        bind(&param(name), &event, &record, &ty).map(|v| to_text(&v, &ty)).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -313,10 +257,7 @@ mod tests {
         let get = |name: &str| resolve(&param(name), &event, &record);
         assert_eq!(get("key"), Some(Value::from("o-1")));
         assert_eq!(get("version"), Some(Value::from(3)));
-        assert_eq!(
-            get("occurred_at"),
-            Some(Value::from("2023-11-14T22:13:20Z"))
-        );
+        assert_eq!(get("occurred_at"), Some(Value::from("2023-11-14T22:13:20Z")));
         assert_eq!(get("partition"), Some(Value::from(2)));
         assert_eq!(get("offset"), Some(Value::from(9)));
         assert_eq!(get("header.trace"), Some(Value::from("abc")));
@@ -328,23 +269,11 @@ mod tests {
 
     #[test]
     fn converts_by_type() {
-        assert_eq!(
-            bound("data.n", Type::INT4).unwrap(),
-            Some(40000i32.to_be_bytes().to_vec())
-        );
-        assert_eq!(
-            bound("version", Type::INT8).unwrap(),
-            Some(3i64.to_be_bytes().to_vec())
-        );
+        assert_eq!(bound("data.n", Type::INT4).unwrap(), Some(40000i32.to_be_bytes().to_vec()));
+        assert_eq!(bound("version", Type::INT8).unwrap(), Some(3i64.to_be_bytes().to_vec()));
         assert_eq!(bound("data.s", Type::TEXT).unwrap(), Some(b"abc".to_vec()));
-        assert_eq!(
-            bound("data.n", Type::TEXT).unwrap(),
-            Some(b"40000".to_vec())
-        );
-        assert_eq!(
-            bound("data.items", Type::TEXT).unwrap(),
-            Some(br#"[{"sku":"A"}]"#.to_vec())
-        );
+        assert_eq!(bound("data.n", Type::TEXT).unwrap(), Some(b"40000".to_vec()));
+        assert_eq!(bound("data.items", Type::TEXT).unwrap(), Some(br#"[{"sku":"A"}]"#.to_vec()));
         assert_eq!(bound("data.b", Type::BOOL).unwrap(), Some(vec![1]));
         assert!(bound("data.total", Type::NUMERIC).unwrap().is_some());
         assert!(bound("data.big", Type::NUMERIC).unwrap().is_some());
@@ -355,23 +284,12 @@ mod tests {
         assert!(bound("data.d", Type::DATE).unwrap().is_some());
         assert!(bound("occurred_at", Type::TIMESTAMPTZ).unwrap().is_some());
         assert!(bound("data.items", Type::JSONB).unwrap().is_some());
-        assert_eq!(
-            bound("data.total", Type::FLOAT8).unwrap(),
-            Some(12.5f64.to_be_bytes().to_vec())
-        );
+        assert_eq!(bound("data.total", Type::FLOAT8).unwrap(), Some(12.5f64.to_be_bytes().to_vec()));
     }
 
     #[test]
     fn nulls_are_typed() {
-        for ty in [
-            Type::INT4,
-            Type::TEXT,
-            Type::NUMERIC,
-            Type::UUID,
-            Type::JSONB,
-            Type::TIMESTAMPTZ,
-            Type::DATE,
-        ] {
+        for ty in [Type::INT4, Type::TEXT, Type::NUMERIC, Type::UUID, Type::JSONB, Type::TIMESTAMPTZ, Type::DATE] {
             assert_eq!(bound("data.nil", ty.clone()), Ok(None), "{ty}");
             assert_eq!(bound("data.absent?", ty.clone()), Ok(None), "{ty}");
         }
@@ -379,10 +297,7 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert_eq!(
-            bound("data.absent", Type::TEXT).unwrap_err(),
-            "parameter `:data.absent` is missing from the event"
-        );
+        assert_eq!(bound("data.absent", Type::TEXT).unwrap_err(), "parameter `:data.absent` is missing from the event");
         assert_eq!(
             bound("data.n", Type::INT2).unwrap_err(),
             "parameter `:data.n` = 40000 does not fit `int2`: out of range"
@@ -398,30 +313,16 @@ mod tests {
             bound("data.s", Type::UUID).unwrap_err(),
             "parameter `:data.s` = \"abc\" does not fit `uuid`: invalid uuid"
         );
-        assert_eq!(
-            bound("data.s", Type::POINT).unwrap_err(),
-            "parameter `:data.s` needs unsupported type `point`"
-        );
-        assert!(bound("header.bad", Type::TEXT)
-            .unwrap_err()
-            .contains("is not valid UTF-8"));
-        let (event, record) = event(
-            serde_json::json!({"n": 99999999999999999999999u128.to_string().parse::<Value>().unwrap()}),
-        );
-        let error = bind(&param("n"), &event, &record, &Type::INT8)
-            .err()
-            .unwrap()
-            .to_string();
+        assert_eq!(bound("data.s", Type::POINT).unwrap_err(), "parameter `:data.s` needs unsupported type `point`");
+        assert!(bound("header.bad", Type::TEXT).unwrap_err().contains("is not valid UTF-8"));
+        let (event, record) =
+            event(serde_json::json!({"n": 99999999999999999999999u128.to_string().parse::<Value>().unwrap()}));
+        let error = bind(&param("n"), &event, &record, &Type::INT8).err().unwrap().to_string();
         assert!(error.ends_with("out of range"), "{error}");
-        let error = bind(&param("n"), &event, &record, &Type::NUMERIC)
-            .err()
-            .map(|e| e.to_string());
+        let error = bind(&param("n"), &event, &record, &Type::NUMERIC).err().map(|e| e.to_string());
         assert!(error.is_none(), "{error:?}");
         let (event, record) = event_with_huge();
-        let error = bind(&param("n"), &event, &record, &Type::NUMERIC)
-            .err()
-            .unwrap()
-            .to_string();
+        let error = bind(&param("n"), &event, &record, &Type::NUMERIC).err().unwrap().to_string();
         assert!(error.contains("does not fit `numeric`"), "{error}");
     }
 
@@ -436,17 +337,10 @@ mod tests {
             sql: "SELECT $1, $2".into(),
             params: vec![param("key"), param("version")],
             kind: crate::projection::StatementKind::Other,
-            origin: crate::projection::Origin {
-                file: "f".into(),
-                line: 1,
-            },
+            origin: crate::projection::Origin { file: "f".into(), line: 1 },
+            writes: None,
         };
-        assert_eq!(
-            bind_all(&statement, &[Type::TEXT, Type::INT8], &event, &record)
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(bind_all(&statement, &[Type::TEXT, Type::INT8], &event, &record).unwrap().len(), 2);
         assert!(bind_all(&statement, &[Type::TEXT], &event, &record).is_err());
     }
 }

@@ -29,13 +29,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
-        Outcome::Applied,
-        Outcome::Duplicate,
-        Outcome::Gap,
-        Outcome::Ignored,
-        Outcome::Parked,
-    ];
+    pub const ALL: [Outcome; 5] =
+        [Outcome::Applied, Outcome::Duplicate, Outcome::Gap, Outcome::Ignored, Outcome::Parked];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,18 +61,11 @@ pub struct BatchReport {
 
 impl BatchReport {
     fn count(&mut self, label: &str, outcome: Outcome) {
-        *self
-            .outcomes
-            .entry((label.to_string(), outcome))
-            .or_default() += 1;
+        *self.outcomes.entry((label.to_string(), outcome)).or_default() += 1;
     }
 
     pub fn total(&self, outcome: Outcome) -> u64 {
-        self.outcomes
-            .iter()
-            .filter(|((_, o), _)| *o == outcome)
-            .map(|(_, n)| n)
-            .sum()
+        self.outcomes.iter().filter(|((_, o), _)| *o == outcome).map(|(_, n)| n).sum()
     }
 }
 
@@ -92,12 +80,7 @@ pub enum ApplyError {
     Transient(String),
     /// An event's data made a statement fail; retry with each event isolated to park it alone.
     #[error("event at `{topic}` partition {partition} offset {offset} failed: {message}")]
-    EventFailed {
-        topic: String,
-        partition: i32,
-        offset: i64,
-        message: String,
-    },
+    EventFailed { topic: String, partition: i32, offset: i64, message: String },
     /// Retrying cannot help (missing table or column, no permission, …).
     #[error("{0}")]
     Fatal(String),
@@ -160,20 +143,11 @@ pub async fn apply_batch(
 ) -> Result<BatchReport, ApplyError> {
     let tx = client.transaction().await.map_err(|error| fail(&error))?;
     for (partition, from, to) in &batch.moves {
-        let moved = checkpoint::compare_and_set(
-            &*tx,
-            &projection.name,
-            partition,
-            *from,
-            *to,
-            &projection.hash,
-        )
-        .await
-        .map_err(|error| fail(&error))?;
+        let moved = checkpoint::compare_and_set(&*tx, &projection.name, partition, *from, *to, &projection.hash)
+            .await
+            .map_err(|error| fail(&error))?;
         if !moved {
-            return Err(ApplyError::Fenced {
-                partition: partition.clone(),
-            });
+            return Err(ApplyError::Fenced { partition: partition.clone() });
         }
     }
 
@@ -185,12 +159,7 @@ pub async fn apply_batch(
     let mut held_keys = held_keys_among(&tx, projection, &decoded).await?;
     for (record, decoded) in batch.records.iter().zip(decoded) {
         let processed = run_isolated(&tx, projection, record, decoded, Source::Kafka, None, isolate).await?;
-        let Some(Processed {
-            label,
-            outcome,
-            key,
-        }) = processed
-        else {
+        let Some(Processed { label, outcome, key }) = processed else {
             report.count(&label_of(projection, record), Outcome::Parked);
             continue;
         };
@@ -224,10 +193,9 @@ enum Source {
 fn label_of(projection: &Projection, record: &Record) -> String {
     match projection.decode(record) {
         Decoded::Handled { event, .. } => event.event_type,
-        Decoded::Poison {
-            event_type: Some(event_type),
-            ..
-        } if projection.handlers.contains_key(&event_type) => event_type,
+        Decoded::Poison { event_type: Some(event_type), .. } if projection.handlers.contains_key(&event_type) => {
+            event_type
+        }
         Decoded::Poison { .. } => "invalid".into(),
         Decoded::Ignored { .. } | Decoded::Tombstone => "other".into(),
     }
@@ -252,26 +220,16 @@ async fn process(
 ) -> Result<Processed, EventError> {
     let (event, handler) = match decoded {
         Decoded::Tombstone | Decoded::Ignored { .. } => {
-            return Ok(Processed {
-                label: "other".into(),
-                outcome: Outcome::Ignored,
-                key: None,
-            })
+            return Ok(Processed { label: "other".into(), outcome: Outcome::Ignored, key: None })
         }
         Decoded::Poison { error, .. } => return Err(EventError::Poison(error.to_string())),
         Decoded::Handled { event, handler } => (event, handler),
     };
     let outcome = match &projection.dedupe {
         Dedupe::EventId => apply_deduped_by_id(tx, projection, &event, handler, record).await?,
-        Dedupe::Version(_) => {
-            apply_versioned(tx, projection, &event, handler, record, source).await?
-        }
+        Dedupe::Version(_) => apply_versioned(tx, projection, &event, handler, record, source).await?,
     };
-    Ok(Processed {
-        label: event.event_type,
-        outcome,
-        key: event.key,
-    })
+    Ok(Processed { label: event.event_type, outcome, key: event.key })
 }
 
 /// Prepares each statement (cached per connection) and binds the event's values to the types
@@ -285,19 +243,15 @@ async fn bind_handler(
     let mut bound = Vec::with_capacity(handler.statements.len());
     for statement in &handler.statements {
         let prepared = tx.prepare_cached(&statement.sql).await?;
-        let values = bind_all(statement, prepared.params(), event, record).map_err(|error| {
-            EventError::Poison(format!("{} (statement at {})", error, statement.origin))
-        })?;
+        let values = bind_all(statement, prepared.params(), event, record)
+            .map_err(|error| EventError::Poison(format!("{} (statement at {})", error, statement.origin)))?;
         bound.push((prepared, values));
     }
     Ok(bound)
 }
 
 fn as_params(values: &[SqlValue]) -> Vec<&(dyn ToSql + Sync)> {
-    values
-        .iter()
-        .map(|value| &**value as &(dyn ToSql + Sync))
-        .collect()
+    values.iter().map(|value| &**value as &(dyn ToSql + Sync)).collect()
 }
 
 async fn apply_deduped_by_id(
@@ -308,10 +262,7 @@ async fn apply_deduped_by_id(
     record: &Record,
 ) -> Result<Outcome, EventError> {
     let bound = bind_handler(tx, handler, event, record).await?;
-    let event_id = event
-        .event_id
-        .as_deref()
-        .ok_or_else(|| EventError::Poison("event has no id".into()))?;
+    let event_id = event.event_id.as_deref().ok_or_else(|| EventError::Poison("event has no id".into()))?;
     let mark = tx
         .prepare_cached(
             "INSERT INTO projector.processed_events (projection, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -353,10 +304,7 @@ async fn apply_versioned(
     let lookup = tx.prepare_cached(&table.version_lookup.sql).await?;
     let key_value = bind_all(&table.version_lookup, lookup.params(), event, record)
         .map_err(|error| EventError::Poison(error.to_string()))?;
-    let found: Option<i64> = tx
-        .query_opt(&lookup, &as_params(&key_value))
-        .await?
-        .map(|row| row.get(0));
+    let found: Option<i64> = tx.query_opt(&lookup, &as_params(&key_value)).await?.map(|row| row.get(0));
     let guard_kind = handler.statements[0].kind;
     match (guard_kind, found) {
         (_, Some(current)) if current >= version => Ok(Outcome::Duplicate),
@@ -429,11 +377,7 @@ async fn hold(
 }
 
 fn split_headers(record: &Record) -> (Vec<&str>, Vec<Option<&[u8]>>) {
-    record
-        .headers
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_deref()))
-        .unzip()
+    record.headers.iter().map(|(name, value)| (name.as_str(), value.as_deref())).unzip()
 }
 
 /// The keys among `records` that have held events (none for event-id projections).
@@ -477,25 +421,19 @@ async fn run_isolated(
     isolate: bool,
 ) -> Result<Option<Processed>, ApplyError> {
     if isolate {
-        tx.batch_execute("SAVEPOINT projector_event")
-            .await
-            .map_err(|error| fail(&error))?;
+        tx.batch_execute("SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
     }
     let message = match process(tx, projection, record, decoded, source).await {
         Ok(processed) => {
             if isolate {
-                tx.batch_execute("RELEASE SAVEPOINT projector_event")
-                    .await
-                    .map_err(|error| fail(&error))?;
+                tx.batch_execute("RELEASE SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
             }
             return Ok(Some(processed));
         }
         Err(EventError::Poison(message)) => message,
         Err(EventError::Db(error)) => match classify(&error) {
             ErrorClass::Poison if isolate => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT projector_event")
-                    .await
-                    .map_err(|error| fail(&error))?;
+                tx.batch_execute("ROLLBACK TO SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
                 describe(&error)
             }
             ErrorClass::Poison => {
@@ -509,9 +447,7 @@ async fn run_isolated(
             _ => return Err(fail(&error)),
         },
     };
-    park(tx, projection, record, held_key, &message)
-        .await
-        .map_err(|error| fail(&error))?;
+    park(tx, projection, record, held_key, &message).await.map_err(|error| fail(&error))?;
     Ok(None)
 }
 
@@ -553,15 +489,8 @@ async fn release_key(
         let decoded = projection.decode(&record);
         match run_isolated(tx, projection, &record, decoded, Source::Held, Some(key), isolate).await? {
             // Its predecessor is still missing: it and its successors stay held.
-            Some(Processed {
-                outcome: Outcome::Gap,
-                ..
-            }) => break,
-            Some(Processed {
-                label,
-                outcome: Outcome::Applied,
-                ..
-            }) => {
+            Some(Processed { outcome: Outcome::Gap, .. }) => break,
+            Some(Processed { label, outcome: Outcome::Applied, .. }) => {
                 tracing::info!(projection = %projection.name, key, version, "held event applied: its predecessor arrived");
                 report.released += 1;
                 report.count(&label, Outcome::Applied);

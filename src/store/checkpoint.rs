@@ -32,25 +32,19 @@ pub async fn load(
         )
         .await
         .map_err(|error| StoreError::postgres(&error))?;
-    Ok(rows
-        .into_iter()
-        .map(|row| ((row.get::<_, String>(0), row.get::<_, i32>(1)), row.get::<_, i64>(2)))
-        .collect())
+    Ok(rows.into_iter().map(|row| ((row.get::<_, String>(0), row.get::<_, i32>(1)), row.get::<_, i64>(2))).collect())
 }
 
 /// Every stored checkpoint of one projection.
-pub async fn load_all(client: &impl GenericClient, projection: &str) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+pub async fn load_all(
+    client: &impl GenericClient,
+    projection: &str,
+) -> Result<HashMap<TopicPartition, i64>, StoreError> {
     let rows = client
-        .query(
-            "SELECT topic, partition, next_offset FROM projector.checkpoints WHERE projection = $1",
-            &[&projection],
-        )
+        .query("SELECT topic, partition, next_offset FROM projector.checkpoints WHERE projection = $1", &[&projection])
         .await
         .map_err(|error| StoreError::postgres(&error))?;
-    Ok(rows
-        .into_iter()
-        .map(|row| ((row.get::<_, String>(0), row.get::<_, i32>(1)), row.get::<_, i64>(2)))
-        .collect())
+    Ok(rows.into_iter().map(|row| ((row.get::<_, String>(0), row.get::<_, i32>(1)), row.get::<_, i64>(2))).collect())
 }
 
 /// Moves one checkpoint from `from` (`None`: no checkpoint yet) to `to`. Returns false when the

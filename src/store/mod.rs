@@ -64,10 +64,7 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
 pub async fn connect(url: &str, size: usize) -> Result<Pool, StoreError> {
     let config = parse_url(url)?;
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    let pool = Pool::builder(manager)
-        .max_size(size)
-        .build()
-        .map_err(|error| StoreError::Connect(error.to_string()))?;
+    let pool = Pool::builder(manager).max_size(size).build().map_err(|error| StoreError::Connect(error.to_string()))?;
     let client = pool.get().await.map_err(|error| StoreError::Connect(redact_text(&error.to_string())))?;
     client.simple_query("SELECT 1").await.map_err(|error| StoreError::Connect(describe(&error)))?;
     Ok(pool)
@@ -77,7 +74,8 @@ pub async fn connect(url: &str, size: usize) -> Result<Pool, StoreError> {
 /// once, under an advisory lock so that instances starting together do not race.
 pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
     let config = parse_url(url)?;
-    let (mut client, connection) = config.connect(NoTls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
+    let (mut client, connection) =
+        config.connect(NoTls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
     let driver = tokio::spawn(connection);
     const LOCK: i64 = 0x7072_6f6a_6563_746f; // "projecto"
     client
