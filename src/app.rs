@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::lag::Mode;
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::settings::{redact_url, Settings};
@@ -48,13 +49,20 @@ pub async fn run(
         }
     }
 
+    // `/metrics`, health probes and the lag sampler; stopped when dropped, on every return path.
+    let _observability =
+        crate::http::Observability::start(settings, &projections, pool.clone(), metrics.clone(), Mode::Live).await;
+
     let (stop, stopped) = watch::channel(false);
     let mut workers = tokio::task::JoinSet::new();
+    let mut names = std::collections::HashMap::new();
     for projection in projections {
         let projection = Arc::new(projection);
         tracing::info!(projection = %projection.name, topics = ?projection.topics, "projection starting");
         let (pool, settings, metrics, stopped) = (pool.clone(), settings.clone(), metrics.clone(), stopped.clone());
-        workers.spawn(async move { worker::run(projection, pool, &settings, metrics, stopped).await });
+        let name = projection.name.clone();
+        let task = workers.spawn(async move { worker::run(projection, pool, &settings, metrics, stopped).await });
+        names.insert(task.id(), name);
     }
 
     let mut failures = Vec::new();
@@ -73,7 +81,12 @@ pub async fn run(
                             tracing::error!(%error, "projection stopped; the others keep running");
                             failures.push(error.to_string());
                         }
-                        Err(panic) => failures.push(format!("worker panicked: {panic}")),
+                        Err(panic) => {
+                            if let Some(name) = names.get(&panic.id()) {
+                                metrics.set_state(name, "failed");
+                            }
+                            failures.push(format!("worker panicked: {panic}"));
+                        }
                     }
                     if running == 0 {
                         return Err(AppError::AllFailed(failures));

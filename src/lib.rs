@@ -8,14 +8,22 @@
 //! - [`store`]: the only place that speaks SQL: pool, migrations, checkpoints, batch application.
 //! - [`worker`]: per projection: batch, apply, retry, record metrics.
 //! - [`metrics`]: every metric, declared once.
+//! - [`lag`]: lag per projection and partition, measured from Kafka and Postgres.
+//! - [`http`]: `/metrics` and the health probes on their own address; the lag sampler.
+//! - [`status`]: `projector status`, lag and checkpoints read directly, no engine needed.
 //! - [`app`]: wiring for `projector run`.
+//! - [`rebuild`]: `projector rebuild`: in place, into shadow tables swapped in atomically, or as of a time.
 //! - [`demo`]: `projector demo`, the embedded default on librdkafka's mock cluster.
 
 pub mod app;
 pub mod demo;
+pub mod http;
 pub mod kafka;
+pub mod lag;
 pub mod metrics;
 pub mod projection;
+pub mod rebuild;
 pub mod settings;
+pub mod status;
 pub mod store;
 pub mod worker;

@@ -35,6 +35,72 @@ enum Command {
     Migrate,
     /// The embedded default: a mock Kafka cluster, the example shop events, the example projections.
     Demo,
+    /// Rebuild a projection's read model from the start of its topics (resumes one under way).
+    Rebuild(RebuildCli),
+    /// Keep a changed projection's rows and apply its new definition from here on.
+    Accept {
+        /// The projection.
+        name: String,
+    },
+    /// Drop the old tables that shadow rebuilds of a projection kept.
+    DropRetired {
+        /// The projection.
+        name: String,
+    },
+    /// Checkpoints, end offsets and lag per projection and partition, read from Postgres and
+    /// Kafka directly (no running engine needed).
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RebuildCli {
+    /// The projection to rebuild.
+    name: String,
+    /// Build copies of the tables while the live ones keep serving, then swap them in atomically.
+    #[arg(long)]
+    shadow: bool,
+    /// With --shadow: swap once the copy is at most this many events behind the live end offsets.
+    #[arg(long, default_value_t = 0)]
+    max_lag: i64,
+    /// With --shadow: each copy must hold at least this fraction of the live table's rows
+    /// (default: the definition's `[rebuild] min_row_ratio`, else no row-count check).
+    #[arg(long)]
+    min_row_ratio: Option<f64>,
+    /// Build the read model as it stood at this time (RFC 3339) into `--into`, leaving the live one alone.
+    #[arg(long, requires = "into", conflicts_with = "shadow")]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Like --until, with explicit end offsets: `topic/partition=offset,…` (other partitions: their end).
+    #[arg(long, requires = "into", conflicts_with_all = ["shadow", "until"])]
+    until_offsets: Option<String>,
+    /// With --until: the table (for a one-table projection) or schema (several tables) to build into.
+    #[arg(long)]
+    into: Option<String>,
+    /// Start over even if a rebuild is under way (default: resume it).
+    #[arg(long)]
+    restart: bool,
+    /// Rebuild even though some partitions no longer hold their full history.
+    #[arg(long)]
+    accept_data_loss: bool,
+}
+
+fn parse_offsets(spec: &str) -> anyhow::Result<std::collections::HashMap<(String, i32), i64>> {
+    spec.split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(|part| {
+            let (partition, offset) = part
+                .trim()
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("`{part}`: expected topic/partition=offset"))?;
+            let (topic, number) = partition
+                .rsplit_once('/')
+                .ok_or_else(|| anyhow::anyhow!("`{part}`: expected topic/partition=offset"))?;
+            Ok(((topic.to_string(), number.parse()?), offset.parse()?))
+        })
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -109,8 +175,75 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rebuild(cli) => {
+            let projections = match load_dir(&settings.projections_dir) {
+                Ok(projections) => projections,
+                Err(errors) => return Ok(report_definition_errors(&errors)),
+            };
+            let args = projector::rebuild::RebuildArgs {
+                name: cli.name,
+                shadow: cli.shadow,
+                restart: cli.restart,
+                accept_data_loss: cli.accept_data_loss,
+                until: cli.until,
+                until_offsets: cli.until_offsets.as_deref().map(parse_offsets).transpose()?,
+                into: cli.into,
+                max_lag: cli.max_lag,
+                min_row_ratio: cli.min_row_ratio,
+            };
+            let report =
+                projector::rebuild::run(&settings, &projections, &args, Metrics::new(), shutdown_signal()).await?;
+            println!(
+                "rebuilt `{}`{}: {} events in {:.1} s ({:.0} events/s)",
+                args.name,
+                if report.resumed { " (resumed)" } else { "" },
+                report.events,
+                report.seconds,
+                report.rate()
+            );
+            for note in &report.notes {
+                println!("  {note}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Accept { name } => {
+            let projections = match load_dir(&settings.projections_dir) {
+                Ok(projections) => projections,
+                Err(errors) => return Ok(report_definition_errors(&errors)),
+            };
+            let projection = projections
+                .iter()
+                .find(|projection| projection.name == name)
+                .ok_or_else(|| anyhow::anyhow!("no projection named `{name}`"))?;
+            let changed = projector::rebuild::accept(&settings, projection).await?;
+            println!("accepted the current definition of `{name}` ({changed} checkpoint(s) updated)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DropRetired { name } => {
+            let dropped = projector::rebuild::drop_retired(&settings, &name).await?;
+            if dropped.is_empty() {
+                println!("no retired tables for `{name}`");
+            }
+            for schema in dropped {
+                println!("dropped schema {schema}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo => {
             projector::demo::run(&settings).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let projections = match load_dir(&settings.projections_dir) {
+                Ok(projections) => projections,
+                Err(errors) => return Ok(report_definition_errors(&errors)),
+            };
+            let report = projector::status::collect(&settings, &projections).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", projector::status::render_table(&report));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -126,7 +259,8 @@ fn report_definition_errors(errors: &[projector::projection::DefinitionError]) -
 
 /// Completes on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = terminate.recv() => tracing::info!("SIGTERM received"),

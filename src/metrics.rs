@@ -1,7 +1,15 @@
 //! Every metric the engine exports, declared once, on the engine's own registry.
+//!
+//! The names and labels are a contract with users' dashboards and alerts (see the README's
+//! "Metrics, health and status"). Labels stay bounded: projection, topic, partition number,
+//! event type (a handled type, `other` or `invalid`), outcome, state and mode; never a key, an
+//! offset or an error text. The registry is the engine's own, not the process-wide default, so
+//! that several engines can run in one process (the tests do).
 
+use prometheus::core::Collector;
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::store::apply::{BatchReport, Outcome};
@@ -10,16 +18,42 @@ use crate::store::apply::{BatchReport, Outcome};
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    /// `projector_events_total{projection,event_type,outcome}`.
     pub events: IntCounterVec,
+    /// `projector_batch_duration_seconds{projection}`.
     pub batch_duration: HistogramVec,
+    /// `projector_batch_events{projection}`.
     pub batch_events: HistogramVec,
+    /// `projector_last_commit_timestamp_seconds{projection}`.
     pub last_commit: IntGaugeVec,
+    /// `projector_checkpoint_offset{projection,topic,partition}`.
     pub checkpoint: IntGaugeVec,
+    /// `projector_projection_state{projection,state}`.
     pub state: IntGaugeVec,
+    /// `projector_log_end_offset{projection,topic,partition}`.
+    pub log_end: IntGaugeVec,
+    /// `projector_consumer_lag_messages{projection,topic,partition,mode}`.
+    pub lag_messages: IntGaugeVec,
+    /// `projector_consumer_lag_seconds{projection,topic,partition,mode}`.
+    pub lag_seconds: GaugeVec,
+    /// `projector_rebuild_progress_ratio{projection}`.
+    pub rebuild_progress: GaugeVec,
+    /// `projector_build_info{version}`.
+    pub build_info: IntGaugeVec,
 }
 
 /// States a projection can be in, for `projector_projection_state`.
 pub const STATES: [&str; 4] = ["running", "rebuilding", "paused", "failed"];
+
+/// Values of the `mode` label of the lag series: live traffic, or a rebuild's replay.
+pub const MODES: [&str; 2] = ["live", "rebuild"];
+
+/// Event type labels every projection has besides its handled types (see `store::apply`).
+const OTHER_EVENT_TYPES: [&str; 2] = ["other", "invalid"];
+
+fn int_gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -41,32 +75,85 @@ impl Metrics {
             &["projection"],
         )
         .expect("valid metric");
-        let last_commit = IntGaugeVec::new(
-            Opts::new("projector_last_commit_timestamp_seconds", "Unix time of the projection's last committed batch"),
+        let last_commit = int_gauge(
+            "projector_last_commit_timestamp_seconds",
+            "Unix time of the projection's last committed batch",
+            &["projection"],
+        );
+        let checkpoint =
+            int_gauge("projector_checkpoint_offset", "Next offset the projection will read", &PARTITION_LABELS);
+        let state =
+            int_gauge("projector_projection_state", "1 for the state each projection is in", &["projection", "state"]);
+        let log_end = int_gauge(
+            "projector_log_end_offset",
+            "End offset of the partition (its last stable offset: the engine reads committed records only)",
+            &PARTITION_LABELS,
+        );
+        let lag_messages = int_gauge(
+            "projector_consumer_lag_messages",
+            "Records from the oldest one not yet applied to the end of the partition; 0 when caught up",
+            &LAG_LABELS,
+        );
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "projector_consumer_lag_seconds",
+                "Age of the oldest record not yet applied (from its Kafka timestamp); 0 when caught up",
+            ),
+            &LAG_LABELS,
+        )
+        .expect("valid metric");
+        let rebuild_progress = GaugeVec::new(
+            Opts::new("projector_rebuild_progress_ratio", "Share of the rebuild's records applied, from 0 to 1"),
             &["projection"],
         )
         .expect("valid metric");
-        let checkpoint = IntGaugeVec::new(
-            Opts::new("projector_checkpoint_offset", "Next offset the projection will read"),
-            &["projection", "topic", "partition"],
-        )
-        .expect("valid metric");
-        let state = IntGaugeVec::new(
-            Opts::new("projector_projection_state", "1 for the state each projection is in"),
-            &["projection", "state"],
-        )
-        .expect("valid metric");
-        for collector in [
-            Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
+        let build_info = int_gauge("projector_build_info", "Always 1; the version of this projector", &["version"]);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        let mut collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(events.clone()),
             Box::new(batch_duration.clone()),
             Box::new(batch_events.clone()),
             Box::new(last_commit.clone()),
             Box::new(checkpoint.clone()),
             Box::new(state.clone()),
-        ] {
+            Box::new(log_end.clone()),
+            Box::new(lag_messages.clone()),
+            Box::new(lag_seconds.clone()),
+            Box::new(rebuild_progress.clone()),
+            Box::new(build_info.clone()),
+        ];
+        // CPU, memory, open files, start time: `process_*`.
+        #[cfg(target_os = "linux")]
+        collectors.push(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        for collector in collectors {
             registry.register(collector).expect("metric registered once");
         }
-        Metrics { registry, events, batch_duration, batch_events, last_commit, checkpoint, state }
+        Metrics {
+            registry,
+            events,
+            batch_duration,
+            batch_events,
+            last_commit,
+            checkpoint,
+            state,
+            log_end,
+            lag_messages,
+            lag_seconds,
+            rebuild_progress,
+            build_info,
+        }
+    }
+
+    /// Creates `projector_events_total` at 0 for every event type label of a projection and
+    /// every outcome, so that `increase()` sees the first event of each (alerts on gaps and
+    /// parked events would miss it otherwise).
+    pub fn register_projection<'a>(&self, projection: &str, event_types: impl IntoIterator<Item = &'a str>) {
+        for event_type in event_types.into_iter().chain(OTHER_EVENT_TYPES) {
+            for outcome in Outcome::ALL {
+                self.events.with_label_values(&[projection, event_type, outcome.as_str()]);
+            }
+        }
     }
 
     /// Records a committed batch.
@@ -80,9 +167,59 @@ impl Metrics {
     }
 
     pub fn set_state(&self, projection: &str, state: &str) {
+        debug_assert!(STATES.contains(&state), "unknown state `{state}`");
         for candidate in STATES {
             self.state.with_label_values(&[projection, candidate]).set(i64::from(candidate == state));
         }
+    }
+
+    /// The state a projection was last set to, if any.
+    pub fn current_state(&self, projection: &str) -> Option<&'static str> {
+        STATES.into_iter().find(|state| {
+            self.state.get_metric_with_label_values(&[projection, state]).is_ok_and(|gauge| gauge.get() == 1)
+        })
+    }
+
+    /// Raises `projector_last_commit_timestamp_seconds` to `unix_seconds` (never lowers it):
+    /// the lag sampler reports commits stored in Postgres, also those made before a restart.
+    pub fn observe_commit_time(&self, projection: &str, unix_seconds: i64) {
+        let gauge = self.last_commit.with_label_values(&[projection]);
+        if unix_seconds > gauge.get() {
+            gauge.set(unix_seconds);
+        }
+    }
+
+    /// One partition's lag sample. Removes the partition's series of the other mode, so that a
+    /// projection leaving a rebuild does not keep reporting its last rebuild lag.
+    pub fn record_lag(&self, sample: &LagSample<'_>) {
+        let partition = sample.partition.to_string();
+        let labels = [sample.projection, sample.topic, partition.as_str()];
+        self.log_end.with_label_values(&labels).set(sample.end_offset);
+        if let Some(checkpoint) = sample.checkpoint {
+            self.checkpoint.with_label_values(&labels).set(checkpoint);
+        }
+        let with_mode = [sample.projection, sample.topic, partition.as_str(), sample.mode];
+        self.lag_messages.with_label_values(&with_mode).set(sample.lag_messages);
+        if let Some(seconds) = sample.lag_seconds {
+            self.lag_seconds.with_label_values(&with_mode).set(seconds);
+        }
+        for other in MODES.into_iter().filter(|mode| *mode != sample.mode) {
+            let stale = [sample.projection, sample.topic, partition.as_str(), other];
+            let _ = self.lag_messages.remove_label_values(&stale);
+            let _ = self.lag_seconds.remove_label_values(&stale);
+        }
+    }
+
+    /// Sets `projector_rebuild_progress_ratio` (0 to 1).
+    pub fn set_rebuild_progress(&self, projection: &str, ratio: f64) {
+        self.rebuild_progress.with_label_values(&[projection]).set(ratio.clamp(0.0, 1.0));
+    }
+
+    /// The whole registry in the Prometheus text format, as served on `/metrics`.
+    pub fn encode(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("encoding to memory");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
     }
 
     /// Sum of `projector_events_total` for one projection and outcome, over event types.
@@ -102,8 +239,91 @@ impl Metrics {
     }
 }
 
+const PARTITION_LABELS: [&str; 3] = ["projection", "topic", "partition"];
+const LAG_LABELS: [&str; 4] = ["projection", "topic", "partition", "mode"];
+
+/// What the lag sampler measured for one partition of one projection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LagSample<'a> {
+    pub projection: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    /// `live` or `rebuild`.
+    pub mode: &'a str,
+    pub end_offset: i64,
+    /// The stored checkpoint, if the projection has one for this partition.
+    pub checkpoint: Option<i64>,
+    pub lag_messages: i64,
+    /// `None`: unknown this time (the oldest pending record could not be read); left as it was.
+    pub lag_seconds: Option<f64>,
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample<'a>(mode: &'a str, lag: i64) -> LagSample<'a> {
+        LagSample {
+            projection: "p",
+            topic: "t",
+            partition: 0,
+            mode,
+            end_offset: 10,
+            checkpoint: Some(10 - lag),
+            lag_messages: lag,
+            lag_seconds: Some(lag as f64),
+        }
+    }
+
+    #[test]
+    fn a_lag_sample_replaces_the_other_mode() {
+        let metrics = Metrics::new();
+        metrics.record_lag(&sample("rebuild", 4));
+        assert_eq!(metrics.lag_messages.with_label_values(&["p", "t", "0", "rebuild"]).get(), 4);
+        metrics.record_lag(&sample("live", 1));
+        let text = metrics.encode();
+        assert!(!text.contains("mode=\"rebuild\""), "{text}");
+        assert!(
+            text.contains(
+                "projector_consumer_lag_messages{mode=\"live\",partition=\"0\",projection=\"p\",topic=\"t\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("projector_checkpoint_offset{partition=\"0\",projection=\"p\",topic=\"t\"} 9"), "{text}");
+    }
+
+    #[test]
+    fn state_is_one_hot() {
+        let metrics = Metrics::new();
+        assert_eq!(metrics.current_state("p"), None);
+        metrics.set_state("p", "running");
+        metrics.set_state("p", "failed");
+        assert_eq!(metrics.current_state("p"), Some("failed"));
+        let ones = STATES.iter().filter(|state| metrics.state.with_label_values(&["p", state]).get() == 1).count();
+        assert_eq!(ones, 1);
+    }
+
+    #[test]
+    fn last_commit_only_moves_forward() {
+        let metrics = Metrics::new();
+        metrics.observe_commit_time("p", 200);
+        metrics.observe_commit_time("p", 100);
+        assert_eq!(metrics.last_commit.with_label_values(&["p"]).get(), 200);
+    }
+
+    #[test]
+    fn build_info_and_process_metrics_are_exported() {
+        let text = Metrics::new().encode();
+        assert!(text.contains(&format!("projector_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+        #[cfg(target_os = "linux")]
+        for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+            assert!(text.contains(name), "{name} missing");
+        }
     }
 }

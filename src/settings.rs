@@ -24,6 +24,7 @@ pub struct Settings {
     /// Folder holding one definition file per projection.
     pub projections_dir: PathBuf,
     pub batch: BatchSettings,
+    pub http: HttpSettings,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -59,6 +60,18 @@ pub struct BatchSettings {
     pub max_wait_ms: u64,
 }
 
+/// `/metrics` and the health probes, and the lag sampler behind the lag metrics.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address of `/metrics`, `/health/live` and `/health/ready`: `127.0.0.1:9464` by default
+    /// (in the 9100-9999 range of Prometheus exporters); `0.0.0.0:9464` to let Prometheus or
+    /// Kubernetes reach it from other hosts. Env: `PROJECTOR_HTTP__LISTEN`.
+    pub listen: String,
+    /// How often lag is measured from Kafka and Postgres, in milliseconds (also when idle).
+    pub lag_refresh_ms: u64,
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -69,15 +82,10 @@ impl Default for Settings {
                 commit_offsets: true,
                 properties: BTreeMap::new(),
             },
-            database: DatabaseSettings {
-                url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
-                pool_size: 8,
-            },
+            database: DatabaseSettings { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8 },
             projections_dir: PathBuf::from("projections"),
-            batch: BatchSettings {
-                max_events: 1000,
-                max_wait_ms: 100,
-            },
+            batch: BatchSettings { max_events: 1000, max_wait_ms: 100 },
+            http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
         }
     }
 }
@@ -104,7 +112,8 @@ impl Settings {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             figment = figment.merge(("database.url", url));
         }
-        let mut settings: Settings = figment.extract().map_err(|error| SettingsError(redact_text(&error.to_string())))?;
+        let mut settings: Settings =
+            figment.extract().map_err(|error| SettingsError(redact_text(&error.to_string())))?;
         settings.kafka.properties = std::mem::take(&mut settings.kafka.properties)
             .into_iter()
             .map(|(name, value)| (name.replace('_', "."), value))
@@ -116,6 +125,9 @@ impl Settings {
     fn check(&self) -> Result<(), SettingsError> {
         if self.batch.max_events == 0 {
             return Err(SettingsError("`batch.max_events` must be at least 1".into()));
+        }
+        if self.http.lag_refresh_ms == 0 {
+            return Err(SettingsError("`http.lag_refresh_ms` must be at least 1".into()));
         }
         if self.database.pool_size == 0 {
             return Err(SettingsError("`database.pool_size` must be at least 1".into()));
@@ -167,7 +179,10 @@ pub fn redact_text(text: &str) -> String {
 
 fn is_secret_property(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    name.contains("password") || name.contains("secret") || name.ends_with(".key.pem") || name.contains("sasl.oauthbearer.config")
+    name.contains("password")
+        || name.contains("secret")
+        || name.ends_with(".key.pem")
+        || name.contains("sasl.oauthbearer.config")
 }
 
 impl fmt::Debug for Settings {
@@ -189,6 +204,8 @@ impl fmt::Debug for Settings {
             .field("projections_dir", &self.projections_dir)
             .field("batch.max_events", &self.batch.max_events)
             .field("batch.max_wait_ms", &self.batch.max_wait_ms)
+            .field("http.listen", &self.http.listen)
+            .field("http.lag_refresh_ms", &self.http.lag_refresh_ms)
             .finish()
     }
 }

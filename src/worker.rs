@@ -44,8 +44,26 @@ struct Worker {
     /// keeps it): records polled before that seek carry an older epoch and are dropped.
     epochs: HashMap<TopicPartition, u64>,
     next_epoch: u64,
+    /// Records at or past these offsets are not applied.
+    stop_offsets: HashMap<TopicPartition, i64>,
+    stop_at_time_ms: Option<i64>,
+    reached: Arc<std::sync::Mutex<HashMap<TopicPartition, i64>>>,
     commands: std::sync::mpsc::Sender<Command>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// How a worker runs beyond its projection and settings.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOptions {
+    /// Apply nothing at or past these offsets (a rebuild "as of" given offsets).
+    pub stop_offsets: Option<HashMap<TopicPartition, i64>>,
+    /// Apply nothing from the first record stamped at or after this time (milliseconds since the
+    /// epoch) on, per partition: a rebuild "as of" a point in time. The offset of that first
+    /// record is put in `reached`.
+    pub stop_at_time_ms: Option<i64>,
+    pub reached: Option<Arc<std::sync::Mutex<HashMap<TopicPartition, i64>>>>,
+    /// Report the state `rebuilding` instead of `running`.
+    pub rebuilding: bool,
 }
 
 /// Runs one projection until `shutdown` turns true, then commits the batch in flight and leaves
@@ -57,10 +75,25 @@ pub async fn run(
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
+    run_with(projection, pool, settings, metrics, shutdown, WorkerOptions::default()).await
+}
+
+/// [`run`], with options.
+pub async fn run_with(
+    projection: Arc<Projection>,
+    pool: Pool,
+    settings: &Settings,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+    options: WorkerOptions,
+) -> Result<(), WorkerError> {
+    if !wait_for_matching_definition(&projection, &pool, &metrics, shutdown.clone()).await {
+        return Ok(());
+    }
     let (inputs_tx, mut inputs) = mpsc::channel(settings.batch.max_events.max(64) * 2);
     let consumer = ConsumerThread::start(&settings.kafka, &projection.name, &projection.topics, inputs_tx)
         .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
-    metrics.set_state(&projection.name, "running");
+    metrics.set_state(&projection.name, if options.rebuilding { "rebuilding" } else { "running" });
     let mut worker = Worker {
         projection: projection.clone(),
         pool,
@@ -71,6 +104,9 @@ pub async fn run(
         partitions: HashMap::new(),
         epochs: HashMap::new(),
         next_epoch: 1,
+        stop_offsets: options.stop_offsets.unwrap_or_default(),
+        stop_at_time_ms: options.stop_at_time_ms,
+        reached: options.reached.unwrap_or_default(),
         commands: consumer.commands.clone(),
         shutdown,
     };
@@ -152,6 +188,19 @@ impl Worker {
         let Some(state) = self.partitions.get(&partition) else {
             return false;
         };
+        if self.stop_offsets.get(&partition).is_some_and(|stop| record.offset >= *stop) {
+            return false;
+        }
+        if let Some(stop) = self.stop_at_time_ms {
+            let mut reached = self.reached.lock().expect("reached offsets");
+            if reached.get(&partition).is_some_and(|first| record.offset >= *first) {
+                return false;
+            }
+            if record.timestamp_ms.is_none_or(|timestamp| timestamp >= stop) {
+                reached.insert(partition, record.offset);
+                return false;
+            }
+        }
         epoch == self.epochs.get(&partition).copied().unwrap_or(0)
             && state.checkpoint.is_none_or(|next| record.offset >= next)
     }
@@ -272,6 +321,58 @@ impl Worker {
             let _ = self.commands.send(Command::Seek { partition, offset: checkpoint, epoch });
         }
         Ok(())
+    }
+}
+
+/// Waits until the checkpoints of `projection` were written by its current definition (or it has
+/// none yet). A changed definition is never applied to rows built by the old one: the operator
+/// rebuilds (`projector rebuild`) or accepts the change (`projector accept`), and the worker starts
+/// by itself. Returns false when shutdown came first.
+async fn wait_for_matching_definition(
+    projection: &Projection,
+    pool: &Pool,
+    metrics: &Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    let mut warned = false;
+    loop {
+        let hashes = match pool.get().await {
+            Ok(client) => checkpoint::definition_hashes(&**client, &projection.name).await,
+            Err(error) => Err(StoreError::Connect(error.to_string())),
+        };
+        match hashes {
+            Ok(hashes) if hashes.iter().all(|hash| *hash == projection.hash) => {
+                if warned {
+                    tracing::info!(projection = %projection.name, "definition change resolved: starting");
+                }
+                return true;
+            }
+            Ok(hashes) => {
+                if !warned {
+                    tracing::error!(
+                        projection = %projection.name,
+                        file = %projection.file.display(),
+                        built_by = %hashes.join(","),
+                        current = %projection.hash,
+                        "projection `{}` changed since its read model was built: its new statements are not applied \
+                         to rows built by the old ones. Rebuild it (`projector rebuild {0}`, or `--shadow` to keep \
+                         serving reads), or keep the rows and apply the new definition from here on \
+                         (`projector accept {0}`). Waiting.",
+                        projection.name
+                    );
+                    metrics.set_state(&projection.name, "failed");
+                    warned = true;
+                }
+            }
+            Err(error) => tracing::warn!(projection = %projection.name, %error, "cannot read checkpoints, retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.changed() => return false,
+        }
+        if *shutdown.borrow() {
+            return false;
+        }
     }
 }
 

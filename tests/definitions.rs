@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use projector::projection::{compile_file, load_dir};
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/definitions")
-        .join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/definitions").join(kind);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
@@ -23,16 +21,10 @@ fn fixtures(kind: &str) -> Vec<PathBuf> {
 fn expectation(path: &Path, text: &str) -> (String, usize) {
     let mut lines = text.lines();
     let message = lines.next().and_then(|l| l.strip_prefix("# expect: "));
-    let line = lines
-        .next()
-        .and_then(|l| l.strip_prefix("# expect-line: "))
-        .and_then(|n| n.trim().parse().ok());
+    let line = lines.next().and_then(|l| l.strip_prefix("# expect-line: ")).and_then(|n| n.trim().parse().ok());
     match (message, line) {
         (Some(message), Some(line)) => (message.trim().to_string(), line),
-        _ => panic!(
-            "{}: starts without `# expect:` and `# expect-line:` lines",
-            path.display()
-        ),
+        _ => panic!("{}: starts without `# expect:` and `# expect-line:` lines", path.display()),
     }
 }
 
@@ -54,15 +46,9 @@ fn fail_definitions_fail_with_the_expected_error_and_line() {
         let text = std::fs::read_to_string(&path).unwrap();
         let (expected, line) = expectation(&path, &text);
         match compile_file(&path, &text) {
-            Ok(_) => mismatches.push(format!(
-                "{}: compiled, expected `{expected}`",
-                path.display()
-            )),
+            Ok(_) => mismatches.push(format!("{}: compiled, expected `{expected}`", path.display())),
             Err(errors) => {
-                if !errors
-                    .iter()
-                    .any(|e| e.message.contains(&expected) && e.line == line)
-                {
+                if !errors.iter().any(|e| e.message.contains(&expected) && e.line == line) {
                     let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
                     mismatches.push(format!(
                         "{}: expected `{expected}` at line {line}, got:\n  {}",
@@ -81,11 +67,7 @@ fn load_dir_reports_every_failing_file_at_once() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/definitions/fail");
     let errors = load_dir(&dir).unwrap_err();
     for path in fixtures("fail") {
-        assert!(
-            errors.iter().any(|e| e.file == path),
-            "no error for {}",
-            path.display()
-        );
+        assert!(errors.iter().any(|e| e.file == path), "no error for {}", path.display());
     }
 }
 
@@ -100,19 +82,13 @@ fn load_dir_compiles_the_ok_fixtures_in_file_name_order() {
 #[test]
 fn load_dir_rejects_duplicate_names_and_unreadable_folders() {
     let dir = tempfile::tempdir().unwrap();
-    let text =
-        "name = \"same\"\ntopics = [\"t\"]\ndedupe = \"event_id\"\n[on.A]\nsql = \"SELECT 1\"\n";
+    let text = "name = \"same\"\ntopics = [\"t\"]\ndedupe = \"event_id\"\n[on.A]\nsql = \"SELECT 1\"\n";
     std::fs::write(dir.path().join("a.toml"), text).unwrap();
     std::fs::write(dir.path().join("b.toml"), text).unwrap();
     std::fs::write(dir.path().join("notes.md"), "not a definition").unwrap();
     let errors = load_dir(dir.path()).unwrap_err();
     assert_eq!(errors.len(), 1);
-    assert!(
-        errors[0]
-            .message
-            .contains("projection `same` is already defined in"),
-        "{errors:?}"
-    );
+    assert!(errors[0].message.contains("projection `same` is already defined in"), "{errors:?}");
     assert!(errors[0].file.ends_with("b.toml"));
 
     assert!(load_dir(&dir.path().join("missing")).is_err());
@@ -124,11 +100,7 @@ fn load_dir_rejects_duplicate_names_and_unreadable_folders() {
 fn example_projections_compile() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("projections");
     let has_definitions = std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.path().extension().is_some_and(|ext| ext == "toml"))
-        })
+        .map(|entries| entries.flatten().any(|e| e.path().extension().is_some_and(|ext| ext == "toml")))
         .unwrap_or(false);
     if !has_definitions {
         eprintln!("no example projections yet in {}", dir.display());

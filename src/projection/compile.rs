@@ -14,11 +14,11 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use toml::Spanned;
 
-use super::definition::{DedupeKind, DefinitionFile, Entries, EnvelopeDef, HandlerDef, SqlDef, TableDef};
+use super::definition::{DedupeKind, DefinitionFile, Entries, EnvelopeDef, HandlerDef, RebuildDef, SqlDef, TableDef};
 use super::params::compile_named;
 use super::{
-    Dedupe, Envelope, Handler, Origin, ParamRef, ParamSource, Projection, Source, Statement, StatementKind,
-    VersionedTable,
+    Dedupe, Envelope, Handler, Origin, ParamRef, ParamSource, Projection, RebuildChecks, Source, Statement,
+    StatementKind, VersionedTable,
 };
 
 /// One mistake in a definition file, at a 1-based line and column.
@@ -74,6 +74,7 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         Some(on) => cx.error(on.span(), "no handlers: add an `[on.<EventType>]` table"),
         None => cx.error(0..0, "no handlers: add an `[on.<EventType>]` table"),
     }
+    let rebuild_checks = cx.rebuild_checks(definition.rebuild.as_ref());
     if !cx.errors.is_empty() {
         return Err(cx.errors);
     }
@@ -81,8 +82,16 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         Some(table) => Dedupe::Version(table),
         None => Dedupe::EventId,
     };
-    let mut projection =
-        Projection { name, file: path.to_path_buf(), topics, envelope, dedupe, handlers, hash: String::new() };
+    let mut projection = Projection {
+        name,
+        file: path.to_path_buf(),
+        topics,
+        envelope,
+        dedupe,
+        handlers,
+        hash: String::new(),
+        rebuild: rebuild_checks,
+    };
     projection.hash = semantic_hash(&projection);
     let _ = text;
     Ok(projection)
@@ -195,6 +204,32 @@ impl Context<'_> {
                 stem
             }
         }
+    }
+
+    fn rebuild_checks(&mut self, rebuild: Option<&Spanned<RebuildDef>>) -> RebuildChecks {
+        let Some(rebuild) = rebuild.map(Spanned::get_ref) else {
+            return RebuildChecks::default();
+        };
+        let mut checks = Vec::new();
+        for check in rebuild.checks.iter().flatten() {
+            match Parser::parse_sql(&PostgreSqlDialect {}, check.get_ref()) {
+                Ok(parsed) if parsed.len() == 1 && matches!(parsed[0], ast::Statement::Query(_)) => {
+                    checks.push(check.get_ref().clone())
+                }
+                Ok(_) => self.error(check.span(), "rebuild check must be one query returning a boolean"),
+                Err(error) => self.error(check.span(), format!("rebuild check does not parse: {error}")),
+            }
+        }
+        let min_row_ratio = rebuild.min_row_ratio.as_ref().and_then(|ratio| {
+            let value = *ratio.get_ref();
+            if (0.0..=10.0).contains(&value) {
+                Some(value)
+            } else {
+                self.error(ratio.span(), "`min_row_ratio` must be between 0 and 10");
+                None
+            }
+        });
+        RebuildChecks { checks, min_row_ratio }
     }
 
     fn topics(&mut self, topics: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<String> {

@@ -20,6 +20,18 @@ pub struct DefinitionFile {
     pub table: Option<Spanned<TableDef>>,
     /// Event type to handler, in file order.
     pub on: Option<Spanned<Entries<Spanned<HandlerDef>>>>,
+    /// Checks a shadow rebuild must pass before it replaces the live tables.
+    pub rebuild: Option<Spanned<RebuildDef>>,
+}
+
+/// `[rebuild]`: checks run against a shadow copy before the swap; any failure aborts the swap.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildDef {
+    /// Queries returning one boolean, run against the shadow tables: all must be true.
+    pub checks: Option<Vec<Spanned<String>>>,
+    /// Each shadow table must have at least this fraction of the live table's rows.
+    pub min_row_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

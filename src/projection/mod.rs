@@ -37,6 +37,17 @@ pub struct Projection {
     /// Hex SHA-256 of what the projection does (topics, envelope, dedupe, compiled statements):
     /// recorded with checkpoints to notice definition changes. Comments and layout do not count.
     pub hash: String,
+    /// Checks a shadow rebuild must pass before the swap (`[rebuild]`); not part of the hash.
+    pub rebuild: RebuildChecks,
+}
+
+/// `[rebuild]` of a definition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RebuildChecks {
+    /// Queries returning one boolean, run against the shadow tables before the swap.
+    pub checks: Vec<String>,
+    /// Each shadow table must hold at least this fraction of its live table's rows.
+    pub min_row_ratio: Option<f64>,
 }
 
 impl Projection {

@@ -90,3 +90,23 @@ pub async fn reset(client: &impl GenericClient, projection: &str) -> Result<u64,
         .await
         .map_err(|error| StoreError::Postgres(describe(&error)))
 }
+
+/// The distinct definition hashes recorded with a projection's checkpoints (empty: never ran).
+pub async fn definition_hashes(client: &impl GenericClient, projection: &str) -> Result<Vec<String>, StoreError> {
+    let rows = client
+        .query("SELECT DISTINCT definition_hash FROM projector.checkpoints WHERE projection = $1", &[&projection])
+        .await
+        .map_err(|error| StoreError::postgres(&error))?;
+    Ok(rows.into_iter().map(|row| row.get(0)).collect())
+}
+
+/// Records that a projection's rows are accepted as built by its current definition.
+pub async fn accept_definition(client: &impl GenericClient, projection: &str, hash: &str) -> Result<u64, StoreError> {
+    client
+        .execute(
+            "UPDATE projector.checkpoints SET definition_hash = $2 WHERE projection = $1 AND definition_hash <> $2",
+            &[&projection, &hash],
+        )
+        .await
+        .map_err(|error| StoreError::postgres(&error))
+}

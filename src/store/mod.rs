@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod rebuild;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
@@ -62,7 +63,17 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
 
 /// A pool over `url`, checked with one round trip so that a wrong URL fails at start-up.
 pub async fn connect(url: &str, size: usize) -> Result<Pool, StoreError> {
-    let config = parse_url(url)?;
+    connect_with_search_path(url, size, None).await
+}
+
+/// [`connect`], with every connection's `search_path` set (a rebuild writes its shadow tables
+/// through the same unqualified names as the live ones).
+pub async fn connect_with_search_path(url: &str, size: usize, search_path: Option<&str>) -> Result<Pool, StoreError> {
+    let mut config = parse_url(url)?;
+    if let Some(search_path) = search_path {
+        let options = config.get_options().map(str::to_string).unwrap_or_default();
+        config.options(format!("{options} -c search_path={search_path}").trim());
+    }
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let pool = Pool::builder(manager).max_size(size).build().map_err(|error| StoreError::Connect(error.to_string()))?;
     let client = pool.get().await.map_err(|error| StoreError::Connect(redact_text(&error.to_string())))?;
@@ -119,4 +130,16 @@ pub async fn check_statements(
         }
     }
     problems
+}
+
+/// One connection of its own (for transactions that need `&mut Client`), driven in the background.
+pub async fn connect_client(url: &str) -> Result<tokio_postgres::Client, StoreError> {
+    let config = parse_url(url)?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %describe(&error), "connection closed");
+        }
+    });
+    Ok(client)
 }

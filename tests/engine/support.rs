@@ -20,10 +20,7 @@ pub fn server_url() -> String {
 
 /// A short random hex name part, for databases, topics and consumer groups.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 /// Connects to `url`, driving the connection on the current runtime.
@@ -53,11 +50,7 @@ impl TestDb {
             .await
             .unwrap_or_else(|error| panic!("creating database `{name}`: {error}"));
         let url = projector::demo::database_url(&server_url(), &name).expect("database url");
-        TestDb {
-            url,
-            name,
-            dropped: false,
-        }
+        TestDb { url, name, dropped: false }
     }
 
     pub async fn client(&self) -> Client {
@@ -68,10 +61,7 @@ impl TestDb {
     pub async fn drop(mut self) {
         connect(&server_url())
             .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
             .await
             .unwrap_or_else(|error| panic!("dropping database `{}`: {error}", self.name));
         self.dropped = true;
@@ -87,18 +77,11 @@ impl Drop for TestDb {
         }
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             runtime.block_on(async {
-                if let Ok((client, connection)) =
-                    tokio_postgres::connect(&server_url(), NoTls).await
-                {
+                if let Ok((client, connection)) = tokio_postgres::connect(&server_url(), NoTls).await {
                     tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .await;
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
                 }
             });
         })
@@ -109,9 +92,7 @@ impl Drop for TestDb {
 /// Creates a topic of its own on `kafka`.
 pub fn new_topic(kafka: &MockKafka, partitions: i32) -> String {
     let topic = unique("orders");
-    kafka
-        .create_topic(&topic, partitions, 1)
-        .expect("creating a topic on the mock cluster");
+    kafka.create_topic(&topic, partitions, 1).expect("creating a topic on the mock cluster");
     topic
 }
 
@@ -125,6 +106,18 @@ pub fn settings(kafka: &MockKafka, db: &TestDb, max_events: usize, commit_offset
     settings.database.pool_size = 4;
     settings.batch.max_events = max_events;
     settings.batch.max_wait_ms = 20;
+    // A crashed consumer that was still joining its group cannot leave it: the group waits for
+    // it until its session times out (45 s by default) before the next engine gets partitions.
+    // Kafka's behaviour for any crash, so the tests shorten the session instead of waiting.
+    settings.kafka.properties.insert("session.timeout.ms".into(), "2000".into());
+    settings.kafka.properties.insert("heartbeat.interval.ms".into(), "200".into());
+    // `PROJECTOR_TEST_KAFKA_DEBUG=cgrp,…`: librdkafka's debug contexts, logged at debug level.
+    if let Ok(contexts) = std::env::var("PROJECTOR_TEST_KAFKA_DEBUG") {
+        settings.kafka.properties.insert("debug".into(), contexts);
+        settings.kafka.properties.insert("log_level".into(), "7".into());
+    }
+    // Engines run side by side: each on a port of its own for /metrics.
+    settings.http.listen = "127.0.0.1:0".into();
     settings
 }
 
@@ -139,10 +132,7 @@ pub fn example_projections(topic: &str) -> Vec<Projection> {
 
 /// Only the example projection called `name`, reading `topic`.
 pub fn example_projection(topic: &str, name: &str) -> Vec<Projection> {
-    example_projections(topic)
-        .into_iter()
-        .filter(|projection| projection.name == name)
-        .collect()
+    example_projections(topic).into_iter().filter(|projection| projection.name == name).collect()
 }
 
 pub async fn wait_caught_up(settings: &Settings, projections: &[Projection]) {
@@ -162,19 +152,14 @@ impl Engine {
     pub fn start(settings: &Settings, projections: &[Projection]) -> Engine {
         let metrics = Metrics::new();
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let (settings, projections, task_metrics) =
-            (settings.clone(), projections.to_vec(), metrics.clone());
+        let (settings, projections, task_metrics) = (settings.clone(), projections.to_vec(), metrics.clone());
         let handle = tokio::spawn(async move {
             projector::app::run(&settings, projections, task_metrics, async {
                 let _ = stopped.await;
             })
             .await
         });
-        Engine {
-            metrics,
-            handle,
-            shutdown,
-        }
+        Engine { metrics, handle, shutdown }
     }
 
     /// Graceful stop: the batch in flight commits, the consumers leave their groups.
@@ -206,11 +191,7 @@ pub fn outcomes(metrics: &Metrics, projection: &str) -> Vec<(&'static str, u64)>
 
 /// `SELECT count(*)` as i64.
 pub async fn count(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|error| panic!("`{sql}`: {error}"))
-        .get::<_, i64>(0)
+    client.query_one(sql, &[]).await.unwrap_or_else(|error| panic!("`{sql}`: {error}")).get::<_, i64>(0)
 }
 
 /// Every row of `table` as text (`t::text`), ordered by its key: for byte-for-byte comparisons.

@@ -1,0 +1,189 @@
+//! `/metrics` and the health probes on their own address (`http.listen`), and the lag sampler
+//! that keeps the lag metrics fresh: everything an engine exports for operators.
+//!
+//! - `GET /metrics`: the engine's registry in the Prometheus text format.
+//! - `GET /health/live`: 200 while the process serves requests.
+//! - `GET /health/ready`: 200 when Postgres answers `SELECT 1`, the lag sampler reached Kafka
+//!   recently, and every projection is `running` or `paused`; 503 otherwise. Both answer with a
+//!   small JSON document saying which check failed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::lag::{self, KafkaReachability, Mode, Target};
+use crate::metrics::Metrics;
+use crate::projection::Projection;
+use crate::settings::Settings;
+
+/// States in which a projection counts as ready.
+const READY_STATES: [&str; 2] = ["running", "paused"];
+
+/// What `/health/ready` looks at.
+pub struct Health {
+    projections: Vec<String>,
+    metrics: Metrics,
+    pool: Pool,
+    kafka: Arc<Mutex<KafkaReachability>>,
+    /// How long ago the sampler may last have reached Kafka.
+    kafka_max_age: Duration,
+}
+
+/// The answer of `/health/ready`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// `ok`, or why not.
+    pub postgres: String,
+    pub kafka: String,
+    /// Each projection's state (`starting` before its worker set one).
+    pub projections: BTreeMap<String, String>,
+}
+
+impl Health {
+    pub async fn readiness(&self) -> Readiness {
+        let postgres = match tokio::time::timeout(Duration::from_secs(2), self.ping_postgres()).await {
+            Ok(result) => result,
+            Err(_) => Err("postgres did not answer within 2s".to_string()),
+        };
+        let kafka = self.kafka.lock().expect("not poisoned").check(self.kafka_max_age);
+        let projections: BTreeMap<String, String> = self
+            .projections
+            .iter()
+            .map(|name| (name.clone(), self.metrics.current_state(name).unwrap_or("starting").to_string()))
+            .collect();
+        let ready = postgres.is_ok()
+            && kafka.is_ok()
+            && projections.values().all(|state| READY_STATES.contains(&state.as_str()));
+        let text = |result: Result<(), String>| result.map_or_else(|error| error, |()| "ok".to_string());
+        Readiness { ready, postgres: text(postgres), kafka: text(kafka), projections }
+    }
+
+    async fn ping_postgres(&self) -> Result<(), String> {
+        let client = self.pool.get().await.map_err(|error| format!("postgres: {error}"))?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|error| format!("postgres: {}", crate::store::describe(&error)))?;
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Metrics,
+    health: Arc<Health>,
+}
+
+/// The router of the engine's HTTP endpoints.
+fn router(metrics: Metrics, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(AppState { metrics, health })
+}
+
+async fn serve_metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], state.metrics.encode()).into_response()
+}
+
+async fn live() -> Response {
+    json(StatusCode::OK, &serde_json::json!({ "live": true }))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let readiness = state.health.readiness().await;
+    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(status, &readiness)
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response {
+    let text = serde_json::to_string(body).expect("serializable");
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// The HTTP server and the lag sampler of one engine; both stop when this is dropped.
+pub struct Observability {
+    pub health: Arc<Health>,
+    /// The address the HTTP server listens on (`None`: it could not bind, see the log).
+    pub address: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Observability {
+    /// Registers the projections' metrics, starts the lag sampler (with `mode` as the lag
+    /// series' `mode` label) and serves `/metrics` and the health probes on `http.listen`.
+    ///
+    /// An address already in use is logged, not fatal: the engine keeps projecting, and
+    /// Prometheus' `up == 0` shows the missing endpoint.
+    pub async fn start(
+        settings: &Settings,
+        projections: &[Projection],
+        pool: Pool,
+        metrics: Metrics,
+        mode: Mode,
+    ) -> Observability {
+        for projection in projections {
+            metrics.register_projection(&projection.name, projection.handlers.keys().map(String::as_str));
+        }
+        let interval = Duration::from_millis(settings.http.lag_refresh_ms.max(1));
+        let kafka = Arc::new(Mutex::new(KafkaReachability::default()));
+        let health = Arc::new(Health {
+            projections: projections.iter().map(|p| p.name.clone()).collect(),
+            metrics: metrics.clone(),
+            pool: pool.clone(),
+            kafka: kafka.clone(),
+            kafka_max_age: interval * 3 + Duration::from_secs(15),
+        });
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let sampler = lag::Sampler {
+            settings: settings.kafka.clone(),
+            pool,
+            targets: Target::of(projections),
+            mode,
+            metrics: metrics.clone(),
+            kafka,
+            interval,
+        };
+        let mut tasks = vec![tokio::spawn(sampler.run(stopped))];
+        let address = match tokio::net::TcpListener::bind(&settings.http.listen).await {
+            Ok(listener) => {
+                let address = listener.local_addr().ok();
+                tracing::info!(address = %settings.http.listen, bound = ?address, "serving /metrics, /health/live and /health/ready");
+                let app = router(metrics, health.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(error) = axum::serve(listener, app).await {
+                        tracing::error!(%error, "http server stopped");
+                    }
+                }));
+                address
+            }
+            Err(error) => {
+                tracing::error!(address = %settings.http.listen, %error,
+                    "cannot listen for /metrics and health: running without them");
+                None
+            }
+        };
+        Observability { health, address, tasks, _stop: stop }
+    }
+}
+
+impl Drop for Observability {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The SQL of rebuilds: resetting a projection in place, preparing shadow tables, the atomic swap,
+//! and the bookkeeping in `projector.rebuilds`.
+//!
+//! Lock order, everywhere: a projection's checkpoint rows first (`FOR UPDATE`), then its tables.
+//! A batch of a running engine takes them in the same order (its checkpoint compare-and-set comes
+//! first), so a rebuild and a live engine can wait for each other but never deadlock; and a batch
+//! that started before a reset or a swap finds its checkpoint moved and rolls back.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+use super::checkpoint::TopicPartition;
+use super::{describe, StoreError};
+
+fn postgres(error: tokio_postgres::Error) -> StoreError {
+    StoreError::Postgres(describe(&error))
+}
+
+/// Offsets per partition as stored in `projector.rebuilds` (`{"topic/partition": offset}`).
+pub fn offsets_to_json(offsets: &HashMap<TopicPartition, i64>) -> Value {
+    let map: serde_json::Map<String, Value> =
+        offsets.iter().map(|((topic, partition), offset)| (format!("{topic}/{partition}"), json!(offset))).collect();
+    Value::Object(map)
+}
+
+pub fn offsets_from_json(value: &Value) -> HashMap<TopicPartition, i64> {
+    let Some(map) = value.as_object() else {
+        return HashMap::new();
+    };
+    map.iter()
+        .filter_map(|(key, offset)| {
+            let (topic, partition) = key.rsplit_once('/')?;
+            Some(((topic.to_string(), partition.parse().ok()?), offset.as_i64()?))
+        })
+        .collect()
+}
+
+/// A row of `projector.rebuilds`.
+#[derive(Debug, Clone)]
+pub struct RebuildRow {
+    pub projection: String,
+    pub target: String,
+    pub mode: String,
+    pub state: String,
+    pub definition_hash: String,
+    pub start_offsets: HashMap<TopicPartition, i64>,
+    pub target_offsets: HashMap<TopicPartition, i64>,
+    pub detail: Option<String>,
+}
+
+pub async fn find(
+    client: &impl GenericClient,
+    projection: &str,
+    target: &str,
+) -> Result<Option<RebuildRow>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT projection, target, mode, state, definition_hash, start_offsets, target_offsets, detail
+               FROM projector.rebuilds WHERE projection = $1 AND target = $2",
+            &[&projection, &target],
+        )
+        .await
+        .map_err(postgres)?;
+    Ok(row.map(|row| RebuildRow {
+        projection: row.get(0),
+        target: row.get(1),
+        mode: row.get(2),
+        state: row.get(3),
+        definition_hash: row.get(4),
+        start_offsets: offsets_from_json(&row.get::<_, Value>(5)),
+        target_offsets: offsets_from_json(&row.get::<_, Value>(6)),
+        detail: row.get(7),
+    }))
+}
+
+/// Every rebuild row (for `status`).
+pub async fn all(client: &impl GenericClient) -> Result<Vec<RebuildRow>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT projection, target, mode, state, definition_hash, start_offsets, target_offsets, detail
+               FROM projector.rebuilds ORDER BY projection, target",
+            &[],
+        )
+        .await
+        .map_err(postgres)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| RebuildRow {
+            projection: row.get(0),
+            target: row.get(1),
+            mode: row.get(2),
+            state: row.get(3),
+            definition_hash: row.get(4),
+            start_offsets: offsets_from_json(&row.get::<_, Value>(5)),
+            target_offsets: offsets_from_json(&row.get::<_, Value>(6)),
+            detail: row.get(7),
+        })
+        .collect())
+}
+
+pub async fn finish(
+    client: &impl GenericClient,
+    projection: &str,
+    target: &str,
+    state: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE projector.rebuilds SET state = $3, detail = $4, finished_at = now() WHERE projection = $1 AND target = $2",
+            &[&projection, &target, &state, &detail],
+        )
+        .await
+        .map_err(postgres)?;
+    Ok(())
+}
+
+/// What a fresh build starts from.
+pub struct BuildStart<'a> {
+    pub projection: &'a str,
+    /// Checkpoint identity of the build: the projection itself (in place) or an alias.
+    pub target: &'a str,
+    pub mode: &'a str,
+    pub definition_hash: &'a str,
+    pub start_offsets: &'a HashMap<TopicPartition, i64>,
+    pub target_offsets: &'a HashMap<TopicPartition, i64>,
+}
+
+/// Locks the checkpoint rows of `names` (the first step of the lock order), in the order a
+/// batch takes them (topic, partition), and returns them.
+async fn lock_checkpoints(
+    tx: &Transaction<'_>,
+    names: &[&str],
+) -> Result<Vec<(String, TopicPartition, i64)>, StoreError> {
+    let names: Vec<&str> = names.to_vec();
+    let rows = tx
+        .query(
+            "SELECT projection, topic, partition, next_offset FROM projector.checkpoints
+              WHERE projection = ANY($1) ORDER BY topic, partition, projection FOR UPDATE",
+            &[&names],
+        )
+        .await
+        .map_err(postgres)?;
+    Ok(rows.into_iter().map(|row| (row.get(0), (row.get(1), row.get(2)), row.get(3))).collect())
+}
+
+/// Locks the live projection's checkpoints for the rest of `tx` (its engine's next batch waits)
+/// and returns them.
+pub async fn hold_checkpoints(
+    tx: &Transaction<'_>,
+    projection: &str,
+) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+    tx.batch_execute("SET LOCAL lock_timeout = '30s'").await.map_err(postgres)?;
+    Ok(lock_checkpoints(tx, &[projection])
+        .await?
+        .into_iter()
+        .map(|(_, partition, offset)| (partition, offset))
+        .collect())
+}
+
+/// Forgets everything the engine keeps for `target` and starts its checkpoints at `start`.
+async fn reset_engine_rows(tx: &Transaction<'_>, start: &BuildStart<'_>) -> Result<(), StoreError> {
+    for table in ["checkpoints", "processed_events", "held_events", "dead_letters"] {
+        tx.execute(&format!("DELETE FROM projector.{table} WHERE projection = $1"), &[&start.target])
+            .await
+            .map_err(postgres)?;
+    }
+    for ((topic, partition), offset) in start.start_offsets {
+        tx.execute(
+            "INSERT INTO projector.checkpoints (projection, topic, partition, next_offset, definition_hash)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&start.target, topic, partition, offset, &start.definition_hash],
+        )
+        .await
+        .map_err(postgres)?;
+    }
+    tx.execute(
+        "INSERT INTO projector.rebuilds (projection, target, mode, state, definition_hash, start_offsets, target_offsets)
+         VALUES ($1, $2, $3, 'running', $4, $5, $6)
+         ON CONFLICT (projection, target) DO UPDATE
+         SET mode = EXCLUDED.mode, state = 'running', definition_hash = EXCLUDED.definition_hash,
+             start_offsets = EXCLUDED.start_offsets, target_offsets = EXCLUDED.target_offsets,
+             detail = NULL, started_at = now(), finished_at = NULL",
+        &[
+            &start.projection,
+            &start.target,
+            &start.mode,
+            &start.definition_hash,
+            &offsets_to_json(start.start_offsets),
+            &offsets_to_json(start.target_offsets),
+        ],
+    )
+    .await
+    .map_err(postgres)?;
+    Ok(())
+}
+
+/// In one transaction: empty the projection's tables and its processed ids, held and parked
+/// events, set its checkpoints to the start of each partition, and record the rebuild.
+pub async fn start_in_place(client: &mut Client, tables: &[String], start: &BuildStart<'_>) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(postgres)?;
+    lock_checkpoints(&tx, &[start.target]).await?;
+    if !tables.is_empty() {
+        tx.batch_execute(&format!("TRUNCATE {}", tables.join(", "))).await.map_err(postgres)?;
+    }
+    reset_engine_rows(&tx, start).await?;
+    tx.commit().await.map_err(postgres)
+}
+
+/// The schema an unqualified table name resolves to on this connection (`None`: no such table).
+pub async fn schema_of(client: &impl GenericClient, table: &str) -> Result<Option<String>, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+            &[&table],
+        )
+        .await;
+    match row {
+        Ok(row) => Ok(Some(row.get(0))),
+        Err(error) if error.code().is_none() && error.to_string().contains("unexpected number of rows") => Ok(None),
+        Err(error) => Err(postgres(error)),
+    }
+}
+
+/// Creates `schema` afresh with an empty copy of each table (`LIKE … INCLUDING ALL`: columns,
+/// defaults, constraints, indexes, identity, comments) and the same grants, and starts the build.
+pub async fn start_copy(
+    client: &mut Client,
+    tables: &[(String, String)],
+    schema: &str,
+    start: &BuildStart<'_>,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(postgres)?;
+    lock_checkpoints(&tx, &[start.target]).await?;
+    tx.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
+        .await
+        .map_err(postgres)?;
+    for (live_schema, table) in tables {
+        tx.batch_execute(&format!("CREATE TABLE {schema}.{table} (LIKE {live_schema}.{table} INCLUDING ALL)"))
+            .await
+            .map_err(postgres)?;
+        let grants = tx
+            .query(
+                "SELECT format('GRANT %s ON TABLE %I.%I TO %s', a.privilege_type, $2::text, $3::text,
+                               CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
+                   FROM pg_class c, aclexplode(c.relacl) a
+                  WHERE c.oid = to_regclass($1) AND a.grantee <> c.relowner",
+                &[&format!("{live_schema}.{table}"), &schema, table],
+            )
+            .await
+            .map_err(postgres)?;
+        for grant in grants {
+            tx.batch_execute(grant.get::<_, &str>(0)).await.map_err(postgres)?;
+        }
+    }
+    reset_engine_rows(&tx, start).await?;
+    tx.commit().await.map_err(postgres)
+}
+
+/// Why a swap did not happen; the live tables are untouched in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("pre-swap check failed: {0}")]
+    CheckFailed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a swap needs.
+pub struct Swap<'a> {
+    pub projection: &'a str,
+    pub alias: &'a str,
+    /// (live schema, table) of each table.
+    pub tables: &'a [(String, String)],
+    pub shadow_schema: &'a str,
+    pub retired_schema: &'a str,
+    pub checks: &'a [String],
+    pub min_row_ratio: Option<f64>,
+}
+
+/// In ONE transaction: lock, check, move the live tables to `retired_schema` and the shadow tables
+/// into their place, and hand the shadow's checkpoints, processed ids and held events to the
+/// projection. Readers see the old tables or the new ones, never an empty or partial one.
+///
+/// `tx` already holds the live checkpoints ([`hold_checkpoints`]).
+pub async fn swap(tx: Transaction<'_>, swap: &Swap<'_>) -> Result<Vec<String>, SwapError> {
+    lock_checkpoints(&tx, &[swap.projection, swap.alias]).await?;
+    let live: Vec<String> = swap.tables.iter().map(|(schema, table)| format!("{schema}.{table}")).collect();
+    tx.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", live.join(", "))).await.map_err(postgres)?;
+
+    let mut report = Vec::new();
+    for (schema, table) in swap.tables {
+        let live_rows = count_rows(&tx, &format!("{schema}.{table}")).await?;
+        let shadow_rows = count_rows(&tx, &format!("{}.{table}", swap.shadow_schema)).await?;
+        report.push(format!("{table}: {shadow_rows} rows (live had {live_rows})"));
+        if let Some(ratio) = swap.min_row_ratio {
+            if (shadow_rows as f64) < ratio * live_rows as f64 {
+                return Err(SwapError::CheckFailed(format!(
+                    "`{table}` has {shadow_rows} rows in the shadow copy, fewer than {ratio} × {live_rows} live rows"
+                )));
+            }
+        }
+    }
+    if !swap.checks.is_empty() {
+        let search_path: String = tx.query_one("SHOW search_path", &[]).await.map_err(postgres)?.get(0);
+        tx.batch_execute(&format!("SET LOCAL search_path = {}, {search_path}", swap.shadow_schema))
+            .await
+            .map_err(postgres)?;
+        for check in swap.checks {
+            let passed = tx
+                .query_one(check.as_str(), &[])
+                .await
+                .map_err(|error| SwapError::CheckFailed(format!("`{check}`: {}", describe(&error))))?;
+            if !passed.try_get::<_, bool>(0).unwrap_or(false) {
+                return Err(SwapError::CheckFailed(format!("`{check}` is not true on the shadow copy")));
+            }
+            report.push(format!("check passed: {check}"));
+        }
+        tx.batch_execute(&format!("SET LOCAL search_path = {search_path}")).await.map_err(postgres)?;
+    }
+
+    tx.batch_execute(&format!("CREATE SCHEMA {}", swap.retired_schema)).await.map_err(postgres)?;
+    for (schema, table) in swap.tables {
+        tx.batch_execute(&format!(
+            "ALTER TABLE {schema}.{table} SET SCHEMA {retired}; ALTER TABLE {shadow}.{table} SET SCHEMA {schema}",
+            retired = swap.retired_schema,
+            shadow = swap.shadow_schema
+        ))
+        .await
+        .map_err(postgres)?;
+    }
+    let retired_label = format!("{}~{}", swap.projection, swap.retired_schema);
+    tx.execute(
+        "UPDATE projector.dead_letters SET projection = $2 WHERE projection = $1",
+        &[&swap.projection, &retired_label],
+    )
+    .await
+    .map_err(postgres)?;
+    for table in ["checkpoints", "processed_events", "held_events"] {
+        tx.execute(&format!("DELETE FROM projector.{table} WHERE projection = $1"), &[&swap.projection])
+            .await
+            .map_err(postgres)?;
+    }
+    for table in ["checkpoints", "processed_events", "held_events", "dead_letters"] {
+        tx.execute(
+            &format!("UPDATE projector.{table} SET projection = $2 WHERE projection = $1"),
+            &[&swap.alias, &swap.projection],
+        )
+        .await
+        .map_err(postgres)?;
+    }
+    tx.execute(
+        "UPDATE projector.rebuilds SET state = 'done', finished_at = now(), detail = $3 WHERE projection = $1 AND target = $2",
+        &[&swap.projection, &swap.alias, &format!("swapped in; the old tables are kept in schema {}", swap.retired_schema)],
+    )
+    .await
+    .map_err(postgres)?;
+    tx.commit().await.map_err(postgres)?;
+    Ok(report)
+}
+
+async fn count_rows(client: &impl GenericClient, table: &str) -> Result<i64, StoreError> {
+    let row = client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.map_err(postgres)?;
+    Ok(row.get(0))
+}
+
+/// Schemas holding tables a shadow swap retired for `projection`.
+pub async fn retired_schemas(client: &impl GenericClient, projection: &str) -> Result<Vec<String>, StoreError> {
+    let prefix = format!("projector_retired_{projection}_");
+    let rows = client
+        .query("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1) ORDER BY nspname", &[&prefix])
+        .await
+        .map_err(postgres)?;
+    Ok(rows.into_iter().map(|row| row.get(0)).collect())
+}
+
+/// Drops a schema and everything in it.
+pub async fn drop_schema(client: &impl GenericClient, schema: &str) -> Result<(), StoreError> {
+    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await.map_err(postgres)
+}
+
+/// Moves a finished point-in-time copy to its final name(s) and forgets the build's engine rows.
+pub async fn finish_copy(
+    client: &mut Client,
+    alias: &str,
+    schema: &str,
+    moves: &[(String, String, String)],
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(postgres)?;
+    for (table, to_schema, to_table) in moves {
+        // Indexes (and the constraints behind them) and identity sequences are named after the
+        // table; renamed with it, so that they do not collide with the live table's in `to_schema`.
+        let owned = tx
+            .query(
+                "SELECT c.relname, CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'INDEX' END
+                   FROM pg_class c
+                  WHERE c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = to_regclass($1))
+                     OR c.oid IN (SELECT objid FROM pg_depend
+                                   WHERE refobjid = to_regclass($1) AND classid = 'pg_class'::regclass
+                                     AND deptype IN ('a', 'i'))
+                        AND c.relkind = 'S'",
+                &[&format!("{schema}.{table}")],
+            )
+            .await
+            .map_err(postgres)?;
+        for row in owned {
+            let name: String = row.get(0);
+            let kind: String = row.get(1);
+            let renamed = match name.strip_prefix(table.as_str()) {
+                Some(rest) => format!("{to_table}{rest}"),
+                None => format!("{to_table}_{name}"),
+            };
+            tx.batch_execute(&format!("ALTER {kind} {schema}.{name} RENAME TO {renamed}")).await.map_err(postgres)?;
+        }
+        tx.batch_execute(&format!(
+            "ALTER TABLE {schema}.{table} RENAME TO {to_table}; ALTER TABLE {schema}.{to_table} SET SCHEMA {to_schema}"
+        ))
+        .await
+        .map_err(postgres)?;
+    }
+    for table in ["checkpoints", "processed_events", "held_events"] {
+        tx.execute(&format!("DELETE FROM projector.{table} WHERE projection = $1"), &[&alias])
+            .await
+            .map_err(postgres)?;
+    }
+    tx.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.map_err(postgres)?;
+    tx.commit().await.map_err(postgres)
+}

@@ -1,0 +1,402 @@
+//! What the observability tests share: a database and a mock Kafka topic of their own, an engine
+//! with its HTTP endpoints on a free port, a plain HTTP/1.0 client, the exposition parsed, a lock
+//! that holds the engine's writes back, a TCP proxy in front of Postgres, and polling.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use projector::app::AppError;
+use projector::demo::ShopEvent;
+use projector::kafka::mock::MockKafka;
+use projector::metrics::Metrics;
+use projector::projection::Projection;
+use projector::settings::Settings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_postgres::{Client, NoTls};
+
+/// The server the test databases are created on, unless `PROJECTOR_TEST_DATABASE_URL` says otherwise.
+pub fn server_url() -> String {
+    std::env::var("PROJECTOR_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("connecting to `{url}`: {error} (is PostgreSQL running? see .ci/run)"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// `projector_test_<random>`, dropped at the end (best effort when the test panicked).
+pub struct TestDb {
+    pub url: String,
+    name: String,
+    dropped: bool,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = unique("projector_test");
+        connect(&server_url())
+            .await
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap_or_else(|error| panic!("creating database `{name}`: {error}"));
+        let url = projector::demo::database_url(&server_url(), &name).expect("database url");
+        TestDb { url, name, dropped: false }
+    }
+
+    pub async fn drop(mut self) {
+        connect(&server_url())
+            .await
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+            .await
+            .unwrap_or_else(|error| panic!("dropping database `{}`: {error}", self.name));
+        self.dropped = true;
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&server_url(), NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port").local_addr().expect("address").port()
+}
+
+/// Settings for one test: its broker, database, consumer groups, an HTTP port of its own, and a
+/// lag refresh of 200 ms.
+pub fn settings(kafka: &MockKafka, database_url: &str) -> Settings {
+    let mut settings = Settings::default();
+    settings.kafka.bootstrap_servers = kafka.bootstrap_servers();
+    settings.kafka.group_prefix = unique("group");
+    settings.database.url = database_url.to_string();
+    settings.database.pool_size = 4;
+    settings.batch.max_events = 50;
+    settings.batch.max_wait_ms = 20;
+    settings.http.listen = format!("127.0.0.1:{}", free_port());
+    settings.http.lag_refresh_ms = 200;
+    settings
+}
+
+pub fn new_topic(kafka: &MockKafka, partitions: i32) -> String {
+    let topic = unique("orders");
+    kafka.create_topic(&topic, partitions, 1).expect("creating a topic on the mock cluster");
+    topic
+}
+
+/// The example projections (`order_summary`, `customer_totals`) reading `topic`.
+pub fn example_projections(topic: &str) -> Vec<Projection> {
+    let mut projections = projector::demo::example_projections().expect("example projections compile");
+    for projection in &mut projections {
+        projection.topics = vec![topic.to_string()];
+    }
+    projections
+}
+
+pub const PROJECTIONS: [&str; 2] = ["order_summary", "customer_totals"];
+
+/// `count` events of new orders (each an `OrderPlaced`), in a valid order.
+pub fn new_orders(count: usize) -> Vec<ShopEvent> {
+    (0..count)
+        .map(|i| {
+            projector::demo::shop_event(
+                &uuid::Uuid::new_v4().to_string(),
+                1,
+                "OrderPlaced",
+                serde_json::json!({"customer_id": format!("customer-{}", i % 3), "total": "12.50"}),
+            )
+        })
+        .collect()
+}
+
+/// The demo's history of `orders` orders, flattened in stream order.
+pub fn history(orders: usize) -> Vec<ShopEvent> {
+    projector::demo::demo_history(orders).into_iter().flatten().collect()
+}
+
+pub async fn publish(settings: &Settings, topic: &str, events: &[ShopEvent]) {
+    projector::demo::publish(&settings.kafka.bootstrap_servers, topic, events).await.expect("publishing");
+}
+
+/// An engine (`projector::app::run`) on a task of its own.
+pub struct Engine {
+    pub metrics: Metrics,
+    pub address: String,
+    handle: JoinHandle<Result<(), AppError>>,
+    shutdown: oneshot::Sender<()>,
+}
+
+impl Engine {
+    pub fn start(settings: &Settings, projections: &[Projection]) -> Engine {
+        let metrics = Metrics::new();
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let (task_settings, projections, task_metrics) = (settings.clone(), projections.to_vec(), metrics.clone());
+        let handle = tokio::spawn(async move {
+            projector::app::run(&task_settings, projections, task_metrics, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Engine { metrics, address: settings.http.listen.clone(), handle, shutdown }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(());
+        match tokio::time::timeout(Duration::from_secs(60), self.handle).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => panic!("the engine failed: {error}"),
+            Ok(Err(join)) => panic!("the engine task failed: {join}"),
+            Err(_) => panic!("the engine did not stop within 60 s"),
+        }
+    }
+
+    /// `GET /metrics`, parsed (waiting for the server while the engine starts).
+    pub async fn scrape(&self) -> Exposition {
+        poll("GET /metrics answers 200", Duration::from_secs(60), || async {
+            match http_get(&self.address, "/metrics").await {
+                Ok((200, body)) => Ok(Exposition::parse(&body)),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
+    }
+}
+
+/// A minimal HTTP/1.0 GET (no chunked bodies): `(status, body)`.
+pub async fn http_get(address: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.write_all(format!("GET {path_and_query} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response timed out"))??;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes a query parameter value.
+pub fn encode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// One sample of the text exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// The Prometheus text exposition, parsed well enough for our own metrics.
+#[derive(Debug, Clone)]
+pub struct Exposition {
+    pub text: String,
+    pub samples: Vec<Sample>,
+}
+
+impl Exposition {
+    pub fn parse(text: &str) -> Exposition {
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').expect("`series value`");
+                let (name, labels) = match series.split_once('{') {
+                    Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let labels = labels
+                    .split("\",")
+                    .filter(|pair| !pair.is_empty())
+                    .map(|pair| {
+                        let (key, value) = pair.split_once('=').expect("label=value");
+                        (key.to_string(), value.trim_matches('"').to_string())
+                    })
+                    .collect();
+                Sample { name: name.to_string(), labels, value: value.parse().expect("a number") }
+            })
+            .collect();
+        Exposition { text: text.to_string(), samples }
+    }
+
+    /// Samples of `name` whose labels include every `(label, value)` of `filter`.
+    pub fn select<'a>(&'a self, name: &'a str, filter: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> {
+        self.samples.iter().filter(move |sample| {
+            sample.name == name
+                && filter.iter().all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(value))
+        })
+    }
+
+    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.select(name, filter).map(|sample| sample.value).sum()
+    }
+
+    pub fn max(&self, name: &str, filter: &[(&str, &str)]) -> Option<f64> {
+        self.select(name, filter).map(|sample| sample.value).reduce(f64::max)
+    }
+
+    pub fn count(&self, name: &str, filter: &[(&str, &str)]) -> usize {
+        self.select(name, filter).count()
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout` with the last
+/// state `describe` gives.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() > deadline => {
+                panic!("{what}: not reached within {timeout:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Holds the engine's writes back: an open transaction holding exclusive locks on the example
+/// read models, so that every batch waits and no checkpoint moves until [`WriteLock::release`].
+pub struct WriteLock {
+    client: Client,
+}
+
+impl WriteLock {
+    pub async fn take(database_url: &str) -> WriteLock {
+        let client = connect(database_url).await;
+        client
+            .batch_execute("BEGIN; LOCK TABLE order_summary, customer_totals IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("locking the read models");
+        WriteLock { client }
+    }
+
+    pub async fn release(self) {
+        self.client.batch_execute("ROLLBACK").await.expect("releasing the lock");
+    }
+}
+
+/// A TCP proxy on a loopback port in front of `target`, that can cut every connection (and
+/// refuse new ones) and be restored: Postgres "becomes unreachable" for the engine only.
+pub struct TcpProxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: String) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
+        let port = listener.local_addr().expect("address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (accept_cut, accept_connections) = (cut.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if accept_cut.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_connections.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        TcpProxy { port, cut, connections, accept }
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+/// `url` with its host and port replaced by `127.0.0.1:<port>`.
+pub fn via_port(url: &str, port: u16) -> String {
+    let mut parsed = url::Url::parse(url).expect("a database url");
+    parsed.set_host(Some("127.0.0.1")).expect("host");
+    parsed.set_port(Some(port)).expect("port");
+    parsed.to_string()
+}
+
+/// `host:port` of the database server of `url`.
+pub fn host_port(url: &str) -> String {
+    let parsed = url::Url::parse(url).expect("a database url");
+    format!("{}:{}", parsed.host_str().unwrap_or("127.0.0.1"), parsed.port().unwrap_or(5432))
+}
+
+/// The path of an external tool, or a failure that says how to install it (never a silent skip).
+pub fn require_tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("`{name}` is not on PATH: install it with `bash scripts/install-prometheus.sh` (Debian's prometheus package ships prometheus and promtool)")
+    })
+}
+
+/// The repository's root (for `deploy/`).
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}

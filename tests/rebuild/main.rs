@@ -1,0 +1,476 @@
+//! Rebuilds against real PostgreSQL and librdkafka's in-process mock Kafka cluster: in place,
+//! interrupted and resumed, into shadow tables under live traffic with a reader polling, a failed
+//! pre-swap check, as of a point in time, a changed definition, and missing history.
+//!
+//! Shares the engine tests' `support` (databases, topics, engines) and `model` (the fold).
+
+#[path = "../engine/model.rs"]
+#[allow(dead_code)]
+mod model;
+#[path = "../engine/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use projector::kafka::mock::MockKafka;
+use projector::metrics::Metrics;
+use projector::projection::Projection;
+use projector::rebuild::{RebuildArgs, RebuildError};
+use projector::settings::Settings;
+
+use model::{assert_read_models, events, order_stream, Fact};
+use support::{Engine, TestDb};
+
+/// `orders` orders over five customers, interleaved round-robin (each stream's order kept).
+fn history(orders: usize) -> Vec<Fact> {
+    let streams: Vec<Vec<Fact>> = (0..orders)
+        .map(|i| {
+            let steps: &[&str] = match i % 4 {
+                0 => &["paid", "shipped"],
+                1 => &["cancelled"],
+                2 => &["paid"],
+                _ => &[],
+            };
+            order_stream(&uuid::Uuid::new_v4().to_string(), &format!("customer-{}", i % 5), 100 + i as i64 * 37, steps)
+        })
+        .collect();
+    let longest = streams.iter().map(Vec::len).max().unwrap_or(0);
+    (0..longest).flat_map(|i| streams.iter().filter_map(move |s| s.get(i).cloned())).collect()
+}
+
+async fn publish(settings: &Settings, topic: &str, facts: &[Fact]) {
+    projector::demo::publish(&settings.kafka.bootstrap_servers, topic, &events(facts)).await.expect("publishing");
+}
+
+async fn rebuild(
+    settings: &Settings,
+    projections: &[Projection],
+    args: RebuildArgs,
+) -> Result<projector::rebuild::RebuildReport, RebuildError> {
+    projector::rebuild::run(settings, projections, &args, Metrics::new(), std::future::pending()).await
+}
+
+fn args(name: &str) -> RebuildArgs {
+    RebuildArgs { name: name.into(), ..RebuildArgs::default() }
+}
+
+/// Builds both read models with a live engine, then stops it: the "fresh build" to compare with.
+async fn fresh_build(settings: &Settings, projections: &[Projection]) -> (Vec<String>, Vec<String>) {
+    let engine = Engine::start(settings, projections);
+    support::wait_caught_up(settings, projections).await;
+    engine.stop().await;
+    snapshot(settings).await
+}
+
+async fn snapshot(settings: &Settings) -> (Vec<String>, Vec<String>) {
+    let client = support::connect(&settings.database.url).await;
+    (
+        support::table_text(&client, "order_summary", "order_id").await,
+        support::table_text(&client, "customer_totals", "customer_id").await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_rebuild_gives_the_same_tables_as_a_fresh_build() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 3);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, 50, true);
+    let projections = support::example_projections(&topic);
+    let published = history(40);
+    publish(&settings, &topic, &published).await;
+    let fresh = fresh_build(&settings, &projections).await;
+
+    // Damage both read models, as a buggy statement or a careless hand would.
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "UPDATE order_summary SET status = 'garbage'; DELETE FROM customer_totals WHERE customer_id = 'customer-1'",
+        )
+        .await
+        .unwrap();
+    assert_ne!(snapshot(&settings).await, fresh);
+
+    for name in ["order_summary", "customer_totals"] {
+        let report = rebuild(&settings, &projections, args(name)).await.expect("rebuild");
+        assert!(!report.resumed);
+        assert_eq!(report.events as usize, published.len(), "{name}: every record replayed once");
+    }
+    assert_eq!(snapshot(&settings).await, fresh, "rebuilt tables equal the fresh build, row for row");
+    assert_read_models(&client, &published, "after in-place rebuild").await;
+    let state: String = client
+        .query_one(
+            "SELECT state FROM projector.rebuilds WHERE projection = 'order_summary' AND target = 'order_summary'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "done");
+    drop(client);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_interrupted_part_way_resumes_to_the_same_tables() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 4);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, 20, true);
+    let projections = support::example_projections(&topic);
+    let published = history(400);
+    publish(&settings, &topic, &published).await;
+    let fresh = fresh_build(&settings, &projections).await;
+
+    for name in ["order_summary", "customer_totals"] {
+        // Interrupt once some, but not all, of the replay is done (Ctrl-C).
+        let client = db.client().await;
+        let progress_query = format!(
+            "SELECT coalesce(sum(next_offset), 0)::int8 FROM projector.checkpoints WHERE projection = '{name}'"
+        );
+        let started = Arc::new(AtomicBool::new(false));
+        let interrupt = {
+            let started = started.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let done: i64 = client.query_one(&progress_query, &[]).await.unwrap().get(0);
+                    // The reset sets checkpoints to 0: wait for the rebuild to be under way, then part-way.
+                    if done == 0 {
+                        started.store(true, Ordering::SeqCst);
+                    }
+                    if started.load(Ordering::SeqCst) && done > 0 {
+                        return;
+                    }
+                }
+            }
+        };
+        let first = projector::rebuild::run(&settings, &projections, &args(name), Metrics::new(), interrupt).await;
+        match first {
+            Err(RebuildError::Interrupted { done, total }) => {
+                assert!(done < total, "{name}: interrupted part-way ({done} of {total})")
+            }
+            other => panic!("{name}: expected an interrupted rebuild, got {other:?}"),
+        }
+        let state: String = db
+            .client()
+            .await
+            .query_one("SELECT state FROM projector.rebuilds WHERE projection = $1 AND target = $1", &[&name])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(state, "running", "{name}: the interrupted rebuild is recorded as under way");
+
+        let resumed = rebuild(&settings, &projections, args(name)).await.expect("resumed rebuild");
+        assert!(resumed.resumed, "{name}: the second run resumes instead of starting over");
+        assert!((resumed.events as usize) < published.len(), "{name}: the resumed run does not replay from zero");
+    }
+    assert_eq!(snapshot(&settings).await, fresh, "resumed rebuild equals the fresh build");
+    assert_read_models(&db.client().await, &published, "after a resumed rebuild").await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_rebuild_under_live_traffic_swaps_without_readers_seeing_a_partial_table() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 3);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, 20, true);
+    let projections = support::example_projections(&topic);
+    let first = history(150);
+    publish(&settings, &topic, &first).await;
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+
+    // Damage the live table: the shadow rebuild must produce the fold regardless.
+    let client = db.client().await;
+    client.batch_execute("UPDATE order_summary SET carrier = 'wrong'").await.unwrap();
+
+    // A reader polls the live table: it must never see it empty, partial or going backwards.
+    let stop_reader = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop_reader.clone();
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let client = support::connect(&url).await;
+            let mut last = (0i64, 0i64);
+            let mut reads = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let row = client
+                    .query_one("SELECT count(*), coalesce(sum(version), 0)::int8 FROM order_summary", &[])
+                    .await
+                    .expect("the live table is always there");
+                let now: (i64, i64) = (row.get(0), row.get(1));
+                assert!(now.0 >= last.0 && now.1 >= last.1, "reader saw the read model go back: {last:?} then {now:?}");
+                last = now;
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (reads, last)
+        })
+    };
+    // Live traffic during the rebuild.
+    let second = history(150);
+    let producer = {
+        let (settings, topic, second) = (settings.clone(), topic.clone(), second.clone());
+        tokio::spawn(async move {
+            for chunk in second.chunks(10) {
+                publish(&settings, &topic, chunk).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let report = rebuild(&settings, &projections, RebuildArgs { shadow: true, ..args("order_summary") })
+        .await
+        .expect("shadow rebuild");
+    producer.await.unwrap();
+    support::wait_caught_up(&settings, &projections).await;
+    stop_reader.store(true, Ordering::SeqCst);
+    let (reads, _) = reader.await.expect("the reader never saw a partial table");
+    assert!(reads > 10, "the reader polled during the rebuild ({reads} reads)");
+    assert!(report.notes.iter().any(|note| note.contains("projector_retired_order_summary_")), "{:?}", report.notes);
+
+    let mut all = first.clone();
+    all.extend(second.iter().cloned());
+    assert_read_models(&client, &all, "after the shadow swap, with live traffic").await;
+    let outcomes = support::outcomes(&engine.stop().await, "order_summary");
+    assert_eq!(outcomes.iter().find(|(o, _)| *o == "parked").unwrap().1, 0);
+
+    // The old copy stays until dropped.
+    let retired: Vec<String> = client
+        .query("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'projector_retired_order_summary_%'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(retired.len(), 1);
+    let old_wrong: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {}.order_summary WHERE carrier = 'wrong'", retired[0]), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(old_wrong > 0, "the retired copy is the old table");
+    let dropped = projector::rebuild::drop_retired(&settings, "order_summary").await.unwrap();
+    assert_eq!(dropped, retired);
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projector_retired_order_summary_%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    drop(client);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pre_swap_check_leaves_the_live_table_untouched() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 2);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, 50, true);
+    let mut projections = support::example_projections(&topic);
+    publish(&settings, &topic, &history(30)).await;
+    let before = fresh_build(&settings, &projections).await;
+
+    let summary = projections.iter_mut().find(|p| p.name == "order_summary").unwrap();
+    summary.rebuild.checks = vec!["SELECT count(*) = 0 FROM order_summary".into()];
+    let error = rebuild(&settings, &projections, RebuildArgs { shadow: true, ..args("order_summary") })
+        .await
+        .expect_err("the check fails");
+    assert!(matches!(error, RebuildError::Swap(_)), "{error}");
+    assert!(error.to_string().contains("is not true on the shadow copy"), "{error}");
+    assert_eq!(snapshot(&settings).await, before, "live tables untouched");
+
+    // A row-count check fails the same way.
+    let summary = projections.iter_mut().find(|p| p.name == "order_summary").unwrap();
+    summary.rebuild.checks.clear();
+    let error = rebuild(
+        &settings,
+        &projections,
+        RebuildArgs { shadow: true, restart: true, min_row_ratio: Some(2.0), ..args("order_summary") },
+    )
+    .await
+    .expect_err("the row count check fails");
+    assert!(error.to_string().contains("fewer than 2"), "{error}");
+    assert_eq!(snapshot(&settings).await, before, "live tables untouched");
+    let client = db.client().await;
+    let state: String = client
+        .query_one("SELECT state FROM projector.rebuilds WHERE target = 'order_summary~shadow'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "aborted");
+    let live_checkpoints: i64 = client
+        .query_one("SELECT count(*) FROM projector.checkpoints WHERE projection = 'order_summary'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live_checkpoints, 2, "live checkpoints untouched");
+    drop(client);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_builds_the_fold_of_the_events_up_to_that_point() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 3);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, 50, true);
+    let projections = support::example_projections(&topic);
+    let before = history(30);
+    publish(&settings, &topic, &before).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cut = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut after = history(20);
+    // Also later events of orders from before the cut: the as-of copy must not see them.
+    for fact in before.iter().filter(|fact| fact.version == 1).take(5) {
+        if let Some(last) = before.iter().filter(|f| f.order == fact.order).map(|f| f.version).max() {
+            after.push(Fact::new(
+                &fact.order,
+                &fact.customer,
+                last + 1,
+                model::Kind::Cancelled { reason: "late".into() },
+            ));
+        }
+    }
+    publish(&settings, &topic, &after).await;
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+
+    let report = rebuild(
+        &settings,
+        &projections,
+        RebuildArgs { until: Some(cut), into: Some("order_summary_asof".into()), ..args("order_summary") },
+    )
+    .await
+    .expect("as-of rebuild");
+    assert_eq!(report.events as usize, before.len(), "exactly the records before the cut");
+    engine.stop().await;
+
+    let client = db.client().await;
+    let as_of = model::read_order_summary_from(&client, "order_summary_asof").await;
+    assert_eq!(as_of, model::fold_order_summary(&before), "as-of table = fold of the events before the cut");
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    assert_read_models(&client, &all, "live tables untouched by the as-of build").await;
+    drop(client);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_definition_is_refused_until_rebuilt_or_accepted() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 2);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, 50, true);
+    let projections = support::example_projections(&topic);
+    let first = history(10);
+    publish(&settings, &topic, &first).await;
+    fresh_build(&settings, &projections).await;
+
+    // The team changes a statement: shipped orders now record the carrier in upper case.
+    let changed_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/projections/order_summary.toml"))
+        .unwrap()
+        .replace("carrier = \":data.carrier?\"", "carrier = \"upper(:data.carrier?)\"");
+    let mut changed = projector::projection::compile_file(std::path::Path::new("order_summary.toml"), &changed_text)
+        .expect("the changed definition compiles");
+    changed.topics = vec![topic.clone()];
+    let original = projections.iter().find(|p| p.name == "order_summary").unwrap();
+    assert_ne!(changed.hash, original.hash, "a changed statement changes the definition hash");
+    let changed_projections = vec![changed.clone()];
+
+    // New events arrive; an engine with the changed definition must not apply them.
+    let second = history(10);
+    publish(&settings, &topic, &second).await;
+    let engine = Engine::start(&settings, &changed_projections);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = db.client().await;
+    let state = engine
+        .metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "projector_projection_state")
+        .flat_map(|family| family.get_metric().to_vec())
+        .filter(|metric| metric.get_gauge().value() == 1.0)
+        .flat_map(|metric| {
+            metric.get_label().iter().filter(|l| l.name() == "state").map(|l| l.value().to_string()).collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(state, vec!["failed".to_string()], "the changed projection is held back");
+    assert_eq!(model::read_order_summary(&client).await, model::fold_order_summary(&first), "nothing new applied");
+
+    // The operator accepts the change: the waiting engine starts by itself.
+    projector::rebuild::accept(&settings, &changed).await.expect("accept");
+    support::wait_caught_up(&settings, &changed_projections).await;
+    engine.stop().await;
+    let mut all = first.clone();
+    all.extend(second.iter().cloned());
+    assert_eq!(model::read_order_summary(&client).await.len(), model::fold_order_summary(&all).len());
+    drop(client);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_refuses_when_history_is_missing() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 1);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, 50, true);
+    let projections = support::example_projections(&topic);
+    let small = history(10);
+    publish(&settings, &topic, &small).await;
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+
+    // Retention: the mock broker keeps at most 5 MB per partition and drops the oldest records
+    // beyond that, moving the partition's log start, as Kafka's retention does.
+    let padding = "x".repeat(100_000);
+    let big: Vec<projector::demo::ShopEvent> = (0..70)
+        .map(|i| {
+            projector::demo::shop_event(
+                &uuid::Uuid::new_v4().to_string(),
+                1,
+                "OrderPlaced",
+                serde_json::json!({"customer_id": format!("big-{i}"), "total": "1.00", "padding": padding}),
+            )
+        })
+        .collect();
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &big).await.expect("publishing");
+    support::wait_caught_up(&settings, &projections).await;
+    engine.stop().await;
+    let (low, _) = projector::kafka::watermarks(&settings.kafka, &[topic.clone()], Duration::from_secs(5)).unwrap()
+        [&(topic.clone(), 0)];
+    assert!(low > 10, "the broker dropped the oldest records (log start {low})");
+    let before = snapshot(&settings).await;
+
+    let error = rebuild(&settings, &projections, args("order_summary")).await.expect_err("refused");
+    assert!(matches!(error, RebuildError::HistoryMissing(_)), "{error}");
+    assert!(error.to_string().contains(&format!("partition 0 starts at offset {low}")), "{error}");
+    assert!(error.to_string().contains("--accept-data-loss"), "{error}");
+    assert_eq!(snapshot(&settings).await, before, "nothing was reset");
+    let rebuilds: i64 =
+        db.client().await.query_one("SELECT count(*) FROM projector.rebuilds", &[]).await.unwrap().get(0);
+    assert_eq!(rebuilds, 0, "no rebuild was started");
+
+    let report = rebuild(&settings, &projections, RebuildArgs { accept_data_loss: true, ..args("order_summary") })
+        .await
+        .expect("rebuild accepting the loss");
+    let records = (small.len() + big.len()) as i64;
+    assert!(low < records);
+    assert_eq!(report.events as i64, records - low, "what is left is replayed");
+    db.drop().await;
+}
