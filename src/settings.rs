@@ -39,7 +39,9 @@ pub struct KafkaSettings {
     /// Commit offsets to Kafka after each database commit, for outside tools (advisory only:
     /// the engine always resumes from the checkpoints stored in Postgres).
     pub commit_offsets: bool,
-    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*`, …), passed through as is.
+    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*`, …), passed through as
+    /// is. Numbers and booleans are taken as their text (environment values arrive typed).
+    #[serde(deserialize_with = "property_values")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -88,6 +90,31 @@ impl Default for Settings {
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
         }
     }
+}
+
+/// librdkafka properties are all text; accept numbers and booleans written without quotes.
+fn property_values<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    let values = BTreeMap::<String, Value>::deserialize(deserializer)?;
+    Ok(values
+        .into_iter()
+        .map(|(name, value)| {
+            let text = match value {
+                Value::Text(text) => text,
+                Value::Integer(number) => number.to_string(),
+                Value::Float(number) => number.to_string(),
+                Value::Bool(flag) => flag.to_string(),
+            };
+            (name, text)
+        })
+        .collect())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +250,21 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("hunter3"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
+    }
+
+    #[test]
+    fn numeric_properties_from_the_environment_are_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PROJECTOR_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000");
+            jail.set_env("PROJECTOR_KAFKA__PROPERTIES__ENABLE_SSL_CERTIFICATE_VERIFICATION", "false");
+            let settings = Settings::load(None).map_err(|error| error.to_string())?;
+            assert_eq!(settings.kafka.properties.get("session.timeout.ms").map(String::as_str), Some("6000"));
+            assert_eq!(
+                settings.kafka.properties.get("enable.ssl.certificate.verification").map(String::as_str),
+                Some("false")
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use common::{
-    checkpoints, produce_one_per_batch, projector_command, query_i64, wait_for, Projector, Tansu, TestDb,
+    checkpoints, produce_one_per_batch, projector_command, query_i64, wait_for, LogDir, Projector, Tansu, TestDb,
 };
 use nix::sys::signal::Signal;
 use projector::demo::{demo_history, ShopEvent, TOPIC};
@@ -158,10 +158,16 @@ fn records_per_partition(positions: &[(i32, i64)]) -> BTreeMap<i32, i64> {
 }
 
 /// Ok when both read models equal `expected` and both projections' checkpoints equal `ends`.
-async fn caught_up(client: &Client, projector: &Projector, expected: &Expected, ends: &BTreeMap<i32, i64>) -> Result<(), String> {
-    projector.check_running()?;
+async fn caught_up(
+    client: &Client,
+    projector: &Projector,
+    expected: &Expected,
+    ends: &BTreeMap<i32, i64>,
+) -> Result<(), String> {
+    projector.assert_running();
     for projection in PROJECTIONS {
-        let mut stored = checkpoints(client, projection, TOPIC).await.map_err(|error| format!("reading checkpoints: {error}"))?;
+        let mut stored =
+            checkpoints(client, projection, TOPIC).await.map_err(|error| format!("reading checkpoints: {error}"))?;
         stored.retain(|_, next_offset| *next_offset > 0);
         if &stored != ends {
             return Err(format!("`{projection}` checkpoints {stored:?}, want {ends:?}"));
@@ -191,7 +197,8 @@ async fn caught_up(client: &Client, projector: &Projector, expected: &Expected, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_events() {
     let started = Instant::now();
-    let seed: u64 = std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 =
+        std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
 
@@ -201,9 +208,14 @@ async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_event
     let db = TestDb::create().await;
     let client = db.connect().await;
     let group_prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let log_dir = tempfile::tempdir().expect("temporary directory");
-    let log = log_dir.path().join("projector.log");
-    eprintln!("tansu at {}, database `{}`, group prefix `{group_prefix}`, projector log {}", tansu.bootstrap, db.name, log.display());
+    let log_dir = LogDir::new("e2e");
+    let log = log_dir.path.join("projector.log");
+    eprintln!(
+        "tansu at {}, database `{}`, group prefix `{group_prefix}`, projector log {}",
+        tansu.bootstrap,
+        db.name,
+        log.display()
+    );
 
     // 2. The first half of the history.
     let (records, duplicates) = shuffled_history_with_duplicates(&mut rng);
@@ -213,16 +225,23 @@ async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_event
     let mut positions = produce_one_per_batch(&tansu.bootstrap, TOPIC, first).await;
 
     // 3. The projector catches up with the first half.
+    let settings = log_dir.path.join("projector.toml");
+    std::fs::write(&settings, "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n")
+        .expect("writing projector.toml");
     let command = || {
         let mut command = projector_command(&db.url, &tansu.bootstrap, &group_prefix, &log);
         command.env("PROJECTOR_BATCH__MAX_EVENTS", "8").env("PROJECTOR_BATCH__MAX_WAIT_MS", "20");
+        // A SIGKILLed member keeps its partitions until its session times out (45 s by default):
+        // a short session lets the restarted projector get them back sooner.
+        command.env("PROJECTOR_CONFIG", &settings);
         command
     };
     let mut projector = Projector::spawn(command(), &log, "first run");
     let expected_first = expected_fold(first);
     let ends_first = records_per_partition(&positions);
     assert_eq!(ends_first.values().sum::<i64>(), first.len() as i64);
-    wait_for("the first half to be applied", CATCH_UP, || caught_up(&client, &projector, &expected_first, &ends_first)).await;
+    wait_for("the first half to be applied", CATCH_UP, || caught_up(&client, &projector, &expected_first, &ends_first))
+        .await;
     eprintln!("first half applied after {:?}", started.elapsed());
 
     // 4. The rest, produced in the background, slowly enough to crash the projector mid-stream.
@@ -239,7 +258,7 @@ async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_event
         })
     };
     wait_for("some of the second half to be applied", CATCH_UP, || async {
-        projector.check_running()?;
+        projector.assert_running();
         let versions = query_i64(&client, "SELECT coalesce(sum(version), 0)::bigint FROM order_summary").await;
         if versions >= versions_after_first + 10 {
             Ok(())

@@ -117,6 +117,10 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         .set("auto.offset.reset", if settings.start_from == "latest" { "latest" } else { "earliest" })
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
+        // A killed instance's partitions move to a live one after 10 s rather than librdkafka's
+        // default 45 s (settings may override both).
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (name, value) in &settings.properties {
         config.set(name, value);

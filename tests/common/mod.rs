@@ -106,7 +106,9 @@ impl Drop for TestDb {
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
-                if let Err(error) = client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await {
+                if let Err(error) =
+                    client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
+                {
                     eprintln!("could not drop test database `{name}`: {error}");
                 }
             });
@@ -120,15 +122,15 @@ impl Drop for TestDb {
 
 /// The single `bigint` (or `int`, cast it) that `sql` returns.
 pub async fn query_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|error| panic!("`{sql}`: {error}"))
-        .get::<_, i64>(0)
+    client.query_one(sql, &[]).await.unwrap_or_else(|error| panic!("`{sql}`: {error}")).get::<_, i64>(0)
 }
 
 /// `projection`'s checkpoints: partition -> next offset, for `topic`.
-pub async fn checkpoints(client: &Client, projection: &str, topic: &str) -> Result<BTreeMap<i32, i64>, tokio_postgres::Error> {
+pub async fn checkpoints(
+    client: &Client,
+    projection: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT partition, next_offset FROM projector.checkpoints WHERE projection = $1 AND topic = $2",
@@ -164,6 +166,25 @@ where
 // ---------------------------------------------------------------------------------------------
 // Processes
 
+/// A folder for one test's logs, deleted at the end unless `PROJECTOR_TEST_KEEP_LOGS` is set.
+pub struct LogDir {
+    pub path: PathBuf,
+    _deleted_on_drop: Option<tempfile::TempDir>,
+}
+
+impl LogDir {
+    pub fn new(label: &str) -> LogDir {
+        let dir =
+            tempfile::Builder::new().prefix(&format!("projector-{label}-")).tempdir().expect("temporary directory");
+        if std::env::var_os("PROJECTOR_TEST_KEEP_LOGS").is_some() {
+            let path = dir.keep();
+            eprintln!("logs kept in {}", path.display());
+            return LogDir { path, _deleted_on_drop: None };
+        }
+        LogDir { path: dir.path().to_path_buf(), _deleted_on_drop: Some(dir) }
+    }
+}
+
 /// A free loopback TCP port (free when this returns; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("binding a loopback port").local_addr().expect("local address").port()
@@ -171,7 +192,8 @@ pub fn free_port() -> u16 {
 
 /// The last `lines` lines of the file at `path`, for failure reports.
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|error| format!("<cannot read {}: {error}>", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|error| format!("<cannot read {}: {error}>", path.display()));
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -221,7 +243,6 @@ impl Tansu {
             .args(["--listener-url", &listener])
             .args(["--advertised-listener-url", &listener])
             .args(["--storage-engine", "memory://tansu/"])
-            .args(["--prometheus-listener-url", &format!("tcp://127.0.0.1:{}", free_port())])
             .current_dir(dir.path())
             .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -244,7 +265,11 @@ impl Tansu {
                 return;
             }
             if started.elapsed() > timeout {
-                panic!("tansu did not answer on {} within {timeout:?}; its log:\n{}", self.bootstrap, log_tail(&self.log, 40));
+                panic!(
+                    "tansu did not answer on {} within {timeout:?}; its log:\n{}",
+                    self.bootstrap,
+                    log_tail(&self.log, 40)
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -260,9 +285,8 @@ impl Tansu {
                 .set("log_level", "3")
                 .create()
                 .map_err(|error| error.to_string())?;
-            let metadata = consumer
-                .fetch_metadata(topic.as_deref(), Duration::from_secs(3))
-                .map_err(|error| error.to_string())?;
+            let metadata =
+                consumer.fetch_metadata(topic.as_deref(), Duration::from_secs(3)).map_err(|error| error.to_string())?;
             Ok(metadata
                 .topics()
                 .iter()
@@ -277,10 +301,8 @@ impl Tansu {
     /// Creates `name` with `partitions` partitions (Tansu does not create topics on first use)
     /// and waits until the broker's metadata shows them.
     pub async fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .expect("creating an admin client");
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().expect("creating an admin client");
         let created = admin
             .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
             .await;
@@ -348,7 +370,7 @@ pub async fn produce_one_per_batch(bootstrap: &str, topic: &str, events: &[ShopE
 }
 
 /// `projector run` against `database_url` and `bootstrap`, consumer groups `<group_prefix>.<projection>`,
-/// the example projections, `RUST_LOG=info`, stdout and stderr appended to `log`, working in `log`'s
+/// the example projections, `/metrics` on a free port, `RUST_LOG=info`, stdout and stderr appended to `log`, working in `log`'s
 /// folder (so no stray `projector.toml` is read). Inherited `PROJECTOR_*` variables are removed.
 pub fn projector_command(database_url: &str, bootstrap: &str, group_prefix: &str, log: &Path) -> Command {
     let log_file = OpenOptions::new().create(true).append(true).open(log).expect("opening the projector log");
@@ -364,6 +386,7 @@ pub fn projector_command(database_url: &str, bootstrap: &str, group_prefix: &str
         .env("PROJECTOR_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
         .env("PROJECTOR_KAFKA__GROUP_PREFIX", group_prefix)
         .env("PROJECTOR_PROJECTIONS_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/projections"))
+        .env("PROJECTOR_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("RUST_LOG", "info")
         .current_dir(log.parent().expect("log file in a folder"))
         .stdin(Stdio::null())
@@ -404,6 +427,14 @@ impl Projector {
         }
     }
 
+    /// Panics with the log's tail if the process has exited (for use inside [`wait_for`] checks,
+    /// so that a crashed projector fails the test at once instead of at the timeout).
+    pub fn assert_running(&self) {
+        if let Err(exited) = self.check_running() {
+            panic!("{exited}");
+        }
+    }
+
     /// SIGKILL: a crash, no shutdown protocol.
     pub fn kill(&self) {
         let mut child = self.child.lock().expect("child lock");
@@ -420,7 +451,10 @@ impl Projector {
                 return status;
             }
             if started.elapsed() > timeout {
-                panic!("the projector did not exit within {timeout:?} of {signal}; its log:\n{}", log_tail(&self.log, 60));
+                panic!(
+                    "the projector did not exit within {timeout:?} of {signal}; its log:\n{}",
+                    log_tail(&self.log, 60)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole test suite: starts the local PostgreSQL when it is down, installs what the tests need
+# (a C toolchain for librdkafka, the Tansu broker, Prometheus and promtool) when missing, then runs
+# `cargo test --release`. Extra arguments go to cargo test, e.g. `scripts/test.sh --test e2e_tansu`.
+# CI runs this script through `.ci/run`. Exits non-zero on any failure.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+step() { echo "==> $*"; }
+
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$HOME/.cargo/bin:$PATH"
+
+# PostgreSQL: the tests create and drop a database each on this server.
+if [ -z "${PROJECTOR_TEST_DATABASE_URL:-}" ]; then
+    step "checking PostgreSQL at 127.0.0.1:5432"
+    if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+        for version in $(ls /etc/postgresql 2>/dev/null); do
+            step "starting PostgreSQL $version"
+            pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+        done
+        for _ in $(seq 1 30); do
+            pg_isready -q -h 127.0.0.1 -p 5432 && break
+            sleep 1
+        done
+        pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running at 127.0.0.1:5432" >&2; exit 1; }
+    fi
+fi
+
+# librdkafka (rdkafka-sys) is built from source: it needs a C toolchain.
+for tool in cc make; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        step "installing build tools (missing $tool)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq build-essential pkg-config >/dev/null
+        break
+    fi
+done
+
+# Tansu, the Kafka-compatible broker of the end-to-end tests (each test starts its own broker).
+step "tansu"
+bash scripts/install-tansu.sh
+
+# Prometheus and promtool, for the observability tests.
+if [ -f scripts/install-prometheus.sh ]; then
+    step "prometheus"
+    bash scripts/install-prometheus.sh
+fi
+
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+    mkdir -p "$CARGO_TARGET_DIR"
+    step "CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
+fi
+
+step "cargo test --release $*"
+cargo test --release "$@"
+step "all tests passed"
