@@ -202,6 +202,9 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
 
     print_read_models(&settings.database.url).await?;
     print_outcomes(&metrics, &projections);
+    // The process ends right after: keep the broker up until then, so that clients still closing
+    // in the background do not log connection errors at exit.
+    std::mem::forget(cluster);
     Ok(())
 }
 

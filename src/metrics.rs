@@ -24,6 +24,9 @@ pub struct Metrics {
     pub batch_duration: HistogramVec,
     /// `projector_batch_events{projection}`.
     pub batch_events: HistogramVec,
+    /// `projector_batches_total{projection,path}`: committed batches by how they were applied,
+    /// `fast` (predicted and pipelined) or `careful` (event by event).
+    pub batches: IntCounterVec,
     /// `projector_last_commit_timestamp_seconds{projection}`.
     pub last_commit: IntGaugeVec,
     /// `projector_checkpoint_offset{projection,topic,partition}`.
@@ -75,6 +78,14 @@ impl Metrics {
             &["projection"],
         )
         .expect("valid metric");
+        let batches = IntCounterVec::new(
+            Opts::new(
+                "projector_batches_total",
+                "Committed batches by how they were applied: fast (predicted, pipelined) or careful (event by event)",
+            ),
+            &["projection", "path"],
+        )
+        .expect("valid metric");
         let last_commit = int_gauge(
             "projector_last_commit_timestamp_seconds",
             "Unix time of the projection's last committed batch",
@@ -114,6 +125,7 @@ impl Metrics {
             Box::new(events.clone()),
             Box::new(batch_duration.clone()),
             Box::new(batch_events.clone()),
+            Box::new(batches.clone()),
             Box::new(last_commit.clone()),
             Box::new(checkpoint.clone()),
             Box::new(state.clone()),
@@ -134,6 +146,7 @@ impl Metrics {
             events,
             batch_duration,
             batch_events,
+            batches,
             last_commit,
             checkpoint,
             state,
@@ -163,6 +176,7 @@ impl Metrics {
         }
         self.batch_duration.with_label_values(&[projection]).observe(seconds);
         self.batch_events.with_label_values(&[projection]).observe(events as f64);
+        self.batches.with_label_values(&[projection, if report.fast { "fast" } else { "careful" }]).inc();
         self.last_commit.with_label_values(&[projection]).set(chrono::Utc::now().timestamp());
     }
 

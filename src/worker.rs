@@ -255,6 +255,10 @@ impl Worker {
             };
             match result {
                 Ok(report) => break report,
+                Err(ApplyError::Mispredicted(message)) => {
+                    tracing::debug!(projection = %self.projection.name, %message, "fast path declined: retrying the batch event by event");
+                    isolate = true;
+                }
                 Err(ApplyError::EventFailed { topic, partition, offset, message }) => {
                     tracing::info!(projection = %self.projection.name, %topic, partition, offset, %message,
                         "a statement failed on an event's data: retrying the batch event by event");

@@ -9,6 +9,7 @@ use tokio_postgres::error::SqlState;
 
 use super::checkpoint::{self, TopicPartition};
 use super::describe;
+use super::fast::{self, Fast};
 use crate::projection::value::{bind_all, SqlValue};
 use crate::projection::{Decoded, Dedupe, Event, Handler, Projection, Record, StatementKind};
 
@@ -57,10 +58,12 @@ pub struct BatchReport {
     pub outcomes: BTreeMap<(String, Outcome), u64>,
     /// Held events applied because their predecessor arrived (also counted as `applied`).
     pub released: u64,
+    /// Applied by the fast path ([`super::fast`]).
+    pub fast: bool,
 }
 
 impl BatchReport {
-    fn count(&mut self, label: &str, outcome: Outcome) {
+    pub(super) fn count(&mut self, label: &str, outcome: Outcome) {
         *self.outcomes.entry((label.to_string(), outcome)).or_default() += 1;
     }
 
@@ -84,6 +87,9 @@ pub enum ApplyError {
     /// Retrying cannot help (missing table or column, no permission, …).
     #[error("{0}")]
     Fatal(String),
+    /// The fast path's prediction did not hold; retry on the careful path.
+    #[error("fast path declined after writing: {0}")]
+    Mispredicted(String),
 }
 
 /// How a database error is handled.
@@ -113,7 +119,7 @@ fn classify(error: &tokio_postgres::Error) -> ErrorClass {
     }
 }
 
-fn fail(error: &tokio_postgres::Error) -> ApplyError {
+pub(super) fn fail(error: &tokio_postgres::Error) -> ApplyError {
     match classify(error) {
         ErrorClass::Transient | ErrorClass::Poison => ApplyError::Transient(describe(error)),
         ErrorClass::Fatal => ApplyError::Fatal(describe(error)),
@@ -157,6 +163,12 @@ pub async fn apply_batch(
     // Each record is decoded once, here.
     let decoded: Vec<Decoded<'_>> = batch.records.iter().map(|record| projection.decode(record)).collect();
     let mut held_keys = held_keys_among(&tx, projection, &decoded).await?;
+    if !isolate && held_keys.is_empty() {
+        if let Fast::Done(report) = fast::try_apply(&tx, projection, batch.records, &decoded).await? {
+            tx.commit().await.map_err(|error| fail(&error))?;
+            return Ok(report);
+        }
+    }
     for (record, decoded) in batch.records.iter().zip(decoded) {
         let processed = run_isolated(&tx, projection, record, decoded, Source::Kafka, None, isolate).await?;
         let Some(Processed { label, outcome, key }) = processed else {

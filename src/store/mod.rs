@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod fast;
 pub mod rebuild;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

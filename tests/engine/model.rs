@@ -81,14 +81,7 @@ pub fn events(facts: &[Fact]) -> Vec<ShopEvent> {
 /// The distinct facts among `published` (by event id), first copy first.
 pub fn distinct(published: &[Fact]) -> Vec<Fact> {
     let mut seen = BTreeSet::new();
-    published
-        .iter()
-        .filter(|fact| {
-            seen.insert(fact.id());
-            true
-        })
-        .cloned()
-        .collect()
+    published.iter().filter(|fact| seen.insert(fact.id())).cloned().collect()
 }
 
 /// A row of `order_summary`, without its timestamps.

@@ -28,16 +28,11 @@ fn five_orders() -> Vec<Vec<Fact>> {
 /// The streams interleaved round-robin (each stream's order kept).
 fn interleave(streams: &[Vec<Fact>]) -> Vec<Fact> {
     let longest = streams.iter().map(Vec::len).max().unwrap_or(0);
-    (0..longest)
-        .flat_map(|i| streams.iter().filter_map(move |stream| stream.get(i).cloned()))
-        .collect()
+    (0..longest).flat_map(|i| streams.iter().filter_map(move |stream| stream.get(i).cloned())).collect()
 }
 
 fn shipped(facts: &[Fact]) -> u64 {
-    facts
-        .iter()
-        .filter(|fact| !fact.counts_for_customer_totals())
-        .count() as u64
+    facts.iter().filter(|fact| !fact.counts_for_customer_totals()).count() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,23 +53,13 @@ async fn same_event_twice_at_different_offsets_changes_nothing() {
             published.push(fact.clone());
         }
     }
-    let shipped_fact = original
-        .iter()
-        .find(|fact| !fact.counts_for_customer_totals())
-        .expect("a shipped event")
-        .clone();
-    published.extend([
-        original[0].clone(),
-        original[5].clone(),
-        original[5].clone(),
-        shipped_fact,
-    ]);
+    let shipped_fact =
+        original.iter().find(|fact| !fact.counts_for_customer_totals()).expect("a shipped event").clone();
+    published.extend([original[0].clone(), original[5].clone(), original[5].clone(), shipped_fact]);
     let extra = (published.len() - original.len()) as u64;
     assert_eq!(extra, 6);
     assert_eq!(distinct(&published).len(), original.len());
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&published))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&published)).await.expect("publishing");
 
     let engine = Engine::start(&settings, &projections);
     support::wait_caught_up(&settings, &projections).await;
@@ -89,20 +74,14 @@ async fn same_event_twice_at_different_offsets_changes_nothing() {
     assert_eq!(count("order_summary", Outcome::Gap), 0);
     let ignored_originals = shipped(&original);
     let ignored_copies = shipped(&published) - ignored_originals;
-    assert_eq!(
-        count("customer_totals", Outcome::Applied),
-        original.len() as u64 - ignored_originals
-    );
+    assert_eq!(count("customer_totals", Outcome::Applied), original.len() as u64 - ignored_originals);
     assert_eq!(
         count("customer_totals", Outcome::Duplicate),
         extra - ignored_copies,
         "{:?}",
         support::outcomes(&metrics, "customer_totals")
     );
-    assert_eq!(
-        count("customer_totals", Outcome::Ignored),
-        shipped(&published)
-    );
+    assert_eq!(count("customer_totals", Outcome::Ignored), shipped(&published));
     for projection in ["order_summary", "customer_totals"] {
         assert_eq!(count(projection, Outcome::Parked), 0, "{projection}");
     }
@@ -146,9 +125,7 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
 
     let streams = five_orders();
     let before = interleave(&streams);
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&before))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&before)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
     support::wait_caught_up(&settings, &projections).await;
     engine.crash().await;
@@ -179,9 +156,7 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
     ];
     after.extend(order_stream(&uuid::Uuid::new_v4().to_string(), "dave", 4200, &["paid"]));
     after.extend(order_stream(&uuid::Uuid::new_v4().to_string(), "alice", 777, &["cancelled"]));
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&after))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&after)).await.expect("publishing");
     support::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
@@ -189,12 +164,8 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
     assert_read_models(&client, &all, "after the restart").await;
     let new = after.len() as u64;
     let new_ignored = shipped(&after);
-    let seen = |projection| -> u64 {
-        Outcome::ALL
-            .iter()
-            .map(|outcome| metrics.outcome_count(projection, *outcome))
-            .sum()
-    };
+    let seen =
+        |projection| -> u64 { Outcome::ALL.iter().map(|outcome| metrics.outcome_count(projection, *outcome)).sum() };
     assert_eq!(
         (seen("order_summary"), metrics.outcome_count("order_summary", Outcome::Applied)),
         (new, new),
@@ -229,9 +200,7 @@ async fn replay_from_offset_zero_over_existing_read_model_changes_nothing() {
     let mut published = vec![streams[0][0].clone(), streams[0][2].clone(), streams[0][1].clone()];
     published.extend(streams[1..].iter().flatten().cloned());
     published.push(streams[2][1].clone());
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&published))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&published)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
     support::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
@@ -244,10 +213,7 @@ async fn replay_from_offset_zero_over_existing_read_model_changes_nothing() {
         support::table_text(&client, "projector.processed_events", "projection, event_id").await,
     );
 
-    client
-        .batch_execute("DELETE FROM projector.checkpoints")
-        .await
-        .expect("deleting checkpoints");
+    client.batch_execute("DELETE FROM projector.checkpoints").await.expect("deleting checkpoints");
     let mut replay = settings.clone();
     replay.kafka.group_prefix = support::unique("replay");
     let engine = Engine::start(&replay, &projections);
@@ -268,18 +234,9 @@ async fn replay_from_offset_zero_over_existing_read_model_changes_nothing() {
     let ignored = shipped(&published);
     assert_eq!(
         support::outcomes(&metrics, "customer_totals"),
-        vec![
-            ("applied", 0),
-            ("duplicate", records - ignored),
-            ("gap", 0),
-            ("ignored", ignored),
-            ("parked", 0)
-        ]
+        vec![("applied", 0), ("duplicate", records - ignored), ("gap", 0), ("ignored", ignored), ("parked", 0)]
     );
-    assert_eq!(
-        support::count(&client, "SELECT count(*) FROM projector.held_events").await,
-        0
-    );
+    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
     drop(client);
     db.drop().await;
 }
@@ -299,9 +256,7 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
     let early = order_stream(&uuid::Uuid::new_v4().to_string(), "bob", 1000, &["paid"]);
     // Shipped v3 before paid v2; paid v2 before placed v1 (an update before its create).
     let first = vec![gap[0].clone(), gap[2].clone(), early[1].clone()];
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
     support::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
@@ -312,10 +267,7 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
     assert_eq!(rows[&gap[0].order].version, 1);
     assert!(!rows.contains_key(&early[0].order));
     let held = model::read_held(&client, "order_summary").await;
-    assert_eq!(
-        held,
-        [(gap[0].order.clone(), 3), (early[0].order.clone(), 2)].into()
-    );
+    assert_eq!(held, [(gap[0].order.clone(), 3), (early[0].order.clone(), 2)].into());
     assert_eq!(held, model::fold_held(&first));
     assert_eq!(
         support::outcomes(&metrics, "order_summary"),
@@ -324,9 +276,7 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
 
     // The predecessors arrive, to a restarted engine: the held events come from Postgres.
     let second = vec![gap[1].clone(), early[0].clone()];
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&second))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&second)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
     support::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
@@ -340,10 +290,7 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
     assert_eq!(order.paid_amount, Some(model::money(2500)));
     let order = &rows[&early[0].order];
     assert_eq!((order.version, order.status.as_str()), (2, "paid"));
-    assert_eq!(
-        support::count(&client, "SELECT count(*) FROM projector.held_events").await,
-        0
-    );
+    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
     // Two predecessors applied, and the two held events released (counted applied again).
     assert_eq!(
         support::outcomes(&metrics, "order_summary"),
@@ -366,9 +313,7 @@ async fn event_id_dedupe_holds() {
     let original = interleave(&streams[..3]);
     let mut first = original.clone();
     first.extend(original[1..5].iter().cloned()); // a redelivered stretch
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
     support::wait_caught_up(&settings, &projections).await;
     engine.crash().await;
@@ -380,9 +325,7 @@ async fn event_id_dedupe_holds() {
         second.push(fact.clone());
         second.push(fact.clone());
     }
-    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&second))
-        .await
-        .expect("publishing");
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&second)).await.expect("publishing");
     // A crash in mid-flight, then a clean run to the end.
     let engine = Engine::start(&settings, &projections);
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -393,30 +336,18 @@ async fn event_id_dedupe_holds() {
 
     let all: Vec<Fact> = first.iter().chain(&second).cloned().collect();
     let client = db.client().await;
-    assert_eq!(
-        model::read_customer_totals(&client).await,
-        model::fold_customer_totals(&all)
-    );
+    assert_eq!(model::read_customer_totals(&client).await, model::fold_customer_totals(&all));
     let recorded: std::collections::BTreeSet<String> = client
-        .query(
-            "SELECT event_id FROM projector.processed_events WHERE projection = 'customer_totals'",
-            &[],
-        )
+        .query("SELECT event_id FROM projector.processed_events WHERE projection = 'customer_totals'", &[])
         .await
         .expect("reading processed_events")
         .iter()
         .map(|row| row.get(0))
         .collect();
-    let handled: std::collections::BTreeSet<String> = distinct(&all)
-        .iter()
-        .filter(|fact| fact.counts_for_customer_totals())
-        .map(Fact::id)
-        .collect();
+    let handled: std::collections::BTreeSet<String> =
+        distinct(&all).iter().filter(|fact| fact.counts_for_customer_totals()).map(Fact::id).collect();
     assert_eq!(recorded, handled);
-    assert_eq!(
-        support::count(&client, "SELECT count(*) FROM projector.processed_events").await,
-        handled.len() as i64
-    );
+    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.processed_events").await, handled.len() as i64);
     assert_eq!(metrics.outcome_count("customer_totals", Outcome::Parked), 0);
     drop(client);
     db.drop().await;

@@ -141,11 +141,12 @@ pub async fn wait_caught_up(settings: &Settings, projections: &[Projection]) {
         .expect("the projections catch up");
 }
 
-/// An engine (`projector::app::run`) running on a task of its own, with fresh metrics.
+/// An engine (`projector::app::run`) running on a task of its own, with fresh metrics. Dropped
+/// without `stop` or `crash` (a failing test), it is aborted, so that its database can be dropped.
 pub struct Engine {
     pub metrics: Metrics,
-    handle: JoinHandle<Result<(), AppError>>,
-    shutdown: oneshot::Sender<()>,
+    handle: Option<JoinHandle<Result<(), AppError>>>,
+    shutdown: Option<oneshot::Sender<()>>,
 }
 
 impl Engine {
@@ -159,14 +160,15 @@ impl Engine {
             })
             .await
         });
-        Engine { metrics, handle, shutdown }
+        Engine { metrics, handle: Some(handle), shutdown: Some(shutdown) }
     }
 
     /// Graceful stop: the batch in flight commits, the consumers leave their groups.
-    pub async fn stop(self) -> Metrics {
-        let _ = self.shutdown.send(());
-        match tokio::time::timeout(Duration::from_secs(60), self.handle).await {
-            Ok(Ok(Ok(()))) => self.metrics,
+    pub async fn stop(mut self) -> Metrics {
+        let _ = self.shutdown.take().expect("running").send(());
+        let handle = self.handle.take().expect("running");
+        match tokio::time::timeout(Duration::from_secs(60), handle).await {
+            Ok(Ok(Ok(()))) => self.metrics.clone(),
             Ok(Ok(Err(error))) => panic!("the engine failed: {error}"),
             Ok(Err(join)) => panic!("the engine task failed: {join}"),
             Err(_) => panic!("the engine did not stop within 60 s"),
@@ -174,10 +176,19 @@ impl Engine {
     }
 
     /// Crash: the task is dropped wherever it is; an open transaction rolls back.
-    pub async fn crash(self) -> Metrics {
-        self.handle.abort();
-        let _ = self.handle.await;
-        self.metrics
+    pub async fn crash(mut self) -> Metrics {
+        let handle = self.handle.take().expect("running");
+        handle.abort();
+        let _ = handle.await;
+        self.metrics.clone()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
     }
 }
 
