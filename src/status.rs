@@ -38,8 +38,20 @@ pub struct PartitionStatus {
     /// `caught up`, `behind` or `not started`.
     pub state: &'static str,
     pub last_commit_age_seconds: Option<f64>,
-    /// Always `None` until rebuilds exist.
+    /// Share of a rebuild under way done on this partition, 0 to 1 (`None`: no rebuild running).
     pub rebuild_progress: Option<f64>,
+}
+
+/// A rebuild under way (from `projector.rebuilds`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RebuildStatus {
+    /// `in_place`, `shadow` or `as_of`.
+    pub mode: String,
+    /// The name the build's checkpoints are kept under.
+    pub target: String,
+    pub events_done: u64,
+    pub events_total: u64,
+    pub progress: f64,
 }
 
 /// One projection's part of the report.
@@ -49,6 +61,8 @@ pub struct ProjectionStatus {
     pub lag_messages: i64,
     pub last_commit_age_seconds: Option<f64>,
     pub partitions: Vec<PartitionStatus>,
+    /// A rebuild under way, if any.
+    pub rebuild: Option<RebuildStatus>,
 }
 
 /// What `projector status` shows.
@@ -67,7 +81,45 @@ pub async fn collect(settings: &Settings, projections: &[Projection]) -> Result<
         .map_err(|error| StatusError::Kafka(error.to_string()))?;
     let (_, measured) = lag::measure(probe, &pool, &Target::of(projections)).await;
     let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-    Ok(report(&measured?, now))
+    let mut report = report(&measured?, now);
+    add_rebuilds(&pool, &mut report).await?;
+    Ok(report)
+}
+
+/// Fills in the progress of rebuilds under way: their checkpoints against their targets.
+async fn add_rebuilds(pool: &deadpool_postgres::Pool, report: &mut Report) -> Result<(), StatusError> {
+    let client = pool.get().await.map_err(|error| store::StoreError::Connect(error.to_string()))?;
+    for row in store::rebuild::all(&**client).await? {
+        if row.state != "running" {
+            continue;
+        }
+        let Some(projection) = report.projections.iter_mut().find(|p| p.projection == row.projection) else {
+            continue;
+        };
+        let stored = store::checkpoint::load_all(&**client, &row.target).await?;
+        let total: i64 =
+            row.target_offsets.iter().map(|(p, t)| (t - row.start_offsets.get(p).copied().unwrap_or(0)).max(0)).sum();
+        let done = crate::rebuild::progress_of(&stored, &row.start_offsets, &row.target_offsets);
+        for partition in &mut projection.partitions {
+            let key = (partition.topic.clone(), partition.partition);
+            let (Some(target), start) =
+                (row.target_offsets.get(&key), row.start_offsets.get(&key).copied().unwrap_or(0))
+            else {
+                continue;
+            };
+            let at = stored.get(&key).copied().unwrap_or(start).clamp(start, (*target).max(start));
+            partition.rebuild_progress =
+                Some(if *target > start { (at - start) as f64 / (*target - start) as f64 } else { 1.0 });
+        }
+        projection.rebuild = Some(RebuildStatus {
+            mode: row.mode.clone(),
+            target: row.target.clone(),
+            events_done: done,
+            events_total: total as u64,
+            progress: if total > 0 { done as f64 / total as f64 } else { 1.0 },
+        });
+    }
+    Ok(())
 }
 
 /// The report of one measurement, ages taken at `now_unix`. Pure.
@@ -79,6 +131,7 @@ pub fn report(measured: &[ProjectionLag], now_unix: f64) -> Report {
             projection: projection.projection.clone(),
             lag_messages: projection.partitions.iter().map(|p| p.lag_messages).sum(),
             last_commit_age_seconds: age(projection.last_commit_unix()),
+            rebuild: None,
             partitions: projection
                 .partitions
                 .iter()
@@ -156,8 +209,18 @@ pub fn render_table(report: &Report) -> String {
                 column.set_cell_alignment(CellAlignment::Right);
             }
         }
+        let rebuild = projection.rebuild.as_ref().map_or(String::new(), |r| {
+            format!(
+                ", rebuild ({}, as `{}`) {}/{} events ({:.0}%)",
+                r.mode,
+                r.target,
+                r.events_done,
+                r.events_total,
+                r.progress * 100.0
+            )
+        });
         out.push_str(&format!(
-            "{}: lag {} message(s), last commit {}\n{table}\n\n",
+            "{}: lag {} message(s), last commit {}{rebuild}\n{table}\n\n",
             projection.projection,
             projection.lag_messages,
             or_dash(projection.last_commit_age_seconds, |s| format!("{} ago", human_age(s))),

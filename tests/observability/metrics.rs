@@ -170,7 +170,7 @@ async fn exposition_passes_promtool_check_metrics() {
     for sample in &scraped.samples {
         for label in sample.labels.keys() {
             assert!(
-                ["projection", "topic", "partition", "mode", "event_type", "outcome", "state", "version", "le"]
+                ["projection", "topic", "partition", "mode", "event_type", "outcome", "state", "version", "path", "le"]
                     .contains(&label.as_str()),
                 "unexpected label `{label}` on {}",
                 sample.name

@@ -165,6 +165,13 @@ async fn a_rebuild_interrupted_part_way_resumes_to_the_same_tables() {
             .unwrap()
             .get(0);
         assert_eq!(state, "running", "{name}: the interrupted rebuild is recorded as under way");
+        // `projector status` shows it, part-way.
+        let status = projector::status::collect(&settings, &projections).await.expect("status");
+        let shown = status.projections.iter().find(|p| p.projection == name).and_then(|p| p.rebuild.clone());
+        let shown = shown.unwrap_or_else(|| panic!("{name}: status shows the rebuild under way"));
+        assert_eq!(shown.mode, "in_place");
+        assert!(shown.progress > 0.0 && shown.progress < 1.0, "{name}: progress part-way: {shown:?}");
+        assert_eq!(shown.events_total as usize, published.len());
 
         let resumed = rebuild(&settings, &projections, args(name)).await.expect("resumed rebuild");
         assert!(resumed.resumed, "{name}: the second run resumes instead of starting over");
