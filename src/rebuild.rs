@@ -125,13 +125,7 @@ pub async fn run(
     store::migrate(&settings.database.url).await?;
     let client = store::connect_client(&settings.database.url).await?;
 
-    let kafka = settings.kafka.clone();
-    let topics = projection.topics.clone();
-    let watermarks =
-        tokio::task::spawn_blocking(move || crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(10)))
-            .await
-            .map_err(|error| RebuildError::Kafka(error.to_string()))?
-            .map_err(|error| RebuildError::Kafka(error.to_string()))?;
+    let watermarks = watermarks(settings, &projection.topics).await?;
     for topic in &projection.topics {
         if !watermarks.keys().any(|(t, _)| t == topic) {
             return Err(RebuildError::NoPartitions(topic.clone()));
@@ -443,18 +437,18 @@ async fn as_of(
     Ok(report)
 }
 
+/// Low and high watermarks of every partition of `topics`.
+async fn watermarks(settings: &Settings, topics: &[String]) -> Result<HashMap<TopicPartition, (i64, i64)>, RebuildError> {
+    let (kafka, topics) = (settings.kafka.clone(), topics.to_vec());
+    tokio::task::spawn_blocking(move || crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(10)))
+        .await
+        .map_err(|error| RebuildError::Kafka(error.to_string()))?
+        .map_err(|error| RebuildError::Kafka(error.to_string()))
+}
+
 /// End offsets of the projection's partitions now.
-async fn current_ends(
-    settings: &Settings,
-    projection: &Projection,
-) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
-    let kafka = settings.kafka.clone();
-    let topics = projection.topics.clone();
-    let watermarks =
-        tokio::task::spawn_blocking(move || crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(10)))
-            .await
-            .map_err(|error| RebuildError::Kafka(error.to_string()))?
-            .map_err(|error| RebuildError::Kafka(error.to_string()))?;
+async fn current_ends(settings: &Settings, projection: &Projection) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
+    let watermarks = watermarks(settings, &projection.topics).await?;
     Ok(watermarks.into_iter().map(|(partition, (_, high))| (partition, high)).collect())
 }
 

@@ -50,20 +50,11 @@ pub struct RebuildRow {
     pub detail: Option<String>,
 }
 
-pub async fn find(
-    client: &impl GenericClient,
-    projection: &str,
-    target: &str,
-) -> Result<Option<RebuildRow>, StoreError> {
-    let row = client
-        .query_opt(
-            "SELECT projection, target, mode, state, definition_hash, start_offsets, target_offsets, detail
-               FROM projector.rebuilds WHERE projection = $1 AND target = $2",
-            &[&projection, &target],
-        )
-        .await
-        .map_err(postgres)?;
-    Ok(row.map(|row| RebuildRow {
+const REBUILD_COLUMNS: &str =
+    "projection, target, mode, state, definition_hash, start_offsets, target_offsets, detail";
+
+fn rebuild_row(row: &tokio_postgres::Row) -> RebuildRow {
+    RebuildRow {
         projection: row.get(0),
         target: row.get(1),
         mode: row.get(2),
@@ -72,32 +63,20 @@ pub async fn find(
         start_offsets: offsets_from_json(&row.get::<_, Value>(5)),
         target_offsets: offsets_from_json(&row.get::<_, Value>(6)),
         detail: row.get(7),
-    }))
+    }
+}
+
+pub async fn find(client: &impl GenericClient, projection: &str, target: &str) -> Result<Option<RebuildRow>, StoreError> {
+    let sql = format!("SELECT {REBUILD_COLUMNS} FROM projector.rebuilds WHERE projection = $1 AND target = $2");
+    let row = client.query_opt(&sql, &[&projection, &target]).await.map_err(postgres)?;
+    Ok(row.as_ref().map(rebuild_row))
 }
 
 /// Every rebuild row (for `status`).
 pub async fn all(client: &impl GenericClient) -> Result<Vec<RebuildRow>, StoreError> {
-    let rows = client
-        .query(
-            "SELECT projection, target, mode, state, definition_hash, start_offsets, target_offsets, detail
-               FROM projector.rebuilds ORDER BY projection, target",
-            &[],
-        )
-        .await
-        .map_err(postgres)?;
-    Ok(rows
-        .into_iter()
-        .map(|row| RebuildRow {
-            projection: row.get(0),
-            target: row.get(1),
-            mode: row.get(2),
-            state: row.get(3),
-            definition_hash: row.get(4),
-            start_offsets: offsets_from_json(&row.get::<_, Value>(5)),
-            target_offsets: offsets_from_json(&row.get::<_, Value>(6)),
-            detail: row.get(7),
-        })
-        .collect())
+    let sql = format!("SELECT {REBUILD_COLUMNS} FROM projector.rebuilds ORDER BY projection, target");
+    let rows = client.query(&sql, &[]).await.map_err(postgres)?;
+    Ok(rows.iter().map(rebuild_row).collect())
 }
 
 pub async fn finish(
