@@ -325,6 +325,10 @@ struct CpuSnapshot {
     this_process: u64,
     threads: HashMap<String, u64>,
     postgres: u64,
+    /// Backends connected to the bench's databases.
+    postgres_bench: u64,
+    /// Backends of other databases (anything else using the same server meanwhile).
+    postgres_other: u64,
     child: u64,
     broker: u64,
     system_busy: u64,
@@ -340,7 +344,7 @@ fn cpu_snapshot(child: Option<u32>, broker: Option<u32>) -> CpuSnapshot {
             let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default().trim().to_string();
             let group = if name.starts_with("rdk:") {
                 "librdkafka threads".to_string()
-            } else if name.starts_with("tokio-runtime") {
+            } else if name.starts_with("tokio-r") {
                 "tokio workers".to_string()
             } else {
                 name
@@ -357,7 +361,16 @@ fn cpu_snapshot(child: Option<u32>, broker: Option<u32>) -> CpuSnapshot {
             }
             if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres") {
                 // Backends' own time, and the postmaster's reaped children (exited backends).
-                snapshot.postgres += proc_ticks(&format!("/proc/{pid}/stat")).map_or(0, |t| t.iter().sum());
+                let ticks = proc_ticks(&format!("/proc/{pid}/stat")).map_or(0, |t| t.iter().sum());
+                snapshot.postgres += ticks;
+                let cmdline =
+                    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                        .to_string();
+                if cmdline.contains("projector_bench_") {
+                    snapshot.postgres_bench += ticks;
+                } else if cmdline.contains("127.0.0.1(") || cmdline.contains("[local]") || cmdline.contains("::1(") {
+                    snapshot.postgres_other += ticks;
+                }
             }
         }
     }
@@ -394,6 +407,8 @@ fn cpu_split(before: &CpuSnapshot, after: &CpuSnapshot, labels: (&str, &str)) ->
         "bench_process_cpu_s": round(seconds(before.this_process, after.this_process), 2),
         "bench_process_threads_cpu_s": threads.iter().map(|(n, s)| json!({"thread": n, "cpu_s": round(*s, 2)})).collect::<Vec<_>>(),
         "postgres_cpu_s": round(seconds(before.postgres, after.postgres), 2),
+        "postgres_bench_backends_cpu_s": round(seconds(before.postgres_bench, after.postgres_bench), 2),
+        "postgres_other_databases_backends_cpu_s": round(seconds(before.postgres_other, after.postgres_other), 2),
         labels.0: round(seconds(before.child, after.child), 2),
         labels.1: round(seconds(before.broker, after.broker), 2),
         "machine_busy_percent": round(if total > 0.0 { 100.0 * busy / total } else { 0.0 }, 1),
@@ -437,38 +452,78 @@ fn send_retrying<C: ProducerContext>(
     }
 }
 
-/// Publishes the whole workload, batched; returns the seconds it took.
+/// Publishes the whole workload, batched; returns the seconds it took. The last record of each
+/// partition is held back and published alone, in a batch of one, after the rest: Tansu reports
+/// a partition's high watermark as its last batch's base offset + 1, which is then exact (a
+/// rebuild reads up to the high watermarks).
 fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
-    let producer: BaseProducer<CountingContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "false")
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "500000")
-        .set("queue.buffering.max.kbytes", "1048576")
-        .set("message.timeout.ms", "300000")
-        .create_with_context(CountingContext { failed: AtomicU64::new(0) })?;
-    let started = Instant::now();
+    let producer = |batch: &str| -> anyhow::Result<BaseProducer<CountingContext>> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "20")
+            .set("batch.num.messages", batch)
+            .set("queue.buffering.max.messages", "500000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("message.timeout.ms", "300000")
+            .create_with_context(CountingContext { failed: AtomicU64::new(0) })?)
+    };
+    let mut last = vec![None; workload.partitions as usize];
     for (i, rec) in workload.records.iter().enumerate() {
+        last[workload.partition_of(rec.entity) as usize] = Some(i);
+    }
+    let started = Instant::now();
+    let send = |producer: &BaseProducer<CountingContext>, rec: &Rec| {
         let key = entity_id(rec.entity).to_string();
         let payload = event_json(rec.entity, rec.version, None);
         send_retrying(
-            &producer,
+            producer,
             BaseRecord::to(&workload.topic)
                 .partition(workload.partition_of(rec.entity))
                 .key(key.as_bytes())
                 .payload(&payload[..]),
-        )?;
+        )
+    };
+    let bulk = producer("10000")?;
+    for (i, rec) in workload.records.iter().enumerate() {
+        if last[workload.partition_of(rec.entity) as usize] == Some(i) {
+            continue;
+        }
+        send(&bulk, rec)?;
         if i % 1000 == 0 {
-            producer.poll(Duration::ZERO);
+            bulk.poll(Duration::ZERO);
         }
     }
-    producer.flush(Duration::from_secs(600))?;
-    let failed = producer.context().failed.load(Ordering::Relaxed);
+    bulk.flush(Duration::from_secs(600))?;
+    let tail = producer("1")?;
+    for i in last.iter().flatten() {
+        send(&tail, &workload.records[*i])?;
+    }
+    tail.flush(Duration::from_secs(60))?;
+    let failed = bulk.context().failed.load(Ordering::Relaxed) + tail.context().failed.load(Ordering::Relaxed);
     if failed > 0 {
         bail!("{failed} records were not delivered");
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// librdkafka's mock cluster keeps at most 5 MB per partition (rdkafka_mock.c, `max_size`, not
+/// configurable) and deletes the oldest records beyond it: a backlog that does not fit cannot be
+/// loaded beforehand. `Err` says why.
+fn mock_fits(workload: &Workload) -> Result<(), String> {
+    let count = workload.records.len().clamp(1, 1000);
+    let bytes: usize =
+        workload.records.iter().take(count).map(|r| event_json(r.entity, r.version, None).len() + 36 + 70).sum();
+    let per_record = bytes as f64 / count as f64;
+    let largest = workload.per_partition().into_iter().max().unwrap_or(0) as f64 * per_record;
+    if largest > 0.9 * 5.0 * 1024.0 * 1024.0 {
+        Err(format!(
+            "skipped: the backlog needs about {:.0} MB per partition; librdkafka's mock cluster keeps 5 MB per partition and deletes older records",
+            largest / 1024.0 / 1024.0
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 fn kafka_metadata_ok(bootstrap: &str, topic: Option<&str>) -> Option<usize> {
@@ -953,244 +1008,314 @@ fn engine_settings(url: &str, bootstrap: &str, group_prefix: &str, args: &Args) 
     settings
 }
 
-struct ModeResult {
-    json: Value,
-    steady_rate: f64,
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// librdkafka's mock cluster, and the engine, in this process.
+    Mock,
+    /// A Tansu broker, and `projector run`, each in a process of its own.
+    Tansu,
 }
 
-/// The engine in this process against the mock cluster; then latency; then an in-place rebuild.
-async fn mock_mode(
+enum Broker {
+    Mock(projector::kafka::mock::MockKafka),
+    Tansu(Tansu),
+}
+
+impl Broker {
+    fn bootstrap(&self) -> String {
+        match self {
+            Broker::Mock(cluster) => cluster.bootstrap_servers(),
+            Broker::Tansu(tansu) => tansu.bootstrap.clone(),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Broker::Mock(_) => None,
+            Broker::Tansu(tansu) => Some(tansu.child.id()),
+        }
+    }
+}
+
+/// A running engine: `projector::app::run` on this runtime, or `projector run` as a child.
+enum Engine {
+    InProcess {
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<Result<(), projector::app::AppError>>,
+        finished: Arc<std::sync::atomic::AtomicBool>,
+        metrics: Metrics,
+    },
+    Child {
+        child: Arc<Mutex<Child>>,
+        log: PathBuf,
+    },
+}
+
+impl Engine {
+    fn start(kind: Kind, settings: &Settings, projection: &Projection, dir: &Path) -> anyhow::Result<Engine> {
+        match kind {
+            Kind::Mock => {
+                let metrics = Metrics::new();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let task = {
+                    let (settings, projection, metrics, finished) =
+                        (settings.clone(), projection.clone(), metrics.clone(), finished.clone());
+                    tokio::spawn(async move {
+                        let result = projector::app::run(&settings, vec![projection], metrics, async {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                        finished.store(true, Ordering::SeqCst);
+                        result
+                    })
+                };
+                Ok(Engine::InProcess { stop, task, finished, metrics })
+            }
+            Kind::Tansu => {
+                let projections_dir = dir.join("projections");
+                std::fs::create_dir_all(&projections_dir)?;
+                std::fs::write(
+                    projections_dir.join("order_summary.toml"),
+                    bench_projection_text(&projection.topics[0])?,
+                )?;
+                let log = dir.join("projector.log");
+                let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+                // `PROJECTOR_BENCH_ENGINE`: another `projector` binary (e.g. a copy, while the tree is rebuilt).
+                let binary = std::env::var_os("PROJECTOR_BENCH_ENGINE")
+                    .unwrap_or_else(|| env!("CARGO_BIN_EXE_projector").into());
+                let mut command = Command::new(binary);
+                command.arg("run");
+                for (name, _) in std::env::vars_os() {
+                    if name.to_string_lossy().starts_with("PROJECTOR_") {
+                        command.env_remove(name);
+                    }
+                }
+                command
+                    .env("DATABASE_URL", &settings.database.url)
+                    .env("PROJECTOR_KAFKA__BOOTSTRAP_SERVERS", &settings.kafka.bootstrap_servers)
+                    .env("PROJECTOR_KAFKA__GROUP_PREFIX", &settings.kafka.group_prefix)
+                    .env("PROJECTOR_PROJECTIONS_DIR", &projections_dir)
+                    .env("PROJECTOR_HTTP__LISTEN", "127.0.0.1:0")
+                    .env("PROJECTOR_BATCH__MAX_EVENTS", settings.batch.max_events.to_string())
+                    .env("RUST_LOG", "warn")
+                    .current_dir(dir)
+                    .stdin(Stdio::null())
+                    .stdout(log_file.try_clone()?)
+                    .stderr(log_file);
+                let child = command.spawn().context("starting the projector binary")?;
+                Ok(Engine::Child { child: Arc::new(Mutex::new(child)), log })
+            }
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Engine::InProcess { .. } => None,
+            Engine::Child { child, .. } => Some(child.lock().unwrap().id()),
+        }
+    }
+
+    /// A check that fails once the engine has stopped.
+    fn alive(&self) -> impl FnMut() -> anyhow::Result<()> + use<> {
+        let (finished, child) = match self {
+            Engine::InProcess { finished, .. } => (Some(finished.clone()), None),
+            Engine::Child { child, log } => (None, Some((child.clone(), log.clone()))),
+        };
+        move || {
+            if finished.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                bail!("the engine stopped");
+            }
+            if let Some((child, log)) = &child {
+                if let Some(status) = child.lock().unwrap().try_wait()? {
+                    let log = std::fs::read_to_string(log).unwrap_or_default();
+                    bail!("projector exited ({status}); its log ends:\n{}", &log[log.len().saturating_sub(3000)..]);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// SIGINT/SIGTERM-style shutdown: the batch in flight commits, the group is left.
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Engine::InProcess { stop, task, .. } => {
+                let _ = stop.send(());
+                task.await??;
+            }
+            Engine::Child { child, .. } => {
+                let pid = child.lock().unwrap().id();
+                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    {
+                        let mut child = child.lock().unwrap();
+                        if child.try_wait()?.is_some() {
+                            break;
+                        }
+                        if Instant::now() > deadline {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What to do in one broker mode.
+struct Steps {
+    naive: bool,
+    engine: bool,
+    rebuild: bool,
+}
+
+/// One broker: load the topic; optionally the naive consumer; the engine clears the backlog; the
+/// engine is stopped and the projection rebuilt in place; the engine is started again for the
+/// latency phase.
+async fn broker_mode(
+    kind: Kind,
     args: &Args,
     dbs: &mut Databases,
     workload: &mut Workload,
-    rebuild: bool,
-) -> anyhow::Result<ModeResult> {
-    let cluster = projector::kafka::mock::MockKafka::start(1)?;
-    cluster.create_topic(&workload.topic, workload.partitions, 1)?;
-    let bootstrap = cluster.bootstrap_servers();
-    let load_s = {
-        let (bootstrap, workload_ref) = (bootstrap.clone(), &*workload);
-        tokio::task::block_in_place(|| load_topic(&bootstrap, workload_ref))?
+    steps: Steps,
+) -> anyhow::Result<Value> {
+    let label = match kind {
+        Kind::Mock => "mock",
+        Kind::Tansu => "tansu",
     };
-    eprintln!("  mock: topic loaded in {load_s:.1} s");
+    let broker = match kind {
+        Kind::Mock => {
+            let cluster = projector::kafka::mock::MockKafka::start(1)?;
+            cluster.create_topic(&workload.topic, workload.partitions, 1)?;
+            Broker::Mock(cluster)
+        }
+        Kind::Tansu => {
+            let tansu = tokio::task::block_in_place(Tansu::start)?;
+            tokio::task::block_in_place(|| tansu.create_topic(&workload.topic, workload.partitions))?;
+            Broker::Tansu(tansu)
+        }
+    };
+    let bootstrap = broker.bootstrap();
+    let load_s = tokio::task::block_in_place(|| load_topic(&bootstrap, workload))?;
+    eprintln!("  {label}: topic loaded in {load_s:.1} s");
     let mut result = json!({ "load_topic_s": round(load_s, 2) });
-    if args.modes.iter().any(|m| m == "naive") {
-        eprintln!("== naive (per-event transactions, reading the mock topic)");
-        let url = dbs.create("naive").await?;
+    if steps.naive {
+        eprintln!("== naive (per-event transactions, reading the {label} topic)");
+        let url = dbs.create(&format!("naive_{label}")).await?;
         prepare_schema(&url).await?;
         result["naive"] = naive(&url, &bootstrap, workload, args.naive_events, args.naive_secs).await?;
+        result["naive"]["broker"] = json!(label);
         eprintln!("  {}", result["naive"]);
-        if !args.modes.iter().any(|m| m == "mock") {
-            return Ok(ModeResult { json: result, steady_rate: 0.0 });
+    }
+    if !steps.engine {
+        return Ok(result);
+    }
+    match kind {
+        Kind::Mock => eprintln!("== mock: the engine in this process (projector::app::run), librdkafka's mock cluster"),
+        Kind::Tansu => {
+            eprintln!("== tansu: the engine as a child process (`projector run`), Tansu broker (memory storage)")
         }
     }
-    eprintln!("== mock (engine in this process, librdkafka mock cluster)");
-    let url = dbs.create("mock").await?;
+    let url = dbs.create(label).await?;
     prepare_schema(&url).await?;
     let projection = bench_projection(&workload.topic)?;
-    let settings = engine_settings(&url, &bootstrap, "bench-mock", args);
+    let settings = engine_settings(&url, &bootstrap, &format!("bench-{label}"), args);
     let client = connect(&url).await?;
+    let dir = tempfile::tempdir()?;
     let mut per_partition = workload.per_partition();
     let target: i64 = per_partition.iter().sum();
 
     let baseline_rss = proc_status_kb("self", "VmRSS").unwrap_or(0);
     let _ = std::fs::write("/proc/self/clear_refs", "5"); // resets VmHWM to the current RSS
-    let before = cpu_snapshot(None, None);
-    let metrics = Metrics::new();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let engine = {
-        let (settings, projection, metrics) = (settings.clone(), projection.clone(), metrics.clone());
-        tokio::spawn(async move {
-            projector::app::run(&settings, vec![projection], metrics, async {
-                let _ = stopped.await;
-            })
-            .await
-        })
-    };
+    let engine = Engine::start(kind, &settings, &projection, dir.path())?;
+    let before = cpu_snapshot(engine.pid(), broker.pid());
     let cleared =
-        wait_cleared(&client, &workload.topic, target, started, Duration::from_secs(args.timeout_secs), || {
-            if engine.is_finished() {
-                bail!("the engine stopped");
-            }
-            Ok(())
-        })
-        .await?;
-    let after = cpu_snapshot(None, None);
-    let peak_kb = proc_status_kb("self", "VmHWM").unwrap_or(0);
+        wait_cleared(&client, &workload.topic, target, started, Duration::from_secs(args.timeout_secs), engine.alive())
+            .await?;
+    let after = cpu_snapshot(engine.pid(), broker.pid());
     let check = verify(&client, "order_summary", workload.entities, workload.version_sum()).await?;
     result["projector"] = json!({
         "records": target,
         "wall_s": round(cleared.wall_s, 2),
         "events_per_s_steady": round(cleared.steady_rate, 0),
         "events_per_s_wall": round(cleared.wall_rate, 0),
-        "applied": metrics.outcome_count(PROJECTION, Outcome::Applied),
-        "duplicate": metrics.outcome_count(PROJECTION, Outcome::Duplicate),
-        "gap": metrics.outcome_count(PROJECTION, Outcome::Gap),
-        "parked": metrics.outcome_count(PROJECTION, Outcome::Parked),
         "check": check,
-        "bench_process_peak_rss_mb": round(peak_kb as f64 / 1024.0, 1),
-        "bench_process_rss_before_engine_mb": round(baseline_rss as f64 / 1024.0, 1),
-        "engine_rss_increase_mb": round(peak_kb.saturating_sub(baseline_rss) as f64 / 1024.0, 1),
-        "rss_note": "in-process: the peak includes the mock broker holding the topic and the bench's workload; the increase over the RSS before the engine started is the engine's (approximately)",
-        "cpu": cpu_split(&before, &after, ("child_cpu_s", "broker_cpu_s")),
+        "cpu": cpu_split(&before, &after, ("engine_process_cpu_s", "broker_process_cpu_s")),
     });
-    eprintln!("  {}", result["projector"]);
-    if args.latency_secs > 0.0 {
-        let rate = cleared.steady_rate / 2.0;
-        eprintln!("== mock latency: {rate:.0} events/s for {} s", args.latency_secs);
-        result["latency"] =
-            latency_phase(&client, &bootstrap, workload, &mut per_partition, rate, args.latency_secs, || {
-                if engine.is_finished() {
-                    bail!("the engine stopped");
-                }
-                Ok(())
-            })
-            .await?;
-        eprintln!("  {}", result["latency"]);
+    match &engine {
+        Engine::InProcess { metrics, .. } => {
+            let peak_kb = proc_status_kb("self", "VmHWM").unwrap_or(0);
+            for outcome in Outcome::ALL {
+                result["projector"]["outcomes"][outcome.as_str()] = json!(metrics.outcome_count(PROJECTION, outcome));
+            }
+            result["projector"]["bench_process_peak_rss_mb"] = json!(round(peak_kb as f64 / 1024.0, 1));
+            result["projector"]["bench_process_rss_before_engine_mb"] = json!(round(baseline_rss as f64 / 1024.0, 1));
+            result["projector"]["engine_rss_increase_mb"] =
+                json!(round(peak_kb.saturating_sub(baseline_rss) as f64 / 1024.0, 1));
+            result["projector"]["rss_note"] = json!("in-process: the bench process holds the mock broker (and the topic) and the workload; the increase of its peak over its RSS before the engine started approximates the engine's own");
+        }
+        Engine::Child { .. } => {
+            let pid = engine.pid().unwrap_or(0).to_string();
+            result["projector"]["engine_peak_rss_mb"] =
+                json!(round(proc_status_kb(&pid, "VmHWM").unwrap_or(0) as f64 / 1024.0, 1));
+        }
     }
-    let _ = stop.send(());
-    engine.await??;
+    eprintln!("  {}", result["projector"]);
+    engine.stop().await?;
 
-    if rebuild {
-        eprintln!("== rebuild in place (projector::rebuild::run, mock cluster)");
-        let args_rebuild = projector::rebuild::RebuildArgs { name: PROJECTION.into(), ..Default::default() };
-        let metrics = Metrics::new();
-        let before = cpu_snapshot(None, None);
-        let report =
-            projector::rebuild::run(&settings, &[projection], &args_rebuild, metrics, std::future::pending()).await?;
-        let after = cpu_snapshot(None, None);
+    if steps.rebuild {
+        eprintln!("== {label}: rebuild in place (projector::rebuild::run in this process, engine stopped)");
+        let rebuild_args = projector::rebuild::RebuildArgs { name: PROJECTION.into(), ..Default::default() };
+        let before = cpu_snapshot(None, broker.pid());
+        let report = projector::rebuild::run(
+            &settings,
+            &[projection.clone()],
+            &rebuild_args,
+            Metrics::new(),
+            std::future::pending(),
+        )
+        .await?;
+        let after = cpu_snapshot(None, broker.pid());
         let check = verify(&client, "order_summary", workload.entities, workload.version_sum()).await?;
         result["rebuild"] = json!({
             "events": report.events,
             "seconds": round(report.seconds, 2),
             "events_per_s": round(report.rate(), 0),
+            "over_steady": ratio(report.rate(), cleared.steady_rate),
             "check": check,
-            "cpu": cpu_split(&before, &after, ("child_cpu_s", "broker_cpu_s")),
+            "cpu": cpu_split(&before, &after, ("engine_process_cpu_s", "broker_process_cpu_s")),
         });
         eprintln!("  {}", result["rebuild"]);
     }
-    drop(cluster);
-    Ok(ModeResult { json: result, steady_rate: cleared.steady_rate })
-}
 
-/// `projector run` as a child process against a Tansu broker.
-async fn tansu_mode(args: &Args, dbs: &mut Databases, workload: &mut Workload) -> anyhow::Result<ModeResult> {
-    eprintln!("== tansu (engine as a child process `projector run`, Tansu broker in memory)");
-    let tansu = tokio::task::block_in_place(Tansu::start)?;
-    tokio::task::block_in_place(|| tansu.create_topic(&workload.topic, workload.partitions))?;
-    let load_s = tokio::task::block_in_place(|| load_topic(&tansu.bootstrap, workload))?;
-    eprintln!("  tansu: topic loaded in {load_s:.1} s");
-    let url = dbs.create("tansu").await?;
-    prepare_schema(&url).await?;
-    let dir = tempfile::tempdir()?;
-    let projections_dir = dir.path().join("projections");
-    std::fs::create_dir(&projections_dir)?;
-    std::fs::write(projections_dir.join("order_summary.toml"), bench_projection_text(&workload.topic)?)?;
-    let log_path = dir.path().join("projector.log");
-    let log = std::fs::File::create(&log_path)?;
-    // `PROJECTOR_BENCH_ENGINE`: another `projector` binary (e.g. a copy, while the tree is rebuilt).
-    let binary = std::env::var_os("PROJECTOR_BENCH_ENGINE").unwrap_or_else(|| env!("CARGO_BIN_EXE_projector").into());
-    let mut command = Command::new(binary);
-    command.arg("run");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PROJECTOR_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .env("DATABASE_URL", &url)
-        .env("PROJECTOR_KAFKA__BOOTSTRAP_SERVERS", &tansu.bootstrap)
-        .env("PROJECTOR_KAFKA__GROUP_PREFIX", "bench-tansu")
-        .env("PROJECTOR_PROJECTIONS_DIR", &projections_dir)
-        .env("PROJECTOR_HTTP__LISTEN", "127.0.0.1:0")
-        .env("PROJECTOR_BATCH__MAX_EVENTS", args.batch_max_events.to_string())
-        .env("RUST_LOG", "warn")
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let client = connect(&url).await?;
-    let mut per_partition = workload.per_partition();
-    let target: i64 = per_partition.iter().sum();
-    let before = cpu_snapshot(None, Some(tansu.child.id()));
-    let started = Instant::now();
-    let child = Arc::new(Mutex::new(command.spawn().context("starting the projector binary")?));
-    let pid = child.lock().unwrap().id();
-    let before = CpuSnapshot { child: 0, ..before };
-    let alive = {
-        let (child, log_path) = (child.clone(), log_path.clone());
-        move || -> anyhow::Result<()> {
-            if let Some(status) = child.lock().unwrap().try_wait()? {
-                bail!("projector exited ({status}): {}", std::fs::read_to_string(&log_path).unwrap_or_default());
-            }
-            Ok(())
-        }
-    };
-    let outcome = async {
-        let cleared = wait_cleared(
-            &client,
-            &workload.topic,
-            target,
-            started,
-            Duration::from_secs(args.timeout_secs),
-            alive.clone(),
-        )
-        .await?;
-        let after = cpu_snapshot(Some(pid), Some(tansu.child.id()));
-        let peak_kb = proc_status_kb(&pid.to_string(), "VmHWM").unwrap_or(0);
-        let check = verify(&client, "order_summary", workload.entities, workload.version_sum()).await?;
-        let mut result = json!({
-            "load_topic_s": round(load_s, 2),
-            "projector": {
-                "records": target,
-                "wall_s": round(cleared.wall_s, 2),
-                "events_per_s_steady": round(cleared.steady_rate, 0),
-                "events_per_s_wall": round(cleared.wall_rate, 0),
-                "check": check,
-                "engine_peak_rss_mb": round(peak_kb as f64 / 1024.0, 1),
-                "cpu": cpu_split(&before, &after, ("engine_cpu_s", "tansu_cpu_s")),
-            }
-        });
-        eprintln!("  {}", result["projector"]);
-        if args.latency_secs > 0.0 {
-            let rate = cleared.steady_rate / 2.0;
-            eprintln!("== tansu latency: {rate:.0} events/s for {} s", args.latency_secs);
-            result["latency"] = latency_phase(
-                &client,
-                &tansu.bootstrap,
-                workload,
-                &mut per_partition,
-                rate,
-                args.latency_secs,
-                alive.clone(),
-            )
-            .await?;
-            result["projector"]["engine_peak_rss_after_latency_mb"] =
+    if args.latency_secs > 0.0 {
+        let engine = Engine::start(kind, &settings, &projection, dir.path())?;
+        // Warm-up: a few events, until the engine has joined its group and applies them.
+        latency_phase(&client, &bootstrap, workload, &mut per_partition, 50.0, 1.0, engine.alive()).await?;
+        let rate = cleared.steady_rate / 2.0;
+        eprintln!("== {label}: latency at {rate:.0} events/s (half the backlog rate) for {} s", args.latency_secs);
+        let before = cpu_snapshot(engine.pid(), broker.pid());
+        let mut latency =
+            latency_phase(&client, &bootstrap, workload, &mut per_partition, rate, args.latency_secs, engine.alive())
+                .await?;
+        let after = cpu_snapshot(engine.pid(), broker.pid());
+        latency["cpu"] = cpu_split(&before, &after, ("engine_process_cpu_s", "broker_process_cpu_s"));
+        if let Some(pid) = engine.pid() {
+            latency["engine_peak_rss_mb"] =
                 json!(round(proc_status_kb(&pid.to_string(), "VmHWM").unwrap_or(0) as f64 / 1024.0, 1));
-            eprintln!("  {}", result["latency"]);
         }
-        Ok::<_, anyhow::Error>(ModeResult { json: result, steady_rate: cleared.steady_rate })
+        result["latency"] = latency;
+        eprintln!("  {}", result["latency"]);
+        engine.stop().await?;
     }
-    .await;
-    // SIGTERM: a clean shutdown; SIGKILL after 30 s.
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut child = child.lock().unwrap();
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        drop(child);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    drop(tansu);
-    outcome
+    drop(broker);
+    Ok(result)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1274,17 +1399,33 @@ fn print_summary(results: &Value) {
             results[mode]["projector"]["check"].as_str().unwrap_or("").to_string(),
         ]);
     }
-    if !results["mock"]["rebuild"].is_null() {
-        let rate = get(results, &["mock", "rebuild", "events_per_s"]);
+    for (mode, label) in [("mock", "mock"), ("tansu", "Tansu")] {
+        if results[mode]["rebuild"].is_null() {
+            continue;
+        }
+        let rate = get(results, &[mode, "rebuild", "events_per_s"]);
         table.add_row(vec![
-            format!("rebuild in place ({} events, mock)", results["mock"]["rebuild"]["events"]),
+            format!("rebuild in place ({} events, {label})", results[mode]["rebuild"]["events"]),
             cell(rate),
             ratio(rate, ceiling).to_string(),
             ratio(rate, naive).to_string(),
             "".into(),
-            format!("{}× steady", ratio(rate, get(results, &["mock", "projector", "events_per_s_steady"]))),
-            results["mock"]["rebuild"]["check"].as_str().unwrap_or("").to_string(),
+            format!("{}× steady", results[mode]["rebuild"]["over_steady"]),
+            results[mode]["rebuild"]["check"].as_str().unwrap_or("").to_string(),
         ]);
+    }
+    for mode in ["mock", "tansu"] {
+        if let Some(reason) = results[mode]["skipped"].as_str() {
+            table.add_row(vec![
+                mode.to_string(),
+                "-".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                reason.to_string(),
+            ]);
+        }
     }
     println!("{table}");
 }
@@ -1293,7 +1434,8 @@ fn print_summary(results: &Value) {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rdkafka=error".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rdkafka=off,librdkafka=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -1304,8 +1446,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let has = |m: &str| args.modes.iter().any(|x| x == m);
-    if has("rebuild") && !has("mock") {
-        bail!("`rebuild` rebuilds what `mock` built: add `mock` to --modes");
+    if has("rebuild") && !has("mock") && !has("tansu") {
+        bail!("`rebuild` rebuilds what `mock` or `tansu` built: add one of them to --modes");
     }
     let generated = Instant::now();
     let workload = Workload::generate(&args)?;
@@ -1345,21 +1487,35 @@ async fn main() -> anyhow::Result<()> {
             results["ceiling"] = ceiling(&url, &workload).await?;
             eprintln!("  {}", results["ceiling"]);
         }
-        if has("mock") || has("naive") {
-            // Each mode gets the workload as generated (the latency phase extends its copy).
-            let mode = mock_mode(&args, &mut dbs, &mut workload.clone(), has("rebuild")).await?;
-            if !mode.json["naive"].is_null() {
-                results["naive"] = mode.json["naive"].clone();
+        // Each broker mode gets the workload as generated (its latency phase extends its copy).
+        // The naive consumer reads the first broker that runs (the mock when the backlog fits).
+        let fits = mock_fits(&workload);
+        let mut naive_pending = has("naive");
+        if has("mock") || (naive_pending && fits.is_ok()) {
+            if let Err(reason) = &fits {
+                eprintln!("== mock {reason}");
+                results["mock"] = json!({ "skipped": reason });
+            } else {
+                let steps = Steps { naive: naive_pending, engine: has("mock"), rebuild: has("rebuild") };
+                let mut mode = broker_mode(Kind::Mock, &args, &mut dbs, &mut workload.clone(), steps).await?;
+                if let Some(naive) = mode.as_object_mut().and_then(|m| m.remove("naive")) {
+                    results["naive"] = naive;
+                    naive_pending = false;
+                }
+                if has("mock") {
+                    results["mock"] = mode;
+                }
             }
-            if has("mock") {
-                results["mock"] = mode.json;
-                results["mock"].as_object_mut().unwrap().remove("naive");
-            }
-            let _ = mode.steady_rate;
         }
-        if has("tansu") {
-            let mode = tansu_mode(&args, &mut dbs, &mut workload.clone()).await?;
-            results["tansu"] = mode.json;
+        if has("tansu") || naive_pending {
+            let steps = Steps { naive: naive_pending, engine: has("tansu"), rebuild: has("rebuild") };
+            let mut mode = broker_mode(Kind::Tansu, &args, &mut dbs, &mut workload.clone(), steps).await?;
+            if let Some(naive) = mode.as_object_mut().and_then(|m| m.remove("naive")) {
+                results["naive"] = naive;
+            }
+            if has("tansu") {
+                results["tansu"] = mode;
+            }
         }
         Ok::<(), anyhow::Error>(())
     }
@@ -1381,5 +1537,24 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     print_summary(&results);
     println!("results: {}", path.display());
-    outcome
+    outcome?;
+    let mut mismatches = Vec::new();
+    find_mismatches(&results, "", &mut mismatches);
+    if !mismatches.is_empty() {
+        bail!("read models differ from the workload: {}", mismatches.join("; "));
+    }
+    Ok(())
+}
+
+/// Every `check` that is not ok, with where it is.
+fn find_mismatches(value: &Value, at: &str, found: &mut Vec<String>) {
+    if let Value::Object(map) = value {
+        for (key, inner) in map {
+            let here = if at.is_empty() { key.clone() } else { format!("{at}.{key}") };
+            match inner.as_str() {
+                Some(check) if key == "check" && !check.starts_with("ok") => found.push(format!("{here}: {check}")),
+                _ => find_mismatches(inner, &here, found),
+            }
+        }
+    }
 }

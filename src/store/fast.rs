@@ -48,13 +48,13 @@ pub async fn try_apply(
     for (record, decoded) in records.iter().zip(decoded) {
         match decoded {
             Decoded::Tombstone | Decoded::Ignored { .. } => report.count("other", Outcome::Ignored),
-            Decoded::Poison { .. } => return Ok(Fast::Declined),
+            Decoded::Poison { .. } => return Ok(declined(projection, "an event does not decode")),
             Decoded::Handled { event, handler } => {
                 let mut statements = Vec::with_capacity(handler.statements.len());
                 for statement in &handler.statements {
                     let prepared = tx.prepare_cached(&statement.sql).await.map_err(|error| failed(&error))?;
                     let Ok(values) = bind_all(statement, prepared.params(), event, record) else {
-                        return Ok(Fast::Declined);
+                        return Ok(declined(projection, "an event's values do not bind"));
                     };
                     statements.push((prepared, values));
                 }
@@ -70,7 +70,7 @@ pub async fn try_apply(
             for (event, _, _) in &events {
                 match (&event.key, event.version) {
                     (Some(key), Some(_)) => keys.push(key),
-                    _ => return Ok(Fast::Declined),
+                    _ => return Ok(declined(projection, "an event has no key or version")),
                 }
             }
             let mut current = current_versions(tx, table, &keys).await?;
@@ -83,7 +83,7 @@ pub async fn try_apply(
                     (StatementKind::Create, None) => Outcome::Applied,
                     (StatementKind::Update, Some(at)) if at == version - 1 => Outcome::Applied,
                     // A gap, or anything unusual: the careful path handles it.
-                    _ => return Ok(Fast::Declined),
+                    _ => return Ok(declined(projection, "an event does not follow its row's version")),
                 };
                 if outcome == Outcome::Applied {
                     current.insert(key.to_string(), Some(version));
@@ -97,7 +97,7 @@ pub async fn try_apply(
             for (event, _, _) in &events {
                 match &event.event_id {
                     Some(id) => ids.push(id),
-                    None => return Ok(Fast::Declined),
+                    None => return Ok(declined(projection, "an event has no id")),
                 }
             }
             let seen = tx
@@ -159,6 +159,11 @@ pub async fn try_apply(
     Ok(Fast::Done(report))
 }
 
+fn declined(projection: &Projection, why: &str) -> Fast {
+    tracing::debug!(projection = %projection.name, why, "fast path declined");
+    Fast::Declined
+}
+
 /// A statement failing on the fast path: data errors go to the careful path, which parks the
 /// event responsible alone.
 fn fast_error(error: &tokio_postgres::Error) -> ApplyError {
@@ -176,11 +181,13 @@ async fn current_versions(
 ) -> Result<HashMap<String, Option<i64>>, ApplyError> {
     let sql = lookup_sql(tx, table).await?;
     let rows = tx.query(sql.as_str(), &[&keys]).await.map_err(|error| failed(&error))?;
-    Ok(rows.into_iter().map(|row| (row.get::<_, String>(0), row.get::<_, Option<i64>>(1))).collect())
+    Ok(rows.into_iter().map(|row| (row.get::<_, String>(0), Some(row.get::<_, i64>(1)))).collect())
 }
 
-/// `SELECT k, version FROM unnest($1::text[]) k LEFT JOIN table ON key = k::<key type>`: the key
-/// column's own type keeps its index usable. Built once per table.
+/// `SELECT key::text, version FROM table WHERE key = ANY($1::text[]::<key type>[])`: the key
+/// column's own type keeps its index usable. Built once per table. A key written differently from
+/// its text form (an upper-case uuid) is then not found: the prediction fails safe (the batch
+/// goes the careful way).
 async fn lookup_sql(tx: &Transaction<'_>, table: &VersionedTable) -> Result<String, ApplyError> {
     static CACHE: OnceLock<Mutex<HashMap<(String, String), String>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
@@ -197,9 +204,10 @@ async fn lookup_sql(tx: &Transaction<'_>, table: &VersionedTable) -> Result<Stri
         .await
         .map_err(|error| failed(&error))?;
     let key_type: String = row.get(0);
+    // `= ANY(array)` keeps the primary key index in every plan (a join with `unnest` is planned
+    // as a hash join over the whole table until the plan turns generic).
     let sql = format!(
-        "SELECT k.key, t.{version} FROM unnest($1::text[]) AS k(key)
-           LEFT JOIN {table} t ON t.{key} = k.key::{key_type}",
+        "SELECT {key}::text, {version} FROM {table} WHERE {key} = ANY($1::text[]::{key_type}[])",
         version = table.version_column,
         table = table.table,
         key = table.key_column,
