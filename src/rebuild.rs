@@ -438,7 +438,10 @@ async fn as_of(
 }
 
 /// Low and high watermarks of every partition of `topics`.
-async fn watermarks(settings: &Settings, topics: &[String]) -> Result<HashMap<TopicPartition, (i64, i64)>, RebuildError> {
+async fn watermarks(
+    settings: &Settings,
+    topics: &[String],
+) -> Result<HashMap<TopicPartition, (i64, i64)>, RebuildError> {
     let (kafka, topics) = (settings.kafka.clone(), topics.to_vec());
     tokio::task::spawn_blocking(move || crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(10)))
         .await
@@ -447,7 +450,10 @@ async fn watermarks(settings: &Settings, topics: &[String]) -> Result<HashMap<To
 }
 
 /// End offsets of the projection's partitions now.
-async fn current_ends(settings: &Settings, projection: &Projection) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
+async fn current_ends(
+    settings: &Settings,
+    projection: &Projection,
+) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
     let watermarks = watermarks(settings, &projection.topics).await?;
     Ok(watermarks.into_iter().map(|(partition, (_, high))| (partition, high)).collect())
 }

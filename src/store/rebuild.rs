@@ -50,8 +50,7 @@ pub struct RebuildRow {
     pub detail: Option<String>,
 }
 
-const REBUILD_COLUMNS: &str =
-    "projection, target, mode, state, definition_hash, start_offsets, target_offsets, detail";
+const REBUILD_COLUMNS: &str = "projection, target, mode, state, definition_hash, start_offsets, target_offsets, detail";
 
 fn rebuild_row(row: &tokio_postgres::Row) -> RebuildRow {
     RebuildRow {
@@ -66,7 +65,11 @@ fn rebuild_row(row: &tokio_postgres::Row) -> RebuildRow {
     }
 }
 
-pub async fn find(client: &impl GenericClient, projection: &str, target: &str) -> Result<Option<RebuildRow>, StoreError> {
+pub async fn find(
+    client: &impl GenericClient,
+    projection: &str,
+    target: &str,
+) -> Result<Option<RebuildRow>, StoreError> {
     let sql = format!("SELECT {REBUILD_COLUMNS} FROM projector.rebuilds WHERE projection = $1 AND target = $2");
     let row = client.query_opt(&sql, &[&projection, &target]).await.map_err(postgres)?;
     Ok(row.as_ref().map(rebuild_row))
