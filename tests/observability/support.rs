@@ -19,75 +19,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-/// The server the test databases are created on, unless `PROJECTOR_TEST_DATABASE_URL` says otherwise.
-pub fn server_url() -> String {
-    std::env::var("PROJECTOR_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
-pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|error| panic!("connecting to `{url}`: {error} (is PostgreSQL running? see .ci/run)"));
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
-
-/// `projector_test_<random>`, dropped at the end (best effort when the test panicked).
-pub struct TestDb {
-    pub url: String,
-    name: String,
-    dropped: bool,
-}
-
-impl TestDb {
-    pub async fn create() -> TestDb {
-        let name = unique("projector_test");
-        connect(&server_url())
-            .await
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .unwrap_or_else(|error| panic!("creating database `{name}`: {error}"));
-        let url = projector::demo::database_url(&server_url(), &name).expect("database url");
-        TestDb { url, name, dropped: false }
-    }
-
-    pub async fn drop(mut self) {
-        connect(&server_url())
-            .await
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
-            .await
-            .unwrap_or_else(|error| panic!("dropping database `{}`: {error}", self.name));
-        self.dropped = true;
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if self.dropped {
-            return;
-        }
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&server_url(), NoTls).await {
-                    tokio::spawn(connection);
-                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
-                }
-            });
-        })
-        .join();
-    }
-}
+// Databases and names are the engine tests' own helpers.
+#[path = "../engine/support.rs"]
+#[allow(dead_code)]
+mod engine_support;
+pub use engine_support::{connect, unique, TestDb};
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
