@@ -147,9 +147,9 @@ pub async fn run(
     }
 
     if args.until.is_some() || args.until_offsets.is_some() {
-        as_of(settings, projection, args, &client, starts, metrics, interrupt).await
+        as_of(settings, projection, args, &client, starts, ends, metrics, interrupt).await
     } else if args.shadow {
-        shadow(settings, projection, args, &client, starts, metrics, interrupt).await
+        shadow(settings, projection, args, &client, starts, ends, metrics, interrupt).await
     } else {
         in_place(settings, projection, projections, args, client, starts, ends, metrics, interrupt).await
     }
@@ -264,19 +264,21 @@ async fn start_or_resume_copy(
     Ok((false, starts, targets))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn shadow(
     settings: &Settings,
     projection: &Projection,
     args: &RebuildArgs,
     client: &tokio_postgres::Client,
     starts: HashMap<TopicPartition, i64>,
+    ends: HashMap<TopicPartition, i64>,
     metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
     let tables = live_tables(client, projection).await?;
     let alias = format!("{}~shadow", projection.name);
     let schema = format!("projector_shadow_{}", projection.name);
-    let targets = current_ends(settings, projection).await?;
+    let targets = ends;
     let (resumed, starts, targets) = start_or_resume_copy(
         client,
         projection,
@@ -351,12 +353,14 @@ async fn shadow(
     Ok(report)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn as_of(
     settings: &Settings,
     projection: &Projection,
     args: &RebuildArgs,
     client: &tokio_postgres::Client,
     starts: HashMap<TopicPartition, i64>,
+    ends: HashMap<TopicPartition, i64>,
     metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
@@ -368,7 +372,7 @@ async fn as_of(
     // With --until-offsets the limits are known; with --until each partition ends at its first
     // record stamped at or after the time, found while reading (brokers' offsets-for-times
     // lookups are not available everywhere), or at its current end.
-    let mut limits = current_ends(settings, projection).await?;
+    let mut limits = ends;
     for (partition, offset) in args.until_offsets.iter().flatten() {
         limits.insert(partition.clone(), *offset);
     }
@@ -449,12 +453,9 @@ async fn watermarks(
         .map_err(|error| RebuildError::Kafka(error.to_string()))
 }
 
-/// End offsets of the projection's partitions now.
-async fn current_ends(
-    settings: &Settings,
-    projection: &Projection,
-) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
-    let watermarks = watermarks(settings, &projection.topics).await?;
+/// End offsets of the partitions of `topics` now.
+async fn current_ends(settings: &Settings, topics: &[String]) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
+    let watermarks = watermarks(settings, topics).await?;
     Ok(watermarks.into_iter().map(|(partition, (_, high))| (partition, high)).collect())
 }
 
@@ -481,6 +482,7 @@ async fn build(
 /// A build's worker, running, with its progress.
 struct Build {
     name: String,
+    topics: Vec<String>,
     pool: deadpool_postgres::Pool,
     starts: HashMap<TopicPartition, i64>,
     targets: HashMap<TopicPartition, i64>,
@@ -530,6 +532,7 @@ impl Build {
         );
         progress.set_message(format!("rebuilding {}", projection.name));
         let name = projection.name.clone();
+        let topics = projection.topics.clone();
         let done_at_start = match load(&pool, &name).await {
             Ok(stored) => progress_of(&stored, starts, targets),
             Err(_) => 0,
@@ -544,6 +547,7 @@ impl Build {
         };
         Build {
             name,
+            topics,
             pool,
             starts: starts.clone(),
             targets: targets.clone(),
@@ -589,7 +593,7 @@ impl Build {
                 continue;
             }
             let Some(max_lag) = follow_lag else { return Ok(()) };
-            let ends = current_ends(settings, &dummy_projection(&self.name, &self.targets)).await?;
+            let ends = current_ends(settings, &self.topics).await?;
             let lag: i64 = ends.iter().map(|(p, end)| (end - stored.get(p).copied().unwrap_or(0)).max(0)).sum();
             if lag <= max_lag {
                 return Ok(());
@@ -651,23 +655,6 @@ impl Build {
         let stored = load(&self.pool, &self.name).await?;
         let events = progress_of(&stored, &self.starts, &self.targets).saturating_sub(self.done_at_start);
         Ok(RebuildReport { events, seconds: self.started.elapsed().as_secs_f64(), resumed: false, notes: Vec::new() })
-    }
-}
-
-/// A stand-in projection carrying only the topics of `targets`, for watermark look-ups.
-fn dummy_projection(name: &str, targets: &HashMap<TopicPartition, i64>) -> Projection {
-    let mut topics: Vec<String> = targets.keys().map(|(topic, _)| topic.clone()).collect();
-    topics.sort();
-    topics.dedup();
-    Projection {
-        name: name.to_string(),
-        file: Default::default(),
-        topics,
-        envelope: Default::default(),
-        dedupe: crate::projection::Dedupe::EventId,
-        handlers: Default::default(),
-        hash: String::new(),
-        rebuild: Default::default(),
     }
 }
 

@@ -41,6 +41,26 @@ fn history(orders: usize) -> Vec<Fact> {
     (0..longest).flat_map(|i| streams.iter().filter_map(move |s| s.get(i).cloned())).collect()
 }
 
+/// What every rebuild test starts from: its own mock broker (kept alive by `_kafka`), topic and
+/// database, settings with `max_events` per batch, and the example projections on the topic.
+struct Setup {
+    _kafka: MockKafka,
+    topic: String,
+    db: TestDb,
+    settings: Settings,
+    projections: Vec<Projection>,
+}
+
+async fn setup(partitions: i32, max_events: usize) -> Setup {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, partitions);
+    let db = TestDb::create().await;
+    let settings = support::settings(&kafka, &db, max_events, true);
+    let projections = support::example_projections(&topic);
+    Setup { _kafka: kafka, topic, db, settings, projections }
+}
+
 async fn publish(settings: &Settings, topic: &str, facts: &[Fact]) {
     projector::demo::publish(&settings.kafka.bootstrap_servers, topic, &events(facts)).await.expect("publishing");
 }
@@ -75,12 +95,7 @@ async fn snapshot(settings: &Settings) -> (Vec<String>, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_rebuild_gives_the_same_tables_as_a_fresh_build() {
-    support::init_tracing();
-    let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 3);
-    let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 50, true);
-    let projections = support::example_projections(&topic);
+    let Setup { _kafka, topic, db, settings, projections } = setup(3, 50).await;
     let published = history(40);
     publish(&settings, &topic, &published).await;
     let fresh = fresh_build(&settings, &projections).await;
@@ -117,12 +132,7 @@ async fn in_place_rebuild_gives_the_same_tables_as_a_fresh_build() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_interrupted_part_way_resumes_to_the_same_tables() {
-    support::init_tracing();
-    let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 4);
-    let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 20, true);
-    let projections = support::example_projections(&topic);
+    let Setup { _kafka, topic, db, settings, projections } = setup(4, 20).await;
     let published = history(400);
     publish(&settings, &topic, &published).await;
     let fresh = fresh_build(&settings, &projections).await;
@@ -184,12 +194,7 @@ async fn a_rebuild_interrupted_part_way_resumes_to_the_same_tables() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_rebuild_under_live_traffic_swaps_without_readers_seeing_a_partial_table() {
-    support::init_tracing();
-    let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 3);
-    let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 20, true);
-    let projections = support::example_projections(&topic);
+    let Setup { _kafka, topic, db, settings, projections } = setup(3, 20).await;
     let first = history(150);
     publish(&settings, &topic, &first).await;
     let engine = Engine::start(&settings, &projections);
@@ -279,12 +284,7 @@ async fn shadow_rebuild_under_live_traffic_swaps_without_readers_seeing_a_partia
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_pre_swap_check_leaves_the_live_table_untouched() {
-    support::init_tracing();
-    let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 2);
-    let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 50, true);
-    let mut projections = support::example_projections(&topic);
+    let Setup { _kafka, topic, db, settings, mut projections } = setup(2, 50).await;
     publish(&settings, &topic, &history(30)).await;
     let before = fresh_build(&settings, &projections).await;
 
@@ -328,12 +328,7 @@ async fn a_failed_pre_swap_check_leaves_the_live_table_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn until_builds_the_fold_of_the_events_up_to_that_point() {
-    support::init_tracing();
-    let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 3);
-    let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 50, true);
-    let projections = support::example_projections(&topic);
+    let Setup { _kafka, topic, db, settings, projections } = setup(3, 50).await;
     let before = history(30);
     publish(&settings, &topic, &before).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -377,12 +372,7 @@ async fn until_builds_the_fold_of_the_events_up_to_that_point() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_definition_is_refused_until_rebuilt_or_accepted() {
-    support::init_tracing();
-    let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 2);
-    let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 50, true);
-    let projections = support::example_projections(&topic);
+    let Setup { _kafka, topic, db, settings, projections } = setup(2, 50).await;
     let first = history(10);
     publish(&settings, &topic, &first).await;
     fresh_build(&settings, &projections).await;
@@ -432,12 +422,7 @@ async fn a_changed_definition_is_refused_until_rebuilt_or_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_refuses_when_history_is_missing() {
-    support::init_tracing();
-    let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 1);
-    let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 50, true);
-    let projections = support::example_projections(&topic);
+    let Setup { _kafka, topic, db, settings, projections } = setup(1, 50).await;
     let small = history(10);
     publish(&settings, &topic, &small).await;
     let engine = Engine::start(&settings, &projections);
