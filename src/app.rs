@@ -21,8 +21,10 @@ pub enum AppError {
     Statements(Vec<String>),
     #[error("no projections to run (looked in `{0}`)")]
     NoProjections(String),
-    #[error("every projection stopped: {}", .0.join("; "))]
-    AllFailed(Vec<String>),
+    /// A projection hit an error retrying cannot fix (missing table or column, no permission, …):
+    /// the others committed their batches in flight and stopped too.
+    #[error("stopped: {}", .0.join("; "))]
+    Fatal(Vec<String>),
 }
 
 /// Runs the engine until `shutdown` completes, then lets every projection commit or roll back
@@ -56,6 +58,7 @@ pub async fn run(
     let (stop, stopped) = watch::channel(false);
     let mut workers = tokio::task::JoinSet::new();
     let mut names = std::collections::HashMap::new();
+    let all: Vec<String> = projections.iter().map(|projection| projection.name.clone()).collect();
     for projection in projections {
         let projection = Arc::new(projection);
         tracing::info!(projection = %projection.name, topics = ?projection.topics, "projection starting");
@@ -65,32 +68,28 @@ pub async fn run(
         names.insert(task.id(), name);
     }
 
+    // A projection that fails for good stops the engine: the others commit their batches in
+    // flight, and the process exits non-zero so that the operator (or the orchestrator) sees it.
     let mut failures = Vec::new();
-    let mut running = workers.len();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             finished = workers.join_next() => match finished {
                 None => break,
-                Some(result) => {
-                    running -= 1;
-                    match result {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => {
-                            tracing::error!(%error, "projection stopped; the others keep running");
-                            failures.push(error.to_string());
-                        }
-                        Err(panic) => {
-                            if let Some(name) = names.get(&panic.id()) {
-                                metrics.set_state(name, "failed");
-                            }
-                            failures.push(format!("worker panicked: {panic}"));
-                        }
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(error))) => {
+                    tracing::error!(%error, "projection failed: stopping the engine");
+                    failures.push(error.to_string());
+                    break;
+                }
+                Some(Err(panic)) => {
+                    if let Some(name) = names.get(&panic.id()) {
+                        metrics.set_state(name, "failed");
                     }
-                    if running == 0 {
-                        return Err(AppError::AllFailed(failures));
-                    }
+                    tracing::error!(%panic, "projection worker panicked: stopping the engine");
+                    failures.push(format!("worker panicked: {panic}"));
+                    break;
                 }
             },
         }
@@ -103,6 +102,16 @@ pub async fn run(
         }
     }
     pool.close();
+    for name in &all {
+        let counts: Vec<String> = crate::store::apply::Outcome::ALL
+            .iter()
+            .map(|outcome| format!("{} {}", outcome.as_str(), metrics.outcome_count(name, *outcome)))
+            .collect();
+        tracing::info!(projection = %name, "events since start: {}", counts.join(", "));
+    }
+    if !failures.is_empty() {
+        return Err(AppError::Fatal(failures));
+    }
     tracing::info!("stopped");
     Ok(())
 }

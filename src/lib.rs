@@ -13,6 +13,7 @@
 //! - [`status`]: `projector status`, lag and checkpoints read directly, no engine needed.
 //! - [`app`]: wiring for `projector run`.
 //! - [`rebuild`]: `projector rebuild`: in place, into shadow tables swapped in atomically, or as of a time.
+//! - [`parked`]: `projector parked`: list, show, retry or skip the events that could not be applied.
 //! - [`demo`]: `projector demo`, the embedded default on librdkafka's mock cluster.
 
 pub mod app;
@@ -21,6 +22,7 @@ pub mod http;
 pub mod kafka;
 pub mod lag;
 pub mod metrics;
+pub mod parked;
 pub mod projection;
 pub mod rebuild;
 pub mod settings;

@@ -27,6 +27,9 @@ pub struct Metrics {
     /// `projector_batches_total{projection,path}`: committed batches by how they were applied,
     /// `fast` (predicted and pipelined) or `careful` (event by event).
     pub batches: IntCounterVec,
+    /// `projector_gap_timeouts_total{projection}`: held events parked because their predecessor
+    /// did not arrive within `parking.gap_timeout_secs` (counted as `gap` when they arrived).
+    pub gap_timeouts: IntCounterVec,
     /// `projector_last_commit_timestamp_seconds{projection}`.
     pub last_commit: IntGaugeVec,
     /// `projector_checkpoint_offset{projection,topic,partition}`.
@@ -86,6 +89,14 @@ impl Metrics {
             &["projection", "path"],
         )
         .expect("valid metric");
+        let gap_timeouts = IntCounterVec::new(
+            Opts::new(
+                "projector_gap_timeouts_total",
+                "Held events parked because their predecessor did not arrive within parking.gap_timeout_secs",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric");
         let last_commit = int_gauge(
             "projector_last_commit_timestamp_seconds",
             "Unix time of the projection's last committed batch",
@@ -126,6 +137,7 @@ impl Metrics {
             Box::new(batch_duration.clone()),
             Box::new(batch_events.clone()),
             Box::new(batches.clone()),
+            Box::new(gap_timeouts.clone()),
             Box::new(last_commit.clone()),
             Box::new(checkpoint.clone()),
             Box::new(state.clone()),
@@ -147,6 +159,7 @@ impl Metrics {
             batch_duration,
             batch_events,
             batches,
+            gap_timeouts,
             last_commit,
             checkpoint,
             state,
@@ -167,6 +180,7 @@ impl Metrics {
                 self.events.with_label_values(&[projection, event_type, outcome.as_str()]);
             }
         }
+        self.gap_timeouts.with_label_values(&[projection]);
     }
 
     /// Records a committed batch.

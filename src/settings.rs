@@ -25,6 +25,7 @@ pub struct Settings {
     pub projections_dir: PathBuf,
     pub batch: BatchSettings,
     pub http: HttpSettings,
+    pub parking: ParkingSettings,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -62,6 +63,15 @@ pub struct BatchSettings {
     pub max_wait_ms: u64,
 }
 
+/// Events that cannot be applied (`projector parked …`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParkingSettings {
+    /// An out-of-order event (`gap`) whose predecessor has not arrived within this many seconds
+    /// is parked, with every later event of its key behind it. 0: held for ever.
+    pub gap_timeout_secs: u64,
+}
+
 /// `/metrics` and the health probes, and the lag sampler behind the lag metrics.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +98,7 @@ impl Default for Settings {
             projections_dir: PathBuf::from("projections"),
             batch: BatchSettings { max_events: 1000, max_wait_ms: 100 },
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
+            parking: ParkingSettings { gap_timeout_secs: 600 },
         }
     }
 }
@@ -233,6 +244,7 @@ impl fmt::Debug for Settings {
             .field("batch.max_wait_ms", &self.batch.max_wait_ms)
             .field("http.listen", &self.http.listen)
             .field("http.lag_refresh_ms", &self.http.lag_refresh_ms)
+            .field("parking.gap_timeout_secs", &self.parking.gap_timeout_secs)
             .finish()
     }
 }

@@ -14,7 +14,7 @@ use crate::kafka::{Command, ConsumerThread, Input};
 use crate::metrics::Metrics;
 use crate::projection::{Projection, Record};
 use crate::settings::Settings;
-use crate::store::apply::{apply_batch, ApplyError, Batch, BatchReport};
+use crate::store::apply::{apply_batch, park_expired_gaps, ApplyError, Batch, BatchReport};
 use crate::store::checkpoint::{self, TopicPartition};
 use crate::store::StoreError;
 
@@ -39,6 +39,8 @@ struct Worker {
     max_events: usize,
     max_wait: Duration,
     commit_offsets: bool,
+    /// Held gaps older than this are parked (`None`: never).
+    gap_timeout: Option<Duration>,
     partitions: HashMap<TopicPartition, PartitionState>,
     /// The latest seek epoch of each partition (kept across revocations, as the consumer thread
     /// keeps it): records polled before that seek carry an older epoch and are dropped.
@@ -101,6 +103,8 @@ pub async fn run_with(
         max_events: settings.batch.max_events,
         max_wait: Duration::from_millis(settings.batch.max_wait_ms),
         commit_offsets: settings.kafka.commit_offsets,
+        gap_timeout: (settings.parking.gap_timeout_secs > 0)
+            .then(|| Duration::from_secs(settings.parking.gap_timeout_secs)),
         partitions: HashMap::new(),
         epochs: HashMap::new(),
         next_epoch: 1,
@@ -134,6 +138,12 @@ impl Worker {
         let mut batch: Vec<Record> = Vec::with_capacity(self.max_events);
         let mut deadline = tokio::time::Instant::now();
         let mut shutdown = self.shutdown.clone();
+        // Held gaps are checked for their timeout twice per timeout, at most every 10 s.
+        let sweep_every = self.gap_timeout.map_or(Duration::from_secs(3600), |timeout| {
+            (timeout / 2).clamp(Duration::from_millis(200), Duration::from_secs(10))
+        });
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -141,6 +151,10 @@ impl Worker {
                     if changed.is_err() || *shutdown.borrow() {
                         break;
                     }
+                }
+                _ = sweep.tick(), if self.gap_timeout.is_some() => {
+                    self.flush(&mut batch).await?;
+                    self.park_expired_gaps().await?;
                 }
                 _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
                     self.flush(&mut batch).await?;
@@ -307,6 +321,48 @@ impl Worker {
             let _ = self.commands.send(Command::Commit(committed));
         }
         batch.clear();
+        Ok(())
+    }
+
+    /// Parks the held gaps of our partitions that waited past `parking.gap_timeout_secs`.
+    async fn park_expired_gaps(&mut self) -> Result<(), WorkerError> {
+        let Some(timeout) = self.gap_timeout else {
+            return Ok(());
+        };
+        let owned: Vec<(TopicPartition, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|(partition, state)| state.checkpoint.map(|checkpoint| (partition.clone(), checkpoint)))
+            .collect();
+        if owned.is_empty() {
+            return Ok(());
+        }
+        let result = match self.pool.get().await {
+            Ok(mut client) => park_expired_gaps(&mut client, &self.projection, &owned, timeout.as_secs()).await,
+            Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
+        };
+        match result {
+            Ok(0) => {}
+            Ok(parked) => {
+                tracing::warn!(projection = %self.projection.name, parked, "held events parked: their predecessors did not arrive in time");
+                self.metrics.gap_timeouts.with_label_values(&[&self.projection.name]).inc_by(parked);
+            }
+            Err(ApplyError::Fenced { partition }) => {
+                tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
+                    "checkpoint moved by another instance: re-reading from the stored checkpoint");
+                let moves: Vec<(TopicPartition, Option<i64>, i64)> = owned
+                    .into_iter()
+                    .map(|(partition, checkpoint)| (partition, Some(checkpoint), checkpoint))
+                    .collect();
+                self.resync(&moves).await?;
+            }
+            Err(ApplyError::Fatal(message)) => {
+                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message })
+            }
+            Err(error) => {
+                tracing::warn!(projection = %self.projection.name, %error, "cannot check held events for their timeout; trying again later")
+            }
+        }
         Ok(())
     }
 

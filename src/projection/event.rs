@@ -125,6 +125,27 @@ impl Projection {
     }
 }
 
+impl Projection {
+    /// The key a record is parked under, so that later events of the same entity are parked
+    /// behind it: the envelope's key when it can be read (even from an event that is otherwise
+    /// poison), else the Kafka record key. `None` when neither exists: the record is parked alone.
+    pub fn parking_key(&self, record: &Record, decoded: &Decoded<'_>) -> Option<String> {
+        let from_envelope = match decoded {
+            Decoded::Handled { event, .. } => event.key.clone(),
+            Decoded::Tombstone | Decoded::Ignored { .. } => None,
+            Decoded::Poison { .. } => {
+                let value = record
+                    .value
+                    .as_deref()
+                    .and_then(|bytes| serde_json::from_slice::<Value>(bytes).ok())
+                    .unwrap_or(Value::Null);
+                read(&self.envelope.key, "key", record, &value).and_then(|raw| text_of(raw, "key", true)).ok().flatten()
+            }
+        };
+        from_envelope.or_else(|| record.key.as_deref().map(|key| String::from_utf8_lossy(key).into_owned()))
+    }
+}
+
 /// A field's raw value with where it came from.
 enum Raw<'v> {
     Json(&'v Value),

@@ -158,31 +158,58 @@ pub async fn apply_batch(
     }
 
     let mut report = BatchReport::default();
-    // Keys of this batch with held events: after one of them applies, its successors are released
-    // at once, so later events of the key in this same batch find the row where they expect it.
-    // Each record is decoded once, here.
+    // Each record is decoded once, here. Keys of this batch with held events: after one of them
+    // applies, its successors are released at once, so later events of the key in this same
+    // batch find the row where they expect it. Keys with parked events: every later event of
+    // the key is parked behind them, to keep the key's order.
     let decoded: Vec<Decoded<'_>> = batch.records.iter().map(|record| projection.decode(record)).collect();
-    let mut held_keys = held_keys_among(&tx, projection, &decoded).await?;
-    if !isolate && held_keys.is_empty() {
+    let keys: Vec<Option<String>> = batch
+        .records
+        .iter()
+        .zip(&decoded)
+        .map(|(record, decoded)| match decoded {
+            Decoded::Tombstone | Decoded::Ignored { .. } => None,
+            _ => projection.parking_key(record, decoded),
+        })
+        .collect();
+    let KeyStates { mut held, mut parked } = key_states(&tx, projection, &keys).await?;
+    if !isolate && held.is_empty() && parked.is_empty() {
         if let Fast::Done(report) = fast::try_apply(&tx, projection, batch.records, &decoded).await? {
             tx.commit().await.map_err(|error| fail(&error))?;
             return Ok(report);
         }
     }
-    for (record, decoded) in batch.records.iter().zip(decoded) {
-        let processed = run_isolated(&tx, projection, record, decoded, Source::Kafka, None, isolate).await?;
-        let Some(Processed { label, outcome, key }) = processed else {
+    for ((record, decoded), key) in batch.records.iter().zip(decoded).zip(keys) {
+        if let Some(key) = key.as_deref().filter(|key| parked.contains(*key)) {
+            let message = format!("parked behind an earlier parked event of key `{key}`, to keep the key's order");
+            park(&tx, projection, record, Some(key), ParkClass::Blocked, &message)
+                .await
+                .map_err(|error| fail(&error))?;
             report.count(&label_of(projection, record), Outcome::Parked);
+            continue;
+        }
+        let processed = run_isolated(&tx, projection, record, decoded, Source::Kafka, key.as_deref(), isolate).await?;
+        let Some(Processed { label, outcome, key: entity_key }) = processed else {
+            report.count(&label_of(projection, record), Outcome::Parked);
+            if let Some(key) = key {
+                parked.insert(key);
+            }
             continue;
         };
         report.count(&label, outcome);
-        match (outcome, key) {
+        match (outcome, entity_key) {
             (Outcome::Gap, Some(key)) => {
-                held_keys.insert(key);
+                held.insert(key);
             }
-            (Outcome::Applied, Some(key)) if held_keys.contains(&key) => {
-                if release_key(&tx, projection, &key, &mut report, isolate).await? {
-                    held_keys.remove(&key);
+            (Outcome::Applied, Some(key)) if held.contains(&key) => {
+                match release_key(&tx, projection, &key, &mut report, isolate).await? {
+                    Released::All => {
+                        held.remove(&key);
+                    }
+                    Released::Partly => {}
+                    Released::Parked => {
+                        parked.insert(key);
+                    }
                 }
             }
             _ => {}
@@ -192,9 +219,30 @@ pub async fn apply_batch(
     Ok(report)
 }
 
+/// Why an event is in `projector.dead_letters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkClass {
+    /// It cannot be applied: malformed, a value that does not fit, a constraint it violates.
+    Poison,
+    /// An earlier event of its key is parked.
+    Blocked,
+    /// Held as a gap for longer than `parking.gap_timeout_secs`.
+    GapTimeout,
+}
+
+impl ParkClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParkClass::Poison => "poison",
+            ParkClass::Blocked => "blocked",
+            ParkClass::GapTimeout => "gap_timeout",
+        }
+    }
+}
+
 /// Where a record being processed comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(super) enum Source {
     Kafka,
     /// Re-read from `projector.held_events`: a gap again leaves it there.
     Held,
@@ -202,7 +250,7 @@ enum Source {
 
 /// The outcome label of a record: its type when the projection handles it, else `other` (or
 /// `invalid` when it cannot be decoded). Bounded by the definition, whatever the events say.
-fn label_of(projection: &Projection, record: &Record) -> String {
+pub(super) fn label_of(projection: &Projection, record: &Record) -> String {
     match projection.decode(record) {
         Decoded::Handled { event, .. } => event.event_type,
         Decoded::Poison { event_type: Some(event_type), .. } if projection.handlers.contains_key(&event_type) => {
@@ -214,12 +262,12 @@ fn label_of(projection: &Projection, record: &Record) -> String {
 }
 
 /// What processing one record came to (not yet counted).
-struct Processed {
+pub(super) struct Processed {
     /// Outcome label: the event type, or `other`.
-    label: String,
-    outcome: Outcome,
+    pub label: String,
+    pub outcome: Outcome,
     /// The entity key, for versioned projections.
-    key: Option<String>,
+    pub key: Option<String>,
 }
 
 /// Decodes and applies one record.
@@ -392,46 +440,73 @@ fn split_headers(record: &Record) -> (Vec<&str>, Vec<Option<&[u8]>>) {
     record.headers.iter().map(|(name, value)| (name.as_str(), value.as_deref())).unzip()
 }
 
-/// The keys among `records` that have held events (none for event-id projections).
-async fn held_keys_among(
+/// Which of a batch's keys have held events, and which have parked ones.
+struct KeyStates {
+    held: BTreeSet<String>,
+    parked: BTreeSet<String>,
+}
+
+/// One round trip: the keys among `keys` with held events (versioned projections only hold) and
+/// those with parked events.
+async fn key_states(
     tx: &Transaction<'_>,
     projection: &Projection,
-    decoded: &[Decoded<'_>],
-) -> Result<BTreeSet<String>, ApplyError> {
-    if !matches!(projection.dedupe, Dedupe::Version(_)) {
-        return Ok(BTreeSet::new());
-    }
-    let keys: BTreeSet<&str> = decoded
-        .iter()
-        .filter_map(|decoded| match decoded {
-            Decoded::Handled { event, .. } => event.key.as_deref(),
-            _ => None,
-        })
-        .collect();
+    keys: &[Option<String>],
+) -> Result<KeyStates, ApplyError> {
+    let mut states = KeyStates { held: BTreeSet::new(), parked: BTreeSet::new() };
+    let keys: BTreeSet<&str> = keys.iter().flatten().map(String::as_str).collect();
     if keys.is_empty() {
-        return Ok(BTreeSet::new());
+        return Ok(states);
     }
     let keys: Vec<&str> = keys.into_iter().collect();
     let rows = tx
         .query(
-            "SELECT DISTINCT entity_key FROM projector.held_events WHERE projection = $1 AND entity_key = ANY($2)",
+            "SELECT DISTINCT true, entity_key FROM projector.held_events
+              WHERE projection = $1 AND entity_key = ANY($2)
+             UNION ALL
+             SELECT DISTINCT false, entity_key FROM projector.dead_letters
+              WHERE projection = $1 AND state = 'parked' AND entity_key = ANY($2)",
             &[&projection.name, &keys],
         )
         .await
         .map_err(|error| fail(&error))?;
-    Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    for row in rows {
+        let set = if row.get::<_, bool>(0) { &mut states.held } else { &mut states.parked };
+        set.insert(row.get(1));
+    }
+    Ok(states)
 }
 
-/// Runs one record, inside a savepoint when `isolate`. `Ok(None)`: it was parked (poison).
+/// Runs one record, inside a savepoint when `isolate`. `Ok(None)`: it was parked (poison), under
+/// `key`.
 async fn run_isolated(
     tx: &Transaction<'_>,
     projection: &Projection,
     record: &Record,
     decoded: Decoded<'_>,
     source: Source,
-    held_key: Option<&str>,
+    key: Option<&str>,
     isolate: bool,
 ) -> Result<Option<Processed>, ApplyError> {
+    match try_event(tx, projection, record, decoded, source, isolate).await? {
+        Ok(processed) => Ok(Some(processed)),
+        Err(message) => {
+            park(tx, projection, record, key, ParkClass::Poison, &message).await.map_err(|error| fail(&error))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Runs one record, inside a savepoint when `isolate`. `Ok(Err(message))`: it is poison, and
+/// (isolated) left no trace.
+pub(super) async fn try_event(
+    tx: &Transaction<'_>,
+    projection: &Projection,
+    record: &Record,
+    decoded: Decoded<'_>,
+    source: Source,
+    isolate: bool,
+) -> Result<Result<Processed, String>, ApplyError> {
     if isolate {
         tx.batch_execute("SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
     }
@@ -440,14 +515,11 @@ async fn run_isolated(
             if isolate {
                 tx.batch_execute("RELEASE SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
             }
-            return Ok(Some(processed));
+            return Ok(Ok(processed));
         }
         Err(EventError::Poison(message)) => message,
         Err(EventError::Db(error)) => match classify(&error) {
-            ErrorClass::Poison if isolate => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
-                describe(&error)
-            }
+            ErrorClass::Poison if isolate => describe(&error),
             ErrorClass::Poison => {
                 return Err(ApplyError::EventFailed {
                     topic: record.topic.clone(),
@@ -459,19 +531,33 @@ async fn run_isolated(
             _ => return Err(fail(&error)),
         },
     };
-    park(tx, projection, record, held_key, &message).await.map_err(|error| fail(&error))?;
-    Ok(None)
+    if isolate {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT projector_event; RELEASE SAVEPOINT projector_event")
+            .await
+            .map_err(|error| fail(&error))?;
+    }
+    Ok(Err(message))
+}
+
+/// How far [`release_key`] got.
+pub(super) enum Released {
+    /// No held event of the key is left.
+    All,
+    /// The next one still waits for its predecessor.
+    Partly,
+    /// One was parked: the rest stay held behind it.
+    Parked,
 }
 
 /// Applies the held events of `key` in version order, as far as they follow on. Returns true
 /// when none is left held.
-async fn release_key(
+pub(super) async fn release_key(
     tx: &Transaction<'_>,
     projection: &Projection,
     key: &str,
     report: &mut BatchReport,
     isolate: bool,
-) -> Result<bool, ApplyError> {
+) -> Result<Released, ApplyError> {
     let rows = tx
         .query(
             "SELECT version, topic, partition, \"offset\", record_key, record_value,
@@ -483,25 +569,17 @@ async fn release_key(
         )
         .await
         .map_err(|error| fail(&error))?;
-    let total = rows.len();
-    let mut released = 0;
+    let mut result = Released::All;
     for row in rows {
         let version: i64 = row.get(0);
-        let names: Vec<String> = row.get(6);
-        let values: Vec<Option<Vec<u8>>> = row.get(7);
-        let record = Record {
-            topic: row.get(1),
-            partition: row.get(2),
-            offset: row.get(3),
-            key: row.get(4),
-            value: row.get(5),
-            headers: names.into_iter().zip(values).collect(),
-            timestamp_ms: row.get(8),
-        };
+        let record = record_at(&row, 1);
         let decoded = projection.decode(&record);
         match run_isolated(tx, projection, &record, decoded, Source::Held, Some(key), isolate).await? {
             // Its predecessor is still missing: it and its successors stay held.
-            Some(Processed { outcome: Outcome::Gap, .. }) => break,
+            Some(Processed { outcome: Outcome::Gap, .. }) => {
+                result = Released::Partly;
+                break;
+            }
             Some(Processed { label, outcome: Outcome::Applied, .. }) => {
                 tracing::info!(projection = %projection.name, key, version, "held event applied: its predecessor arrived");
                 report.released += 1;
@@ -509,7 +587,10 @@ async fn release_key(
             }
             // Already reflected (a redelivered copy applied first), or no longer handled.
             Some(_) => {}
-            None => report.count(&label_of(projection, &record), Outcome::Parked),
+            None => {
+                report.count(&label_of(projection, &record), Outcome::Parked);
+                result = Released::Parked;
+            }
         }
         tx.execute(
             "DELETE FROM projector.held_events WHERE projection = $1 AND entity_key = $2 AND version = $3",
@@ -517,32 +598,54 @@ async fn release_key(
         )
         .await
         .map_err(|error| fail(&error))?;
-        released += 1;
+        if matches!(result, Released::Parked) {
+            // Its successors stay held; they are parked behind it when they time out, or applied
+            // after it by `projector parked retry`.
+            break;
+        }
     }
-    Ok(released == total)
+    Ok(result)
 }
 
-async fn park(
+/// The record stored in `row` from column `first` on: topic, partition, offset, key, value,
+/// header names, header values, timestamp (as `held_events` and `dead_letters` keep them).
+pub(super) fn record_at(row: &tokio_postgres::Row, first: usize) -> Record {
+    let names: Vec<String> = row.get(first + 5);
+    let values: Vec<Option<Vec<u8>>> = row.get(first + 6);
+    Record {
+        topic: row.get(first),
+        partition: row.get(first + 1),
+        offset: row.get(first + 2),
+        key: row.get(first + 3),
+        value: row.get(first + 4),
+        headers: names.into_iter().zip(values).collect(),
+        timestamp_ms: row.get(first + 7),
+    }
+}
+
+/// Parks `record` under `key` (see [`Projection::parking_key`]).
+pub(super) async fn park(
     tx: &Transaction<'_>,
     projection: &Projection,
     record: &Record,
     key: Option<&str>,
+    class: ParkClass,
     message: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let (event_type, entity_key) = match projection.decode(record) {
-        Decoded::Handled { event, .. } => (Some(event.event_type), event.key),
-        Decoded::Poison { event_type, .. } => (event_type, None),
-        Decoded::Ignored { event_type } => (Some(event_type), None),
-        Decoded::Tombstone => (None, None),
+    let event_type = match projection.decode(record) {
+        Decoded::Handled { event, .. } => Some(event.event_type),
+        Decoded::Poison { event_type, .. } => event_type,
+        Decoded::Ignored { event_type } => Some(event_type),
+        Decoded::Tombstone => None,
     };
-    let entity_key = entity_key.or(key.map(str::to_string));
     let (names, values) = split_headers(record);
     tracing::warn!(
         projection = %projection.name,
         topic = %record.topic,
         partition = record.partition,
         offset = record.offset,
-        key = entity_key.as_deref().unwrap_or(""),
+        key = key.unwrap_or(""),
+        class = class.as_str(),
         error = message,
         "event parked"
     );
@@ -550,24 +653,101 @@ async fn park(
         "INSERT INTO projector.dead_letters
              (projection, topic, partition, \"offset\", entity_key, event_type, record_key, record_value,
               header_names, header_values, timestamp_ms, error_class, error, definition_hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'poison', $12, $13)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          ON CONFLICT (projection, topic, partition, \"offset\") DO NOTHING",
         &[
             &projection.name,
             &record.topic,
             &record.partition,
             &record.offset,
-            &entity_key,
+            &key,
             &event_type,
             &record.key,
             &record.value,
             &names,
             &values,
             &record.timestamp_ms,
+            &class.as_str(),
             &message,
             &projection.hash,
         ],
     )
     .await?;
     Ok(())
+}
+
+/// Parks the held events of `partitions` that have waited longer than `after_secs` for their
+/// predecessor (class `gap_timeout`), key by key in version order: the key is then parked, and
+/// its later events are parked behind them. `partitions` are the ones this instance owns, with
+/// their stored checkpoints: each is compare-and-set to itself first, which fences a sweep by an
+/// instance that lost the partition and orders the sweep with the owner's batches.
+pub async fn park_expired_gaps(
+    client: &mut deadpool_postgres::Object,
+    projection: &Projection,
+    partitions: &[(TopicPartition, i64)],
+    after_secs: u64,
+) -> Result<u64, ApplyError> {
+    if partitions.is_empty() {
+        return Ok(0);
+    }
+    let tx = client.transaction().await.map_err(|error| fail(&error))?;
+    let topics: Vec<&str> = partitions.iter().map(|((topic, _), _)| topic.as_str()).collect();
+    let numbers: Vec<i32> = partitions.iter().map(|((_, partition), _)| *partition).collect();
+    // Cheap when nothing is expired: one indexed read, no locks.
+    let expired: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM projector.held_events h
+               JOIN unnest($2::text[], $3::int[]) AS p(topic, partition) USING (topic, partition)
+              WHERE h.projection = $1 AND h.held_at < now() - make_interval(secs => $4)",
+            &[&projection.name, &topics, &numbers, &(after_secs as f64)],
+        )
+        .await
+        .map_err(|error| fail(&error))?
+        .get(0);
+    if expired == 0 {
+        return Ok(0);
+    }
+    for (partition, checkpoint) in partitions {
+        let kept = checkpoint::compare_and_set(
+            &*tx,
+            &projection.name,
+            partition,
+            Some(*checkpoint),
+            *checkpoint,
+            &projection.hash,
+        )
+        .await
+        .map_err(|error| fail(&error))?;
+        if !kept {
+            return Err(ApplyError::Fenced { partition: partition.clone() });
+        }
+    }
+    let rows = tx
+        .query(
+            "DELETE FROM projector.held_events h
+              USING unnest($2::text[], $3::int[]) AS p(topic, partition)
+              WHERE h.projection = $1 AND h.topic = p.topic AND h.partition = p.partition
+                AND h.held_at < now() - make_interval(secs => $4)
+             RETURNING h.entity_key, h.version, h.found_version, h.topic, h.partition, h.\"offset\",
+                       h.record_key, h.record_value, h.header_names, h.header_values, h.timestamp_ms,
+                       h.held_at::text",
+            &[&projection.name, &topics, &numbers, &(after_secs as f64)],
+        )
+        .await
+        .map_err(|error| fail(&error))?;
+    let mut expired: Vec<(String, i64, Option<i64>, String, Record)> =
+        rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(11), record_at(&row, 3))).collect();
+    expired.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    for (key, version, found, held_at, record) in &expired {
+        let row = found.map_or("no row".to_string(), |found| format!("the row at version {found}"));
+        let message = format!(
+            "held since {held_at} for the predecessor of version {version} of key `{key}` ({row}), which did not \
+             arrive within {after_secs} s"
+        );
+        park(&tx, projection, record, Some(key), ParkClass::GapTimeout, &message)
+            .await
+            .map_err(|error| fail(&error))?;
+    }
+    tx.commit().await.map_err(|error| fail(&error))?;
+    Ok(expired.len() as u64)
 }

@@ -4,10 +4,11 @@
 pub mod apply;
 pub mod checkpoint;
 pub mod fast;
+pub mod parked;
 pub mod rebuild;
+pub mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use crate::settings::redact_text;
 
@@ -58,10 +59,6 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
-fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    url.parse::<tokio_postgres::Config>().map_err(|error| StoreError::Url(redact_text(&error.to_string())))
-}
-
 /// A pool over `url`, checked with one round trip so that a wrong URL fails at start-up.
 pub async fn connect(url: &str, size: usize) -> Result<Pool, StoreError> {
     connect_with_search_path(url, size, None).await
@@ -70,12 +67,12 @@ pub async fn connect(url: &str, size: usize) -> Result<Pool, StoreError> {
 /// [`connect`], with every connection's `search_path` set (a rebuild writes its shadow tables
 /// through the same unqualified names as the live ones).
 pub async fn connect_with_search_path(url: &str, size: usize, search_path: Option<&str>) -> Result<Pool, StoreError> {
-    let mut config = parse_url(url)?;
+    let tls::Target { mut config, tls, .. } = tls::target(url)?;
     if let Some(search_path) = search_path {
         let options = config.get_options().map(str::to_string).unwrap_or_default();
         config.options(format!("{options} -c search_path={search_path}").trim());
     }
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let pool = Pool::builder(manager).max_size(size).build().map_err(|error| StoreError::Connect(error.to_string()))?;
     let client = pool.get().await.map_err(|error| StoreError::Connect(redact_text(&error.to_string())))?;
     client.simple_query("SELECT 1").await.map_err(|error| StoreError::Connect(describe(&error)))?;
@@ -85,9 +82,8 @@ pub async fn connect_with_search_path(url: &str, size: usize, search_path: Optio
 /// Applies the migrations in `migrations/` that this database has not seen yet, each exactly
 /// once, under an advisory lock so that instances starting together do not race.
 pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
-    let config = parse_url(url)?;
-    let (mut client, connection) =
-        config.connect(NoTls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
+    let tls::Target { config, tls, .. } = tls::target(url)?;
+    let (mut client, connection) = config.connect(tls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
     let driver = tokio::spawn(connection);
     const LOCK: i64 = 0x7072_6f6a_6563_746f; // "projecto"
     client
@@ -135,8 +131,8 @@ pub async fn check_statements(
 
 /// One connection of its own (for transactions that need `&mut Client`), driven in the background.
 pub async fn connect_client(url: &str) -> Result<tokio_postgres::Client, StoreError> {
-    let config = parse_url(url)?;
-    let (client, connection) = config.connect(NoTls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
+    let tls::Target { config, tls, .. } = tls::target(url)?;
+    let (client, connection) = config.connect(tls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(error = %describe(&error), "connection closed");

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod shop;
+
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::future::Future;

@@ -11,4 +11,5 @@
 mod model;
 mod properties;
 mod scenarios;
+#[allow(dead_code)]
 mod support;

@@ -1,6 +1,8 @@
 //! What every engine test needs: a database of its own, a mock Kafka topic of its own, settings
 //! pointing at both, and an engine that can be started, stopped gracefully or crashed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use projector::app::AppError;
@@ -8,8 +10,9 @@ use projector::kafka::mock::MockKafka;
 use projector::metrics::Metrics;
 use projector::projection::Projection;
 use projector::settings::Settings;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_postgres::{Client, NoTls};
 
 /// The server the test databases are created on, unless `PROJECTOR_TEST_DATABASE_URL` says otherwise.
@@ -175,6 +178,16 @@ impl Engine {
         }
     }
 
+    /// Waits up to `timeout` for the engine to stop by itself, and returns how it ended.
+    pub async fn exited(mut self, timeout: Duration) -> Result<(), AppError> {
+        let handle = self.handle.take().expect("running");
+        match tokio::time::timeout(timeout, handle).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => panic!("the engine task failed: {join}"),
+            Err(_) => panic!("the engine did not stop by itself within {timeout:?}"),
+        }
+    }
+
     /// Crash: the task is dropped wherever it is; an open transaction rolls back.
     pub async fn crash(mut self) -> Metrics {
         let handle = self.handle.take().expect("running");
@@ -221,4 +234,88 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+/// Polls `check` every 50 ms until it holds; panics naming `what` after 30 s.
+pub async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after 30 s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy on a loopback port in front of `target`, that can cut every connection (and
+/// refuse new ones) and be restored: Postgres "becomes unreachable" for the engine only.
+pub struct TcpProxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: String) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
+        let port = listener.local_addr().expect("address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (accept_cut, accept_connections) = (cut.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if accept_cut.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_connections.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        TcpProxy { port, cut, connections, accept }
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+/// `url` with its host and port replaced by `127.0.0.1:<port>`.
+pub fn via_port(url: &str, port: u16) -> String {
+    let mut parsed = url::Url::parse(url).expect("a database url");
+    parsed.set_host(Some("127.0.0.1")).expect("host");
+    parsed.set_port(Some(port)).expect("port");
+    parsed.to_string()
+}
+
+/// `host:port` of the database server of `url`.
+pub fn host_port(url: &str) -> String {
+    let parsed = url::Url::parse(url).expect("a database url");
+    format!("{}:{}", parsed.host_str().unwrap_or("127.0.0.1"), parsed.port().unwrap_or(5432))
 }

@@ -1,12 +1,11 @@
 //! What the observability tests share: a database and a mock Kafka topic of their own, an engine
 //! with its HTTP endpoints on a free port, a plain HTTP/1.0 client, the exposition parsed, a lock
-//! that holds the engine's writes back, a TCP proxy in front of Postgres, and polling.
+//! that holds the engine's writes back, and polling (the TCP proxy in front of Postgres is the
+//! engine tests').
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use projector::app::AppError;
@@ -16,16 +15,16 @@ use projector::metrics::Metrics;
 use projector::projection::Projection;
 use projector::settings::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 // Databases and names are the engine tests' own helpers.
 #[path = "../engine/support.rs"]
 #[allow(dead_code)]
 mod engine_support;
-pub use engine_support::{connect, unique, TestDb};
+pub use engine_support::{connect, host_port, unique, via_port, TcpProxy, TestDb};
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -251,77 +250,6 @@ impl WriteLock {
     pub async fn release(self) {
         self.client.batch_execute("ROLLBACK").await.expect("releasing the lock");
     }
-}
-
-/// A TCP proxy on a loopback port in front of `target`, that can cut every connection (and
-/// refuse new ones) and be restored: Postgres "becomes unreachable" for the engine only.
-pub struct TcpProxy {
-    pub port: u16,
-    cut: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<AbortHandle>>>,
-    accept: JoinHandle<()>,
-}
-
-impl TcpProxy {
-    pub async fn start(target: String) -> TcpProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
-        let port = listener.local_addr().expect("address").port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (accept_cut, accept_connections) = (cut.clone(), connections.clone());
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
-                if accept_cut.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                accept_connections.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        TcpProxy { port, cut, connections, accept }
-    }
-
-    /// Closes every proxied connection and refuses new ones.
-    pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-
-    pub fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for TcpProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-}
-
-/// `url` with its host and port replaced by `127.0.0.1:<port>`.
-pub fn via_port(url: &str, port: u16) -> String {
-    let mut parsed = url::Url::parse(url).expect("a database url");
-    parsed.set_host(Some("127.0.0.1")).expect("host");
-    parsed.set_port(Some(port)).expect("port");
-    parsed.to_string()
-}
-
-/// `host:port` of the database server of `url`.
-pub fn host_port(url: &str) -> String {
-    let parsed = url::Url::parse(url).expect("a database url");
-    format!("{}:{}", parsed.host_str().unwrap_or("127.0.0.1"), parsed.port().unwrap_or(5432))
 }
 
 /// The path of an external tool, or a failure that says how to install it (never a silent skip).

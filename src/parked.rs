@@ -1,0 +1,153 @@
+//! `projector parked list|show|retry|skip`: the operator's view of events that could not be
+//! applied, and the two ways out (re-apply after a fix, or discard with a reason).
+
+use comfy_table::{presets, Table};
+
+use crate::projection::Projection;
+use crate::settings::Settings;
+use crate::store::parked::{self, Filter, Parked, ParkedError, Retried, Selection};
+use crate::store::{self, StoreError};
+
+async fn client(settings: &Settings) -> Result<deadpool_postgres::Object, StoreError> {
+    let pool = store::connect(&settings.database.url, 1).await?;
+    pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))
+}
+
+/// At most `width` characters of `text`, on one line.
+fn cut(text: &str, width: usize) -> String {
+    let line = text.replace(['\n', '\r'], " ");
+    match line.char_indices().nth(width) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => line,
+    }
+}
+
+pub async fn list(settings: &Settings, filter: &Filter, json: bool) -> Result<String, StoreError> {
+    let client = client(settings).await?;
+    let events = parked::list(&**client, filter).await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&events).expect("serializable") + "\n");
+    }
+    if events.is_empty() {
+        return Ok("no parked events\n".into());
+    }
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_FULL_CONDENSED);
+    table.set_header(["id", "projection", "key", "type", "at", "class", "state", "parked at", "error"]);
+    for event in &events {
+        table.add_row([
+            event.id.to_string(),
+            event.projection.clone(),
+            event.entity_key.clone().unwrap_or_default(),
+            event.event_type.clone().unwrap_or_default(),
+            format!("{}/{}@{}", event.topic, event.partition, event.offset),
+            event.error_class.clone(),
+            event.state.clone(),
+            cut(&event.parked_at, 19),
+            cut(&event.error, 70),
+        ]);
+    }
+    Ok(format!("{table}\n{} event(s)\n", events.len()))
+}
+
+/// A value shown to a person: its text when it is UTF-8, else hex; cut at 4 KiB.
+fn shown_bytes(bytes: Option<&[u8]>) -> String {
+    const LIMIT: usize = 4096;
+    let Some(bytes) = bytes else {
+        return "(none)".into();
+    };
+    let part = &bytes[..bytes.len().min(LIMIT)];
+    let mut text = match std::str::from_utf8(part) {
+        Ok(text) => text.to_string(),
+        Err(_) => format!("(not UTF-8) 0x{}", part.iter().map(|byte| format!("{byte:02x}")).collect::<String>()),
+    };
+    if bytes.len() > LIMIT {
+        text.push_str(&format!("… ({} bytes in all)", bytes.len()));
+    }
+    text
+}
+
+pub async fn show(settings: &Settings, id: i64, json: bool) -> Result<Option<String>, StoreError> {
+    let client = client(settings).await?;
+    let Some((event, actions)) = parked::show(&**client, id).await? else {
+        return Ok(None);
+    };
+    if json {
+        let value = serde_json::json!({
+            "event": event,
+            "record_key": event.record.key.as_deref().map(|key| shown_bytes(Some(key))),
+            "record_value": shown_bytes(event.record.value.as_deref()),
+            "headers": event.record.headers.iter().map(|(name, value)| (name.clone(), shown_bytes(value.as_deref()))).collect::<Vec<_>>(),
+            "timestamp_ms": event.record.timestamp_ms,
+            "actions": actions,
+        });
+        return Ok(Some(serde_json::to_string_pretty(&value).expect("serializable") + "\n"));
+    }
+    let Parked { record, .. } = &event;
+    let mut out = String::new();
+    let mut line = |name: &str, value: String| out.push_str(&format!("{name:<16}{value}\n"));
+    line("id", event.id.to_string());
+    line("projection", event.projection.clone());
+    line("state", format!("{} (attempts: {})", event.state, event.attempts));
+    line("class", event.error_class.clone());
+    line("error", event.error.clone());
+    line("key", event.entity_key.clone().unwrap_or_else(|| "(none)".into()));
+    line("event type", event.event_type.clone().unwrap_or_else(|| "(unreadable)".into()));
+    line("record", format!("{} partition {} offset {}", event.topic, event.partition, event.offset));
+    line("timestamp", record.timestamp_ms.map_or("(none)".into(), |ms| ms.to_string()));
+    line("parked at", event.parked_at.clone());
+    line("definition", event.definition_hash.clone());
+    if let Some(resolved_at) = &event.resolved_at {
+        line("resolved at", format!("{resolved_at} ({})", event.resolution.clone().unwrap_or_default()));
+    }
+    line("record key", shown_bytes(record.key.as_deref()));
+    for (name, value) in &record.headers {
+        line("header", format!("{name} = {}", shown_bytes(value.as_deref())));
+    }
+    line("value", shown_bytes(record.value.as_deref()));
+    for action in &actions {
+        let reason = action.reason.as_deref().map(|reason| format!(" ({reason})")).unwrap_or_default();
+        line("action", format!("{} {} by {}: {}{reason}", action.acted_at, action.action, action.actor, action.result));
+    }
+    Ok(Some(out))
+}
+
+pub async fn retry(
+    settings: &Settings,
+    projection: &Projection,
+    selection: &Selection,
+) -> Result<Vec<Retried>, ParkedError> {
+    let mut client = client(settings).await?;
+    parked::retry(&mut client, projection, selection).await
+}
+
+pub async fn skip(
+    settings: &Settings,
+    projection: &str,
+    selection: &Selection,
+    reason: &str,
+) -> Result<Vec<i64>, ParkedError> {
+    let mut client = client(settings).await?;
+    parked::skip(&mut client, projection, selection, reason).await
+}
+
+/// One line per key retried.
+pub fn render_retried(results: &[Retried]) -> String {
+    let mut out = String::new();
+    for result in results {
+        let key = result.key.as_deref().map_or("(no key)".to_string(), |key| format!("key `{key}`"));
+        let done: Vec<String> = result.done.iter().map(|(id, outcome)| format!("#{id} {outcome}")).collect();
+        out.push_str(&format!(
+            "{key}: {}",
+            if done.is_empty() { "nothing re-applied".into() } else { done.join(", ") }
+        ));
+        if result.released > 0 {
+            out.push_str(&format!("; {} held event(s) applied after them", result.released));
+        }
+        if let Some((id, message)) = &result.parked_again {
+            out.push_str(&format!("; #{id} parked again: {message}"));
+        }
+        out.push('\n');
+    }
+    out
+}

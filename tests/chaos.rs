@@ -1,0 +1,254 @@
+//! Chaos, with `projector run` as separate processes against a Kafka-protocol broker (librdkafka's
+//! mock cluster, served from this test process on a loopback port) and real PostgreSQL:
+//!
+//! - SIGKILL at random moments, at least 20 times (`PROJECTOR_CHAOS_KILLS` for more), while a
+//!   producer publishes the example shop's history with duplicates: the read models end equal to
+//!   the fold of the distinct events, exactly.
+//! - Instances joining and leaving the consumer group under load (`PROJECTOR_CHAOS_CYCLES`
+//!   changes, 12 by default): every record is counted exactly once over all instances' final
+//!   counts, and the read models are exact.
+//!
+//! A run prints its seed; `PROJECTOR_CHAOS_SEED` replays it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::shop::{caught_up, expected_fold, read_models, records_per_partition, shuffled_history_with_duplicates};
+use common::{produce_one_per_batch, projector_command, query_i64, wait_for, LogDir, Projector, TestDb};
+use nix::sys::signal::Signal;
+use projector::demo::{ShopEvent, TOPIC};
+use projector::kafka::mock::MockKafka;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinHandle;
+
+const PARTITIONS: i32 = 4;
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+fn seeded() -> StdRng {
+    let seed = env_number("PROJECTOR_CHAOS_SEED", rand::random());
+    eprintln!("seed {seed} (rerun with PROJECTOR_CHAOS_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+/// Sessions short enough that a killed member's partitions move in about 2 s.
+fn settings_file(dir: &Path) -> PathBuf {
+    let path = dir.join("projector.toml");
+    std::fs::write(
+        &path,
+        "[kafka.properties]\n\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"200\"\n\n[batch]\nmax_events = 16\nmax_wait_ms = 20\n",
+    )
+    .expect("writing projector.toml");
+    path
+}
+
+/// Publishes `records` in chunks spread over about `over`, in the background.
+fn produce_slowly(bootstrap: String, records: Vec<ShopEvent>, over: Duration) -> JoinHandle<Vec<(i32, i64)>> {
+    tokio::spawn(async move {
+        let chunks = records.len().div_ceil(4).max(1);
+        let pause = over / chunks as u32;
+        let mut positions = Vec::with_capacity(records.len());
+        for chunk in records.chunks(4) {
+            positions.extend(produce_one_per_batch(&bootstrap, TOPIC, chunk).await);
+            tokio::time::sleep(pause).await;
+        }
+        positions
+    })
+}
+
+struct Setup {
+    kafka: MockKafka,
+    db: TestDb,
+    group_prefix: String,
+    log_dir: LogDir,
+    config: PathBuf,
+}
+
+async fn setup(name: &str) -> Setup {
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    kafka.create_topic(TOPIC, PARTITIONS, 1).expect("topic");
+    let db = TestDb::create().await;
+    let group_prefix = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let log_dir = LogDir::new(name);
+    let config = settings_file(&log_dir.path);
+    Setup { kafka, db, group_prefix, log_dir, config }
+}
+
+impl Setup {
+    fn command(&self, log: &Path) -> Command {
+        let mut command = projector_command(&self.db.url, &self.kafka.bootstrap_servers(), &self.group_prefix, log);
+        command.env("PROJECTOR_CONFIG", &self.config);
+        command
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_converges_to_the_exact_fold() {
+    let started = Instant::now();
+    let kills = env_number("PROJECTOR_CHAOS_KILLS", 20);
+    let mut rng = seeded();
+    let setup = setup("chaos-kill").await;
+    let client = setup.db.connect().await;
+    let log = setup.log_dir.path.join("projector.log");
+    let (records, duplicates) = shuffled_history_with_duplicates(&mut rng, 150);
+    eprintln!("{} records ({duplicates} duplicates), {kills} kills, projector log {}", records.len(), log.display());
+
+    let producing = produce_slowly(setup.kafka.bootstrap_servers(), records.clone(), Duration::from_secs(kills));
+    let mut lifetimes = Vec::new();
+    // Records applied (sum of checkpoints) at each kill: the kills land while work is going on.
+    let mut progress = Vec::new();
+    let applied_so_far =
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM projector.checkpoints WHERE projection = 'order_summary'";
+    for kill in 0..kills {
+        let projector = Projector::spawn(setup.command(&log), &log, &format!("run {kill}"));
+        // Anywhere: while connecting, migrating, joining the group, or mid-batch.
+        let lifetime = Duration::from_millis(rng.random_range(100..2500));
+        tokio::time::sleep(lifetime).await;
+        projector.assert_running();
+        projector.kill();
+        lifetimes.push(lifetime.as_millis());
+        progress.push(query_i64(&client, applied_so_far).await);
+    }
+    let projector = Projector::spawn(setup.command(&log), &log, "after the last kill");
+    let positions = producing.await.expect("producer task");
+    let ends = records_per_partition(&positions);
+    let expected = expected_fold(&records);
+    wait_for("the read models to equal the fold", CATCH_UP, || {
+        caught_up(&client, Some(&projector), TOPIC, &expected, &ends)
+    })
+    .await;
+    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
+    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.dead_letters").await, 0);
+    let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30)).await;
+    assert!(status.success(), "exit {status} on SIGTERM");
+    assert_eq!(read_models(&client).await.expect("read models"), expected);
+    eprintln!(
+        "{kills} SIGKILLs after {lifetimes:?} ms; order_summary had checkpointed {progress:?} records at each kill; \
+         {} records, {} distinct; nothing lost, nothing applied twice; {:?}",
+        records.len(),
+        records.len() - duplicates,
+        started.elapsed()
+    );
+    drop(client);
+    setup.db.drop().await;
+}
+
+/// The outcome counts an instance logged when it stopped gracefully, per projection.
+fn final_counts(log: &Path) -> Vec<(String, [u64; 5])> {
+    let text = std::fs::read_to_string(log).expect("reading a projector log");
+    text.lines()
+        .filter(|line| line.contains("events since start:"))
+        .map(|line| {
+            let projection = line
+                .split("projection=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .expect("projection field")
+                .to_string();
+            let counts = line.split("events since start:").nth(1).expect("counts");
+            let mut values = [0u64; 5];
+            for (i, part) in counts.split(',').take(5).enumerate() {
+                let number = part.split_whitespace().nth(1).expect("a count");
+                values[i] = number.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("a number");
+            }
+            (projection, values)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_joining_and_leaving_under_load_count_every_record_once() {
+    let started = Instant::now();
+    let cycles = env_number("PROJECTOR_CHAOS_CYCLES", 12);
+    let mut rng = seeded();
+    let setup = setup("chaos-rebalance").await;
+    let client = setup.db.connect().await;
+    let (records, duplicates) = shuffled_history_with_duplicates(&mut rng, 150);
+    let logs: Vec<PathBuf> = (0..3).map(|i| setup.log_dir.path.join(format!("instance-{i}.log"))).collect();
+    eprintln!(
+        "{} records ({duplicates} duplicates), {cycles} membership changes, logs in {}",
+        records.len(),
+        setup.log_dir.path.display()
+    );
+
+    let producing =
+        produce_slowly(setup.kafka.bootstrap_servers(), records.clone(), Duration::from_millis(cycles * 1200));
+    let mut instances: Vec<Option<Projector>> = vec![None, None, None];
+    instances[0] = Some(Projector::spawn(setup.command(&logs[0]), &logs[0], "start"));
+    instances[1] = Some(Projector::spawn(setup.command(&logs[1]), &logs[1], "start"));
+    let (mut joins, mut leaves) = (2, 0);
+    for _ in 0..cycles {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        let slot = rng.random_range(0..3);
+        let running = instances.iter().filter(|instance| instance.is_some()).count();
+        match instances[slot].take() {
+            Some(projector) if running > 1 => {
+                projector.assert_running();
+                let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60)).await;
+                assert!(status.success(), "instance {slot} exited {status} on SIGTERM");
+                leaves += 1;
+            }
+            Some(projector) => instances[slot] = Some(projector),
+            None => {
+                instances[slot] = Some(Projector::spawn(setup.command(&logs[slot]), &logs[slot], "join"));
+                joins += 1;
+            }
+        }
+    }
+    let positions = producing.await.expect("producer task");
+    let ends = records_per_partition(&positions);
+    let expected = expected_fold(&records);
+    wait_for("the read models to equal the fold", CATCH_UP, || caught_up(&client, None, TOPIC, &expected, &ends)).await;
+    for (slot, instance) in instances.iter_mut().enumerate() {
+        if let Some(projector) = instance.take() {
+            let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60)).await;
+            assert!(status.success(), "instance {slot} exited {status} on SIGTERM");
+        }
+    }
+    assert_eq!(read_models(&client).await.expect("read models"), expected);
+
+    // Every record counted exactly once, over every instance's life.
+    let mut totals: std::collections::BTreeMap<String, [u64; 5]> = Default::default();
+    let mut lives = 0;
+    for log in &logs {
+        for (projection, counts) in final_counts(log) {
+            lives += 1;
+            let total = totals.entry(projection).or_default();
+            for (sum, count) in total.iter_mut().zip(counts) {
+                *sum += count;
+            }
+        }
+    }
+    let distinct = records.len() - duplicates;
+    let shipped_records = records.iter().filter(|record| record.value["type"] == "OrderShipped").count();
+    let mut seen = std::collections::HashSet::new();
+    let distinct_shipped = records
+        .iter()
+        .filter(|record| seen.insert(record.value["id"].to_string()) && record.value["type"] == "OrderShipped")
+        .count();
+    eprintln!("{joins} joins, {leaves} graceful leaves, {lives} projection lives; totals (applied, duplicate, gap, ignored, parked): {totals:?}");
+    let order_summary = totals["order_summary"];
+    assert_eq!(order_summary, [distinct as u64, duplicates as u64, 0, 0, 0], "order_summary counts");
+    let customer_totals = totals["customer_totals"];
+    assert_eq!(
+        customer_totals,
+        [
+            (distinct - distinct_shipped) as u64,
+            (duplicates - (shipped_records - distinct_shipped)) as u64,
+            0,
+            shipped_records as u64,
+            0
+        ],
+        "customer_totals counts"
+    );
+    eprintln!("passed in {:?}", started.elapsed());
+    drop(client);
+    setup.db.drop().await;
+}

@@ -1,0 +1,26 @@
+//! Faults and bad input against real PostgreSQL and librdkafka's in-process mock Kafka cluster:
+//! poison events parked per key, retried and skipped; held gaps timing out; a corpus of hostile
+//! records; Postgres cut off mid-stream through a TCP proxy.
+//!
+//! Shares the engine tests' `support` (databases, topics, engines, a TCP proxy) and `model`
+//! (the shop's events and the read models they fold to).
+//!
+//! # Layout
+//! - `raw`: a test projection (`accounts`) and records published byte for byte.
+//! - `parking`: per-key parking, `parked retry` after a fix, `parked skip`, gap timeouts.
+//! - `hostile`: every hostile record parked or ignored with its reason, other keys unharmed.
+//! - `outage`: Postgres unreachable mid-stream and back: nothing lost, nothing applied twice.
+//! - `security`: Postgres TLS by `sslmode`; no password in errors.
+
+#[path = "../engine/model.rs"]
+#[allow(dead_code)]
+mod model;
+#[path = "../engine/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+mod hostile;
+mod outage;
+mod parking;
+mod raw;
+mod security;
