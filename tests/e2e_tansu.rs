@@ -127,3 +127,142 @@ async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_event
     db.drop().await;
     eprintln!("passed in {:?}", started.elapsed());
 }
+
+/// The broker SIGKILLed while the projector is reading, and restarted on the same storage: the
+/// projector reconnects by itself and the read models equal the fold of the distinct events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_killed_and_restarted_mid_stream_loses_nothing() {
+    let started = Instant::now();
+    let seed: u64 =
+        std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tansu = Tansu::start_persistent().await;
+    tansu.create_topic(TOPIC, PARTITIONS).await;
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let group_prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let log_dir = LogDir::new("e2e-broker");
+    let log = log_dir.path.join("projector.log");
+    let settings = log_dir.path.join("projector.toml");
+    std::fs::write(&settings, "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n").expect("projector.toml");
+    let mut command = projector_command(&db.url, &tansu.bootstrap, &group_prefix, &log);
+    command.env("PROJECTOR_BATCH__MAX_EVENTS", "8").env("PROJECTOR_BATCH__MAX_WAIT_MS", "20");
+    command.env("PROJECTOR_CONFIG", &settings);
+
+    let (records, duplicates) = shuffled_history_with_duplicates(&mut rng, ORDERS);
+    let third = records.len() / 3;
+    let (first, rest) = records.split_at(third);
+    let (second, last) = rest.split_at(third);
+    let mut positions = produce_one_per_batch(&tansu.bootstrap, TOPIC, first).await;
+    let projector = Projector::spawn(command, &log, "broker restarts");
+    let expected = expected_fold(first);
+    let ends = records_per_partition(&positions);
+    wait_for("the first third", CATCH_UP, || caught_up(&client, Some(&projector), TOPIC, &expected, &ends)).await;
+
+    // The second third, and the broker killed right behind it, while the projector reads it.
+    positions.extend(produce_one_per_batch(&tansu.bootstrap, TOPIC, second).await);
+    tansu.kill();
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    projector.assert_running();
+    tansu.restart().await;
+    eprintln!("broker down for {:?}", down.elapsed());
+    positions.extend(produce_one_per_batch(&tansu.bootstrap, TOPIC, last).await);
+
+    let expected = expected_fold(&records);
+    let ends = records_per_partition(&positions);
+    wait_for("everything after the broker restart", CATCH_UP, || {
+        caught_up(&client, Some(&projector), TOPIC, &expected, &ends)
+    })
+    .await;
+    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
+    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.dead_letters").await, 0);
+    let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30)).await;
+    assert!(status.success(), "exit {status} on SIGTERM");
+    assert_eq!(read_models(&client).await.expect("read models"), expected);
+    eprintln!(
+        "{} records ({duplicates} duplicates), broker killed once after {}: nothing lost, nothing applied twice, {:?}",
+        records.len(),
+        first.len() + second.len(),
+        started.elapsed()
+    );
+    drop(client);
+    db.drop().await;
+}
+
+/// A 10 MB record (a `total` that does not fit `numeric`) is parked with its reason and its raw
+/// bytes; the records around it are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10_mb_record_is_parked_and_the_stream_goes_on() {
+    let tansu = Tansu::start().await;
+    tansu.create_topic(TOPIC, 1).await;
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let group_prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let log_dir = LogDir::new("e2e-huge");
+    let log = log_dir.path.join("projector.log");
+    let projector = Projector::spawn(projector_command(&db.url, &tansu.bootstrap, &group_prefix, &log), &log, "10 MB");
+
+    let (before, huge, after) =
+        (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let placed = |order: &str, total: String| {
+        projector::demo::shop_event(order, 1, "OrderPlaced", serde_json::json!({"customer_id": "c-1", "total": total}))
+    };
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &tansu.bootstrap)
+        .set("message.max.bytes", "20000000")
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    for event in
+        [placed(&before, "10.00".into()), placed(&huge, "9".repeat(10 * 1024 * 1024)), placed(&after, "20.00".into())]
+    {
+        let payload = serde_json::to_vec(&event.value).expect("json");
+        producer
+            .send(rdkafka::producer::FutureRecord::to(TOPIC).key(&event.key).payload(&payload), Duration::from_secs(30))
+            .await
+            .map_err(|(error, _)| error)
+            .expect("producing");
+    }
+    wait_for("both small orders applied and the huge one parked", CATCH_UP, || async {
+        projector.assert_running();
+        // Until the projector has migrated the database, the tables do not exist.
+        let counts = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM order_summary),
+                        (SELECT count(*) FROM projector.dead_letters WHERE projection = 'order_summary')",
+                &[],
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        let (orders, parked): (i64, i64) = (counts.get(0), counts.get(1));
+        if orders == 2 && parked == 1 {
+            Ok(())
+        } else {
+            Err(format!("{orders} orders, {parked} parked"))
+        }
+    })
+    .await;
+    let row = client
+        .query_one(
+            "SELECT entity_key, error_class, error, octet_length(record_value)::bigint FROM projector.dead_letters
+              WHERE projection = 'order_summary'",
+            &[],
+        )
+        .await
+        .expect("dead letter");
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some(huge.as_str()));
+    assert_eq!(row.get::<_, String>(1), "poison");
+    let error: String = row.get(2);
+    assert!(
+        error.contains(":data.total") && error.len() < 1000,
+        "a precise, short reason: {}",
+        &error[..error.len().min(300)]
+    );
+    assert!(row.get::<_, i64>(3) > 10 * 1024 * 1024, "the raw value is kept whole");
+    let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30)).await;
+    assert!(status.success());
+    drop(client);
+    db.drop().await;
+}

@@ -10,7 +10,7 @@
 pub mod shop;
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::future::Future;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -221,40 +221,70 @@ pub fn tansu_binary() -> PathBuf {
     panic!("the `tansu` broker is not installed (not on PATH nor in ~/.cargo/bin): run scripts/install-tansu.sh");
 }
 
-/// A Tansu broker (Kafka-compatible, in-memory storage) in a process of its own, killed on drop.
+/// A Tansu broker (Kafka-compatible) in a process of its own, killed on drop.
 pub struct Tansu {
     /// `127.0.0.1:<port>`, for `bootstrap.servers`.
     pub bootstrap: String,
     pub log: PathBuf,
     binary: PathBuf,
     child: Child,
+    storage: String,
     _dir: tempfile::TempDir,
 }
 
+fn spawn_tansu(binary: &Path, bootstrap: &str, storage: &str, folder: &Path, log: &Path) -> Child {
+    let listener = format!("tcp://{bootstrap}");
+    let log_file = OpenOptions::new().create(true).append(true).open(log).expect("opening the tansu log");
+    Command::new(binary)
+        .arg("broker")
+        .args(["--listener-url", &listener])
+        .args(["--advertised-listener-url", &listener])
+        .args(["--storage-engine", storage])
+        .current_dir(folder)
+        .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("log file"))
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting `{}`: {error}", binary.display()))
+}
+
 impl Tansu {
-    /// Starts a broker on a free loopback port and waits until it answers metadata requests.
+    /// Starts a broker on a free loopback port, storing in memory, and waits until it answers
+    /// metadata requests.
     pub async fn start() -> Tansu {
+        Tansu::start_with("memory://tansu/").await
+    }
+
+    /// [`Tansu::start`], storing in SQLite (`tansu.db` in its folder): topics, records and group
+    /// offsets survive [`Tansu::kill`] and [`Tansu::restart`].
+    pub async fn start_persistent() -> Tansu {
+        Tansu::start_with("sqlite://tansu.db").await
+    }
+
+    async fn start_with(storage: &str) -> Tansu {
         let binary = tansu_binary();
         let dir = tempfile::tempdir().expect("temporary directory");
         let log = dir.path().join("tansu.log");
         let port = free_port();
-        let listener = format!("tcp://127.0.0.1:{port}");
-        let log_file = File::create(&log).expect("creating the tansu log");
-        let child = Command::new(&binary)
-            .arg("broker")
-            .args(["--listener-url", &listener])
-            .args(["--advertised-listener-url", &listener])
-            .args(["--storage-engine", "memory://tansu/"])
-            .current_dir(dir.path())
-            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log file"))
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|error| panic!("starting `{}`: {error}", binary.display()));
-        let mut tansu = Tansu { bootstrap: format!("127.0.0.1:{port}"), log, binary, child, _dir: dir };
+        let bootstrap = format!("127.0.0.1:{port}");
+        let child = spawn_tansu(&binary, &bootstrap, storage, dir.path(), &log);
+        let mut tansu = Tansu { bootstrap, log, binary, child, storage: storage.to_string(), _dir: dir };
         tansu.wait_ready(Duration::from_secs(30)).await;
         tansu
+    }
+
+    /// SIGKILL: the broker vanishes mid-stream.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again on the same port and storage, and waits until it answers.
+    pub async fn restart(&mut self) {
+        let folder = self._dir.path().to_path_buf();
+        self.child = spawn_tansu(&self.binary, &self.bootstrap, &self.storage, &folder, &self.log);
+        self.wait_ready(Duration::from_secs(30)).await;
     }
 
     async fn wait_ready(&mut self, timeout: Duration) {
