@@ -100,22 +100,52 @@ async fn sigkill_at_random_moments_converges_to_the_exact_fold() {
     let (records, duplicates) = shuffled_history_with_duplicates(&mut rng, 150);
     eprintln!("{} records ({duplicates} duplicates), {kills} kills, projector log {}", records.len(), log.display());
 
-    let producing = produce_slowly(setup.kafka.bootstrap_servers(), records.clone(), Duration::from_secs(kills));
+    // About 2.5 s per run (joining the group, then working a while): the producer keeps going
+    // through all of them.
+    let producing =
+        produce_slowly(setup.kafka.bootstrap_servers(), records.clone(), Duration::from_millis(kills * 2500));
     let mut lifetimes = Vec::new();
-    // Records applied (sum of checkpoints) at each kill: the kills land while work is going on.
+    // Records applied (sum of checkpoints) at each kill, and how many kills hit a run that was
+    // applying (the others hit one still starting: connecting, migrating, joining the group).
     let mut progress = Vec::new();
-    let applied_so_far =
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM projector.checkpoints WHERE projection = 'order_summary'";
+    let mut while_applying = 0;
+    // 0 until the first run has created the engine's tables.
+    let applied_so_far = || async {
+        client
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM projector.checkpoints WHERE projection = 'order_summary'",
+                &[],
+            )
+            .await
+            .map_or(0, |row| row.get::<_, i64>(0))
+    };
     for kill in 0..kills {
+        let before = applied_so_far().await;
+        let born = Instant::now();
         let projector = Projector::spawn(setup.command(&log), &log, &format!("run {kill}"));
-        // Anywhere: while connecting, migrating, joining the group, or mid-batch.
-        let lifetime = Duration::from_millis(rng.random_range(100..2500));
-        tokio::time::sleep(lifetime).await;
+        if rng.random_bool(0.25) {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        } else {
+            // Once it applies, anywhere in the next 600 ms: between batches or inside one.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while applied_so_far().await == before && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..600))).await;
+        }
         projector.assert_running();
         projector.kill();
-        lifetimes.push(lifetime.as_millis());
-        progress.push(query_i64(&client, applied_so_far).await);
+        lifetimes.push(born.elapsed().as_millis());
+        let after = applied_so_far().await;
+        if after > before {
+            while_applying += 1;
+        }
+        progress.push(after);
     }
+    assert!(
+        while_applying * 2 >= kills,
+        "only {while_applying} of {kills} kills hit a run that was applying: {progress:?}"
+    );
     let projector = Projector::spawn(setup.command(&log), &log, "after the last kill");
     let positions = producing.await.expect("producer task");
     let ends = records_per_partition(&positions);
@@ -130,7 +160,8 @@ async fn sigkill_at_random_moments_converges_to_the_exact_fold() {
     assert!(status.success(), "exit {status} on SIGTERM");
     assert_eq!(read_models(&client).await.expect("read models"), expected);
     eprintln!(
-        "{kills} SIGKILLs after {lifetimes:?} ms; order_summary had checkpointed {progress:?} records at each kill; \
+        "{kills} SIGKILLs ({while_applying} while applying) after {lifetimes:?} ms; order_summary had checkpointed \
+         {progress:?} records at each kill; \
          {} records, {} distinct; nothing lost, nothing applied twice; {:?}",
         records.len(),
         records.len() - duplicates,
@@ -161,6 +192,48 @@ fn final_counts(log: &Path) -> Vec<(String, [u64; 5])> {
             (projection, values)
         })
         .collect()
+}
+
+/// The outcome counts of every life of every instance in `logs`, summed per projection.
+fn counted(logs: &[PathBuf]) -> std::collections::BTreeMap<String, [u64; 5]> {
+    let mut totals: std::collections::BTreeMap<String, [u64; 5]> = Default::default();
+    for log in logs {
+        for (projection, counts) in final_counts(log) {
+            let total = totals.entry(projection).or_default();
+            for (sum, count) in total.iter_mut().zip(counts) {
+                *sum += count;
+            }
+        }
+    }
+    totals
+}
+
+/// Each of `records` was counted exactly once, with the outcome it must have: `order_summary`
+/// applies every distinct event; `customer_totals` ignores `OrderShipped`.
+fn assert_counted_once(
+    totals: &std::collections::BTreeMap<String, [u64; 5]>,
+    records: &[ShopEvent],
+    duplicates: usize,
+) {
+    let distinct = records.len() - duplicates;
+    let shipped_records = records.iter().filter(|record| record.value["type"] == "OrderShipped").count();
+    let mut seen = std::collections::HashSet::new();
+    let distinct_shipped = records
+        .iter()
+        .filter(|record| seen.insert(record.value["id"].to_string()) && record.value["type"] == "OrderShipped")
+        .count();
+    assert_eq!(totals["order_summary"], [distinct as u64, duplicates as u64, 0, 0, 0], "order_summary counts");
+    assert_eq!(
+        totals["customer_totals"],
+        [
+            (distinct - distinct_shipped) as u64,
+            (duplicates - (shipped_records - distinct_shipped)) as u64,
+            0,
+            shipped_records as u64,
+            0
+        ],
+        "customer_totals counts"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,40 +288,58 @@ async fn instances_joining_and_leaving_under_load_count_every_record_once() {
     assert_eq!(read_models(&client).await.expect("read models"), expected);
 
     // Every record counted exactly once, over every instance's life.
-    let mut totals: std::collections::BTreeMap<String, [u64; 5]> = Default::default();
-    let mut lives = 0;
-    for log in &logs {
-        for (projection, counts) in final_counts(log) {
-            lives += 1;
-            let total = totals.entry(projection).or_default();
-            for (sum, count) in total.iter_mut().zip(counts) {
-                *sum += count;
-            }
-        }
-    }
-    let distinct = records.len() - duplicates;
-    let shipped_records = records.iter().filter(|record| record.value["type"] == "OrderShipped").count();
-    let mut seen = std::collections::HashSet::new();
-    let distinct_shipped = records
-        .iter()
-        .filter(|record| seen.insert(record.value["id"].to_string()) && record.value["type"] == "OrderShipped")
-        .count();
-    eprintln!("{joins} joins, {leaves} graceful leaves, {lives} projection lives; totals (applied, duplicate, gap, ignored, parked): {totals:?}");
-    let order_summary = totals["order_summary"];
-    assert_eq!(order_summary, [distinct as u64, duplicates as u64, 0, 0, 0], "order_summary counts");
-    let customer_totals = totals["customer_totals"];
-    assert_eq!(
-        customer_totals,
-        [
-            (distinct - distinct_shipped) as u64,
-            (duplicates - (shipped_records - distinct_shipped)) as u64,
-            0,
-            shipped_records as u64,
-            0
-        ],
-        "customer_totals counts"
-    );
+    let totals = counted(&logs);
+    eprintln!("{joins} joins, {leaves} graceful leaves; totals (applied, duplicate, gap, ignored, parked): {totals:?}");
+    assert_counted_once(&totals, &records, duplicates);
     eprintln!("passed in {:?}", started.elapsed());
+    drop(client);
+    setup.db.drop().await;
+}
+
+/// A zombie: an instance frozen (SIGSTOP) past its session loses its partitions to another; thawed
+/// (SIGCONT), whatever batch it still had cannot commit over the new owner's, because the checkpoint
+/// compare-and-set fences it. Every record is counted once over both instances; the read models
+/// are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_is_fenced_when_it_thaws() {
+    let started = Instant::now();
+    let mut rng = seeded();
+    let setup = setup("chaos-zombie").await;
+    let client = setup.db.connect().await;
+    let (records, duplicates) = shuffled_history_with_duplicates(&mut rng, 100);
+    let logs: Vec<PathBuf> =
+        ["frozen", "other"].iter().map(|name| setup.log_dir.path.join(format!("{name}.log"))).collect();
+    let (first, second) = records.split_at(records.len() / 3);
+
+    let mut positions = produce_one_per_batch(&setup.kafka.bootstrap_servers(), TOPIC, first).await;
+    let frozen = Projector::spawn(setup.command(&logs[0]), &logs[0], "to be frozen");
+    let (expected, ends) = (expected_fold(first), records_per_partition(&positions));
+    wait_for("the first third", CATCH_UP, || caught_up(&client, Some(&frozen), TOPIC, &expected, &ends)).await;
+
+    let producing = produce_slowly(setup.kafka.bootstrap_servers(), second.to_vec(), Duration::from_secs(6));
+    tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+    frozen.signal(Signal::SIGSTOP);
+    let other = Projector::spawn(setup.command(&logs[1]), &logs[1], "takes over");
+    // Past the frozen one's 2 s session: the group gives its partitions to the other.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    other.assert_running();
+    frozen.signal(Signal::SIGCONT);
+    positions.extend(producing.await.expect("producer task"));
+
+    let (expected, ends) = (expected_fold(&records), records_per_partition(&positions));
+    wait_for("everything", CATCH_UP, || caught_up(&client, Some(&other), TOPIC, &expected, &ends)).await;
+    for (name, projector) in [("frozen", &frozen), ("other", &other)] {
+        let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60)).await;
+        assert!(status.success(), "{name} exited {status} on SIGTERM");
+    }
+    assert_eq!(read_models(&client).await.expect("read models"), expected);
+    let totals = counted(&logs);
+    assert_counted_once(&totals, &records, duplicates);
+    let fenced = std::fs::read_to_string(&logs[0]).expect("log").matches("moved by another instance").count();
+    eprintln!(
+        "frozen 5 s; {fenced} stale batch(es) of the thawed instance fenced; totals {totals:?}; {:?}",
+        started.elapsed()
+    );
     drop(client);
     setup.db.drop().await;
 }

@@ -474,6 +474,11 @@ impl Projector {
         let _ = child.wait();
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT, …) without waiting.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.id() as i32), signal).expect("signalling the projector");
+    }
+
     /// Sends `signal` and waits up to `timeout` for the process to exit.
     pub async fn signal_and_wait(&self, signal: nix::sys::signal::Signal, timeout: Duration) -> ExitStatus {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.id() as i32), signal).expect("signalling the projector");
