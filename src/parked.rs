@@ -43,7 +43,7 @@ pub async fn list(settings: &Settings, filter: &Filter, json: bool) -> Result<St
             format!("{}/{}@{}", event.topic, event.partition, event.offset),
             event.error_class.clone(),
             event.state.clone(),
-            cut(&event.parked_at, 19),
+            event.parked_at.chars().take(19).collect(),
             cut(&event.error, 70),
         ]);
     }

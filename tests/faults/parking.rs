@@ -171,6 +171,36 @@ async fn poison_parks_its_key_retry_applies_in_order_skip_records_why() {
     assert_eq!(support::count(&client, "SELECT count(*) FROM projector.dead_letters WHERE state = 'parked'").await, 0);
     assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
     assert_eq!(support::count(&client, "SELECT count(*) FROM projector.parked_actions").await, 1 + 3 + 2 + 2);
+
+    // The operator's view, through the binary: the list, and one event in full with its history.
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .expect("running projector");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "projector {args:?}: {}{text}", String::from_utf8_lossy(&output.stderr));
+        text
+    };
+    assert_eq!(cli(&["parked", "list"]).trim(), "no parked events");
+    let listed = cli(&["parked", "list", "accounts", "--all", "--key", "B"]);
+    assert!(
+        listed.contains("skipped") && listed.contains("violates check constraint") && listed.contains("2 event(s)"),
+        "{listed}"
+    );
+    let id = by_error[0].id.to_string();
+    let shown = cli(&["parked", "show", &id]);
+    for part in [
+        "state           skipped",
+        "class           poison",
+        "key             B",
+        "\"amount\":-100",
+        "refunded by hand, ticket 4711",
+    ] {
+        assert!(shown.contains(part), "`{part}` missing from:\n{shown}");
+    }
     drop(admin);
     drop(pool);
     drop(client);
