@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: starts the local PostgreSQL when it is down, installs what the tests need
 # (a C toolchain for librdkafka, the Tansu broker, Prometheus and promtool) when missing, then runs
-# `cargo test --release`. Extra arguments go to cargo test, e.g. `scripts/test.sh --test e2e_tansu`.
+# `cargo test --release`, the benchmark harness on a tiny workload and the fuzz targets for 30 s
+# each. Extra arguments go to cargo test (and skip the rest), e.g. `scripts/test.sh --test e2e_tansu`.
 # CI runs this script through `.ci/run`. Exits non-zero on any failure.
 set -euo pipefail
 
@@ -37,6 +38,14 @@ for tool in cc make; do
     fi
 done
 
+# OpenSSL's headers, for Postgres TLS (native-tls).
+if ! pkg-config --exists openssl 2>/dev/null; then
+    step "installing OpenSSL's headers (libssl-dev) and pkg-config"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
+
 # Tansu, the Kafka-compatible broker of the end-to-end tests (each test starts its own broker).
 step "tansu"
 bash scripts/install-tansu.sh
@@ -60,5 +69,9 @@ cargo test --release "$@"
 if [ $# -eq 0 ]; then
     step "benchmark harness, tiny workload"
     cargo bench --bench throughput -- --events 2000 --latency-secs 2 --naive-events 200 --naive-secs 5
+
+    # The fuzz targets (fuzz/), briefly: 30 s each; `scripts/fuzz.sh 600` runs them longer.
+    step "fuzzing the definition loader and the event decoder, 30 s each"
+    bash scripts/fuzz.sh 30
 fi
 step "all tests passed"
