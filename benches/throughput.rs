@@ -997,9 +997,22 @@ async fn naive(
     }))
 }
 
+/// The bench's own connections (ceiling, naive, checks) are plain TCP: unless the URL says
+/// otherwise, the engine's are too (its default, libpq's `prefer`, would use TLS where the server
+/// offers it), so that every mode pays the same transport.
+fn same_transport_as_the_bench(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if !parsed.query_pairs().any(|(name, _)| name == "sslmode") => {
+            parsed.query_pairs_mut().append_pair("sslmode", "disable");
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 fn engine_settings(url: &str, bootstrap: &str, group_prefix: &str, args: &Args) -> Settings {
     let mut settings = Settings::default();
-    settings.database.url = url.to_string();
+    settings.database.url = same_transport_as_the_bench(url);
     settings.kafka.bootstrap_servers = bootstrap.to_string();
     settings.kafka.group_prefix = group_prefix.to_string();
     settings.kafka.properties.clear();

@@ -274,3 +274,34 @@ pub fn watermarks(
     }
     Ok(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::consumer::BaseConsumer;
+
+    use super::*;
+    use crate::settings::Settings;
+
+    /// librdkafka is built with OpenSSL: TLS and SASL (PLAIN, SCRAM, OAUTHBEARER) are accepted
+    /// as properties. Without it, creating the consumer fails ("OpenSSL not available at build time").
+    #[test]
+    fn tls_and_sasl_properties_are_supported() {
+        for (protocol, mechanism) in [
+            ("SSL", None),
+            ("SASL_SSL", Some("SCRAM-SHA-512")),
+            ("SASL_SSL", Some("PLAIN")),
+            ("SASL_PLAINTEXT", Some("SCRAM-SHA-256")),
+        ] {
+            let mut settings = Settings::default().kafka;
+            settings.properties.insert("security.protocol".into(), protocol.into());
+            settings.properties.insert("ssl.endpoint.identification.algorithm".into(), "https".into());
+            if let Some(mechanism) = mechanism {
+                settings.properties.insert("sasl.mechanism".into(), mechanism.into());
+                settings.properties.insert("sasl.username".into(), "projector".into());
+                settings.properties.insert("sasl.password".into(), "secret".into());
+            }
+            let created: Result<BaseConsumer, _> = consumer_config(&settings, "g").create();
+            assert!(created.is_ok(), "{protocol} {mechanism:?}: {:?}", created.err());
+        }
+    }
+}
