@@ -79,6 +79,9 @@ struct Args {
     /// The engine's `batch.max_events`.
     #[arg(long, default_value_t = 1000)]
     batch_max_events: usize,
+    /// The engine's `batch.set_based` (false: one statement per event, pipelined).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    set_based: bool,
     /// Give up waiting for the engine to clear the backlog after this long.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
@@ -1018,6 +1021,7 @@ fn engine_settings(url: &str, bootstrap: &str, group_prefix: &str, args: &Args) 
     settings.kafka.properties.clear();
     settings.http.listen = "127.0.0.1:0".into();
     settings.batch.max_events = args.batch_max_events;
+    settings.batch.set_based = args.set_based;
     settings
 }
 
@@ -1111,6 +1115,7 @@ impl Engine {
                     .env("PROJECTOR_PROJECTIONS_DIR", &projections_dir)
                     .env("PROJECTOR_HTTP__LISTEN", "127.0.0.1:0")
                     .env("PROJECTOR_BATCH__MAX_EVENTS", settings.batch.max_events.to_string())
+                    .env("PROJECTOR_BATCH__SET_BASED", settings.batch.set_based.to_string())
                     .env("RUST_LOG", "warn")
                     .current_dir(dir)
                     .stdin(Stdio::null())
@@ -1484,7 +1489,7 @@ async fn main() -> anyhow::Result<()> {
         "machine": machine(),
         "args": {
             "events": args.events, "entities": workload.entities, "partitions": args.partitions,
-            "duplicate_percent": args.duplicate_percent, "batch_max_events": args.batch_max_events,
+            "duplicate_percent": args.duplicate_percent, "batch_max_events": args.batch_max_events, "set_based": args.set_based,
             "modes": args.modes, "latency_secs": args.latency_secs,
         },
         "workload": {

@@ -39,6 +39,7 @@ pub async fn run(
         return Err(AppError::NoProjections(settings.projections_dir.display().to_string()));
     }
     tracing::info!(database = %redact_url(&settings.database.url), kafka = %settings.kafka.bootstrap_servers, "starting");
+    store::fast::set_based_enabled(settings.batch.set_based);
     let pool = store::connect(&settings.database.url, settings.database.pool_size).await?;
     for migration in store::migrate(&settings.database.url).await? {
         tracing::info!(%migration, "migration applied");

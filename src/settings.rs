@@ -61,6 +61,15 @@ pub struct BatchSettings {
     pub max_events: usize,
     /// Longest a batch waits to fill before it is applied, in milliseconds.
     pub max_wait_ms: u64,
+    /// Apply the events of handlers that are one guarded statement set-based (one statement for
+    /// many events, a key's events in successive statements); false: one statement per event,
+    /// pipelined. The outcome is the same either way.
+    #[serde(default = "enabled")]
+    pub set_based: bool,
+}
+
+fn enabled() -> bool {
+    true
 }
 
 /// Events that cannot be applied (`projector parked …`).
@@ -96,7 +105,7 @@ impl Default for Settings {
             },
             database: DatabaseSettings { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8 },
             projections_dir: PathBuf::from("projections"),
-            batch: BatchSettings { max_events: 1000, max_wait_ms: 100 },
+            batch: BatchSettings { max_events: 1000, max_wait_ms: 100, set_based: true },
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
             parking: ParkingSettings { gap_timeout_secs: 600 },
         }
@@ -242,6 +251,7 @@ impl fmt::Debug for Settings {
             .field("projections_dir", &self.projections_dir)
             .field("batch.max_events", &self.batch.max_events)
             .field("batch.max_wait_ms", &self.batch.max_wait_ms)
+            .field("batch.set_based", &self.batch.set_based)
             .field("http.listen", &self.http.listen)
             .field("http.lag_refresh_ms", &self.http.lag_refresh_ms)
             .field("parking.gap_timeout_secs", &self.parking.gap_timeout_secs)

@@ -15,6 +15,7 @@ pub mod compile;
 pub mod definition;
 pub mod event;
 pub mod params;
+pub mod set_based;
 pub mod value;
 
 use std::collections::BTreeMap;

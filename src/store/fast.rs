@@ -10,13 +10,17 @@
 //! is retried on the careful path.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::BytesMut;
 use deadpool_postgres::Transaction;
 use futures::stream::{FuturesOrdered, TryStreamExt};
+use postgres_protocol::types::ArrayDimension;
+use postgres_types::{IsNull, Kind, ToSql, Type};
 
 use super::apply::{ApplyError, BatchReport, Outcome};
 use super::describe;
+use crate::projection::set_based::SetBased;
 use crate::projection::value::{bind_all, SqlValue};
 use crate::projection::{Decoded, Dedupe, Projection, Record, StatementKind, VersionedTable};
 
@@ -31,8 +35,11 @@ fn failed(error: &tokio_postgres::Error) -> ApplyError {
     super::apply::fail(error)
 }
 
-/// One event the fast path will apply: its statements, bound.
-struct Planned {
+/// One event the fast path will apply: its statements, bound, as compiled and as prepared.
+struct Planned<'p> {
+    /// The entity key (versioned projections).
+    key: Option<String>,
+    sources: &'p [crate::projection::Statement],
     statements: Vec<(tokio_postgres::Statement, Vec<SqlValue>)>,
 }
 
@@ -58,7 +65,8 @@ pub async fn try_apply(
                     };
                     statements.push((prepared, values));
                 }
-                events.push((event, handler, Planned { statements }));
+                let planned = Planned { key: event.key.clone(), sources: &handler.statements, statements };
+                events.push((event, handler, planned));
             }
         }
     }
@@ -139,6 +147,12 @@ pub async fn try_apply(
         }
     }
 
+    if let Some(waves) = set_based_waves(projection, &applied) {
+        apply_set_based(tx, &waves).await?;
+        report.fast = true;
+        return Ok(Fast::Done(report));
+    }
+
     // Every statement of every applied event, pipelined, in batch order. For versioned
     // projections the first statement of each event is its guard and must change a row.
     let guarded = matches!(projection.dedupe, Dedupe::Version(_));
@@ -157,6 +171,163 @@ pub async fn try_apply(
     }
     report.fast = true;
     Ok(Fast::Done(report))
+}
+
+static SET_BASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns set-based application on or off for this process (`batch.set_based`).
+pub fn set_based_enabled(enabled: bool) {
+    SET_BASED.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Events of one statement applied by one set-based statement: no two share a key.
+struct Group<'a, 'p> {
+    set: Arc<SetBased>,
+    events: Vec<&'a Planned<'p>>,
+}
+
+/// The applied events of a versioned projection whose handlers are each one guarded statement
+/// with a set-based form, in waves: wave `w` holds the `w`-th applied event of each key, grouped
+/// by statement. Applying the waves in order keeps every key's order; within a wave no two
+/// events share a key, so each group can be one statement. `None`: apply event by event.
+fn set_based_waves<'a, 'p>(projection: &Projection, applied: &'a [Planned<'p>]) -> Option<Vec<Vec<Group<'a, 'p>>>> {
+    if !SET_BASED.load(std::sync::atomic::Ordering::Relaxed)
+        || !matches!(projection.dedupe, Dedupe::Version(_))
+        || applied.len() < 2
+    {
+        return None;
+    }
+    let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(applied.len());
+    for planned in applied {
+        let [source] = planned.sources else {
+            return None;
+        };
+        let set = set_based(source)?;
+        let wave = seen.entry(planned.key.as_deref()?).or_insert(0);
+        if *wave == waves.len() {
+            waves.push(Vec::new());
+        }
+        let groups = &mut waves[*wave];
+        *wave += 1;
+        match groups.iter_mut().find(|group| Arc::ptr_eq(&group.set, &set)) {
+            Some(group) => group.events.push(planned),
+            None => groups.push(Group { set, events: vec![planned] }),
+        }
+    }
+    Some(waves)
+}
+
+/// The set-based form of `statement`, computed once per statement text.
+fn set_based(statement: &crate::projection::Statement) -> Option<Arc<SetBased>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<SetBased>>>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().expect("set-based cache");
+    cache
+        .entry(statement.sql.clone())
+        .or_insert_with(|| SetBased::from_sql(&statement.sql, statement.params.len()).map(Arc::new))
+        .clone()
+}
+
+/// Chunk sizes of set-based inserts: few distinct statement texts to prepare per connection.
+const CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+
+/// The parameters of one set-based statement.
+enum Params<'a> {
+    /// `width` values per event (an insert's rows).
+    Rows(Vec<&'a (dyn ToSql + Sync)>),
+    /// One array per parameter (an update reading `unnest`).
+    Columns(Vec<Column<'a>>),
+}
+
+/// Runs the waves' groups in order, pipelined: an update group as one statement over arrays, an
+/// insert group in chunks of [`CHUNKS`] rows. Each must change exactly one row per event.
+async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> Result<(), ApplyError> {
+    let mut statements: Vec<(tokio_postgres::Statement, Params<'_>, u64)> = Vec::new();
+    for group in waves.iter().flatten() {
+        let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
+        if group.set.columnar() {
+            let prepared = tx.prepare_cached(&group.set.sql(0, &types)).await.map_err(|error| failed(&error))?;
+            let columns = (0..types.len())
+                .map(|j| {
+                    Column(
+                        group
+                            .events
+                            .iter()
+                            .map(|planned| &*planned.statements[0].1[j] as &(dyn ToSql + Sync))
+                            .collect(),
+                    )
+                })
+                .collect();
+            statements.push((prepared, Params::Columns(columns), group.events.len() as u64));
+            continue;
+        }
+        let mut rest: &[&Planned] = &group.events;
+        while !rest.is_empty() {
+            let size = CHUNKS.into_iter().find(|size| *size <= rest.len()).unwrap_or(1);
+            let (chunk, later) = rest.split_at(size);
+            rest = later;
+            let prepared = tx.prepare_cached(&group.set.sql(size, &types)).await.map_err(|error| failed(&error))?;
+            let params = chunk
+                .iter()
+                .flat_map(|planned| planned.statements[0].1.iter())
+                .map(|value| &**value as &(dyn ToSql + Sync))
+                .collect();
+            statements.push((prepared, Params::Rows(params), size as u64));
+        }
+    }
+    let mut pipeline = FuturesOrdered::new();
+    for (statement, params, size) in &statements {
+        let params: Vec<&(dyn ToSql + Sync)> = match params {
+            Params::Rows(values) => values.clone(),
+            Params::Columns(columns) => columns.iter().map(|column| column as &(dyn ToSql + Sync)).collect(),
+        };
+        pipeline.push_back(async move { tx.execute(statement, &params).await.map(|rows| (rows, *size)) });
+    }
+    let results: Vec<(u64, u64)> = pipeline.try_collect().await.map_err(|error| fast_error(&error))?;
+    if let Some((rows, size)) = results.iter().find(|(rows, size)| rows != size) {
+        return Err(ApplyError::Mispredicted(format!("a set-based statement for {size} events changed {rows} rows")));
+    }
+    Ok(())
+}
+
+/// One parameter's values over many events, bound as a one-dimensional array of the parameter's
+/// type: each value is encoded by its own `ToSql`, as it would be alone.
+#[derive(Debug)]
+struct Column<'a>(Vec<&'a (dyn ToSql + Sync)>);
+
+impl ToSql for Column<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let Kind::Array(member) = ty.kind() else {
+            return Err(format!("a column of values binds an array, not `{ty}`").into());
+        };
+        let dimension = ArrayDimension { len: i32::try_from(self.0.len())?, lower_bound: 1 };
+        postgres_protocol::types::array_to_sql(
+            Some(dimension),
+            member.oid(),
+            self.0.iter(),
+            |value, out| match value.to_sql_checked(member, out)? {
+                IsNull::No => Ok(postgres_protocol::IsNull::No),
+                IsNull::Yes => Ok(postgres_protocol::IsNull::Yes),
+            },
+            out,
+        )?;
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(ty.kind(), Kind::Array(_))
+    }
+
+    postgres_types::to_sql_checked!();
+}
+
+/// How a parameter's type is written in a cast.
+fn sql_type(ty: &postgres_types::Type) -> String {
+    if ty.schema() == "pg_catalog" {
+        ty.name().to_string()
+    } else {
+        format!("\"{}\".\"{}\"", ty.schema(), ty.name())
+    }
 }
 
 fn declined(projection: &Projection, why: &str) -> Fast {
