@@ -53,8 +53,11 @@ pub async fn run(
     }
 
     // `/metrics`, health probes and the lag sampler; stopped when dropped, on every return path.
+    // They have connections of their own: lag and readiness stay measurable while every engine
+    // connection waits (on a lock, or for a slow commit).
+    let own_pool = store::connect(&settings.database.url, 2).await?;
     let _observability =
-        crate::http::Observability::start(settings, &projections, pool.clone(), metrics.clone(), Mode::Live).await;
+        crate::http::Observability::start(settings, &projections, own_pool, metrics.clone(), Mode::Live).await;
 
     let (stop, stopped) = watch::channel(false);
     let mut workers = tokio::task::JoinSet::new();

@@ -66,6 +66,14 @@ pub struct BatchSettings {
     /// pipelined. The outcome is the same either way.
     #[serde(default = "enabled")]
     pub set_based: bool,
+    /// A batch is split by partition into this many parts, each applied concurrently in a
+    /// transaction (and on a connection) of its own; at most `database.pool_size`.
+    #[serde(default = "two")]
+    pub lanes: usize,
+}
+
+fn two() -> usize {
+    2
 }
 
 fn enabled() -> bool {
@@ -105,7 +113,7 @@ impl Default for Settings {
             },
             database: DatabaseSettings { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8 },
             projections_dir: PathBuf::from("projections"),
-            batch: BatchSettings { max_events: 1000, max_wait_ms: 100, set_based: true },
+            batch: BatchSettings { max_events: 1000, max_wait_ms: 100, set_based: true, lanes: 2 },
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
             parking: ParkingSettings { gap_timeout_secs: 600 },
         }
@@ -252,6 +260,7 @@ impl fmt::Debug for Settings {
             .field("batch.max_events", &self.batch.max_events)
             .field("batch.max_wait_ms", &self.batch.max_wait_ms)
             .field("batch.set_based", &self.batch.set_based)
+            .field("batch.lanes", &self.batch.lanes)
             .field("http.listen", &self.http.listen)
             .field("http.lag_refresh_ms", &self.http.lag_refresh_ms)
             .field("parking.gap_timeout_secs", &self.parking.gap_timeout_secs)

@@ -26,6 +26,23 @@ pub enum WorkerError {
     Fatal { projection: String, message: String },
 }
 
+/// A checkpoint move: the partition, its stored checkpoint (the compare-and-set's expected value),
+/// and the next offset after the batch.
+type Move = (TopicPartition, Option<i64>, i64);
+
+/// How one lane of a batch ended.
+enum Lane {
+    Committed {
+        report: BatchReport,
+        seconds: f64,
+    },
+    /// Another instance moved a checkpoint: rolled back; re-read from the stored checkpoints.
+    Fenced,
+    /// Rolled back at shutdown after retries: read again by whoever owns the partitions next.
+    GaveUp,
+    Fatal(String),
+}
+
 /// Where a partition stands, as this worker knows it.
 struct PartitionState {
     /// The stored checkpoint (`None`: never checkpointed): the compare-and-set's expected value.
@@ -38,6 +55,8 @@ struct Worker {
     metrics: Metrics,
     max_events: usize,
     max_wait: Duration,
+    /// Parts a batch is split into by partition, applied concurrently (`batch.lanes`).
+    lanes: usize,
     commit_offsets: bool,
     /// Held gaps older than this are parked (`None`: never).
     gap_timeout: Option<Duration>,
@@ -102,6 +121,7 @@ pub async fn run_with(
         metrics: metrics.clone(),
         max_events: settings.batch.max_events,
         max_wait: Duration::from_millis(settings.batch.max_wait_ms),
+        lanes: settings.batch.lanes.clamp(1, settings.database.pool_size.max(1)),
         commit_offsets: settings.kafka.commit_offsets,
         gap_timeout: (settings.parking.gap_timeout_secs > 0)
             .then(|| Duration::from_secs(settings.parking.gap_timeout_secs)),
@@ -242,33 +262,77 @@ impl Worker {
     }
 
     /// Applies `batch` (then empties it), retrying transient failures until it commits, the
-    /// partitions turn out to be someone else's, or shutdown is requested.
+    /// partitions turn out to be someone else's, or shutdown is requested. The batch is split by
+    /// partition into up to `lanes` parts, each applied in a transaction of its own on a
+    /// connection of its own, concurrently: a key's events are all in one partition, so in one
+    /// lane, in order.
     async fn flush(&mut self, batch: &mut Vec<Record>) -> Result<(), WorkerError> {
         if batch.is_empty() {
             return Ok(());
         }
+        let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
+        let lane_of = |record: &Record| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&(&record.topic, record.partition), &mut hasher);
+            (std::hash::Hasher::finish(&hasher) % self.lanes as u64) as usize
+        };
+        for record in batch.drain(..) {
+            let lane = if self.lanes == 1 { 0 } else { lane_of(&record) };
+            lanes[lane].push(record);
+        }
+        let work: Vec<(Vec<Record>, Vec<Move>)> = lanes
+            .into_iter()
+            .filter(|records| !records.is_empty())
+            .map(|records| {
+                let moves = self.moves_of(&records);
+                (records, moves)
+            })
+            .collect();
+        let results =
+            futures::future::join_all(work.iter().map(|(records, moves)| self.apply_lane(records, moves))).await;
+        let mut fatal = None;
+        for ((records, moves), result) in work.iter().zip(results) {
+            match result {
+                Lane::Committed { report, seconds } => self.committed(moves, &report, records.len(), seconds),
+                Lane::Fenced => self.resync(moves).await?,
+                Lane::GaveUp => {}
+                Lane::Fatal(message) => fatal = Some(message),
+            }
+        }
+        match fatal {
+            Some(message) => Err(WorkerError::Fatal { projection: self.projection.name.clone(), message }),
+            None => Ok(()),
+        }
+    }
+
+    /// Where each partition of `records` moves: from its stored checkpoint to past its last record.
+    fn moves_of(&self, records: &[Record]) -> Vec<Move> {
         let mut moves: BTreeMap<TopicPartition, (Option<i64>, i64)> = BTreeMap::new();
-        for record in batch.iter() {
+        for record in records {
             let partition = (record.topic.clone(), record.partition);
             let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
             let entry = moves.entry(partition).or_insert((from, record.offset + 1));
             entry.1 = entry.1.max(record.offset + 1);
         }
-        let moves: Vec<(TopicPartition, Option<i64>, i64)> =
-            moves.into_iter().map(|(partition, (from, to))| (partition, from, to)).collect();
+        moves.into_iter().map(|(partition, (from, to))| (partition, from, to)).collect()
+    }
+
+    /// Applies one lane's records, retrying until it commits, is fenced, gives up at shutdown, or
+    /// fails for good.
+    async fn apply_lane(&self, records: &[Record], moves: &[Move]) -> Lane {
         let started = Instant::now();
         let mut isolate = false;
         let mut attempt = 0;
-        let report: BatchReport = loop {
+        loop {
             let result = match self.pool.get().await {
                 Ok(mut client) => {
-                    apply_batch(&mut client, &self.projection, &Batch { records: batch, moves: moves.clone() }, isolate)
-                        .await
+                    let batch = Batch { records, moves: moves.to_vec() };
+                    apply_batch(&mut client, &self.projection, &batch, isolate).await
                 }
                 Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
             };
             match result {
-                Ok(report) => break report,
+                Ok(report) => return Lane::Committed { report, seconds: started.elapsed().as_secs_f64() },
                 Err(ApplyError::Mispredicted(message)) => {
                     tracing::debug!(projection = %self.projection.name, %message, "fast path declined: retrying the batch event by event");
                     isolate = true;
@@ -281,17 +345,14 @@ impl Worker {
                 Err(ApplyError::Fenced { partition }) => {
                     tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
                         "checkpoint moved by another instance: batch rolled back, re-reading from the stored checkpoint");
-                    self.resync(&moves).await?;
-                    batch.clear();
-                    return Ok(());
+                    return Lane::Fenced;
                 }
                 Err(ApplyError::Transient(message)) => {
                     attempt += 1;
                     let stopping = *self.shutdown.borrow();
                     if stopping && attempt > 3 {
                         tracing::warn!(projection = %self.projection.name, %message, "giving up the batch in flight at shutdown: it was rolled back and will be read again");
-                        batch.clear();
-                        return Ok(());
+                        return Lane::GaveUp;
                     }
                     let wait = backoff(attempt);
                     tracing::warn!(projection = %self.projection.name, %message, attempt, ?wait, "batch failed, retrying");
@@ -299,13 +360,16 @@ impl Worker {
                 }
                 Err(ApplyError::Fatal(message)) => {
                     tracing::error!(projection = %self.projection.name, %message, "batch failed and cannot be retried");
-                    return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message });
+                    return Lane::Fatal(message);
                 }
             }
-        };
+        }
+    }
 
+    /// Records a committed lane: checkpoints, metrics, and the advisory Kafka commit.
+    fn committed(&mut self, moves: &[Move], report: &BatchReport, events: usize, seconds: f64) {
         let mut committed = Vec::with_capacity(moves.len());
-        for (partition, _, to) in &moves {
+        for (partition, _, to) in moves {
             if let Some(state) = self.partitions.get_mut(partition) {
                 state.checkpoint = Some(*to);
             }
@@ -315,13 +379,11 @@ impl Worker {
                 .set(*to);
             committed.push((partition.clone(), *to));
         }
-        self.metrics.record_batch(&self.projection.name, &report, batch.len(), started.elapsed().as_secs_f64());
-        tracing::debug!(projection = %self.projection.name, events = batch.len(), ?report, "batch committed");
+        self.metrics.record_batch(&self.projection.name, report, events, seconds);
+        tracing::debug!(projection = %self.projection.name, events, ?report, "batch committed");
         if self.commit_offsets {
             let _ = self.commands.send(Command::Commit(committed));
         }
-        batch.clear();
-        Ok(())
     }
 
     /// Parks the held gaps of our partitions that waited past `parking.gap_timeout_secs`.
