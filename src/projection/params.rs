@@ -25,6 +25,8 @@ pub enum ParamError {
     MixedOptional(String),
     #[error("bad parameter name `:{0}`: segments are `[A-Za-z_][A-Za-z0-9_]*` or digits, joined by `.`")]
     BadName(String),
+    #[error("parameter `:{0}` names nothing after its last `.`")]
+    EmptySegment(String),
 }
 
 /// Compiles `:name` parameters to `$n` placeholders, skipping strings, quoted identifiers,
@@ -139,6 +141,11 @@ fn read_name(sql: &str, start: usize) -> Result<(String, bool, usize), ParamErro
         end = segment_end(end + 1);
     }
     let name = &sql[start..end];
+    // `:header.` (a header with no name), `:data..amount`, `:data.` at the end: a dot that
+    // starts no segment. (`:a. b` leaves the dot to the SQL.)
+    if bytes.get(end) == Some(&b'.') && (name == "header" || matches!(bytes.get(end + 1), None | Some(b'.'))) {
+        return Err(ParamError::EmptySegment(format!("{name}.")));
+    }
     let bad_segment = name.split('.').any(|segment| {
         let first = segment.as_bytes()[0];
         first.is_ascii_digit() && !segment.bytes().all(|c| c.is_ascii_digit())
@@ -267,6 +274,9 @@ mod tests {
         let (sql, names) = compiled("SELECT :a. b");
         assert_eq!(sql, "SELECT $1. b");
         assert_eq!(names, ["a"]);
+        for sql in ["SELECT :header. FROM t", "SELECT :data..amount", "SELECT :data."] {
+            assert!(matches!(compile_named(sql), Err(ParamError::EmptySegment(_))), "{sql}");
+        }
     }
 
     #[test]
