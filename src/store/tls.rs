@@ -10,6 +10,7 @@
 //!
 //! TLS is OpenSSL's, through `native-tls` and `postgres-native-tls`.
 
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use postgres_native_tls::MakeTlsConnector;
 
 use super::StoreError;
@@ -64,7 +65,16 @@ pub fn target(url: &str) -> Result<Target, StoreError> {
                 _ => "require",
             };
             kept.push(("sslmode".into(), wire_mode.into()));
-            parsed.query_pairs_mut().clear().extend_pairs(kept);
+            // Percent-encoded, not form-encoded: tokio-postgres reads `+` as a plus sign, so a
+            // space in `options=-c%20…` must stay `%20`.
+            let query: Vec<String> = kept
+                .iter()
+                .map(|(name, value)| {
+                    let encode = |text: &str| utf8_percent_encode(text, NON_ALPHANUMERIC).to_string();
+                    format!("{}={}", encode(name), encode(value))
+                })
+                .collect();
+            parsed.set_query(Some(&query.join("&")));
             parsed.to_string()
         }
         // A key=value string: tokio-postgres reads it as it is.
@@ -115,5 +125,10 @@ mod tests {
         assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
         assert_eq!(config.get_application_name(), Some("x"));
         assert_eq!(config.get_ports(), [5433]);
+        // Spaces in `options` survive the rewrite of the query.
+        let config =
+            target("postgres://u@h/db?options=-c%20search_path%3Dshadow%2Cpublic&sslmode=require").unwrap().config;
+        assert_eq!(config.get_options(), Some("-c search_path=shadow,public"));
+        assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
     }
 }
