@@ -242,6 +242,12 @@ enum Params<'a> {
 /// Runs the waves' groups in order, pipelined: an update group as one statement over arrays, an
 /// insert group in chunks of [`CHUNKS`] rows. Each must change exactly one row per event.
 async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> Result<(), ApplyError> {
+    // Each row finds its target by key: always through the key's index. A plan made while the
+    // table was small (a hash join over a sequential scan) would otherwise be cached and kept
+    // as the table grows (seen: 15-25 ms per statement at 100,000 rows).
+    tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+        .await
+        .map_err(|error| failed(&error))?;
     let mut statements: Vec<(tokio_postgres::Statement, Params<'_>, u64)> = Vec::new();
     for group in waves.iter().flatten() {
         let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
