@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::shop::{caught_up, expected_fold, read_models, records_per_partition, shuffled_history_with_duplicates};
-use common::{produce_one_per_batch, projector_command, query_i64, wait_for, LogDir, Projector, TestDb};
+use common::shop::{
+    caught_up, converges_then_stops, expected_fold, read_models, records_per_partition,
+    shuffled_history_with_duplicates,
+};
+use common::{produce_one_per_batch, projector_command, wait_for, LogDir, Projector, TestDb};
 use nix::sys::signal::Signal;
 use projector::demo::{ShopEvent, TOPIC};
 use projector::kafka::mock::MockKafka;
@@ -148,17 +151,7 @@ async fn sigkill_at_random_moments_converges_to_the_exact_fold() {
     );
     let projector = Projector::spawn(setup.command(&log), &log, "after the last kill");
     let positions = producing.await.expect("producer task");
-    let ends = records_per_partition(&positions);
-    let expected = expected_fold(&records);
-    wait_for("the read models to equal the fold", CATCH_UP, || {
-        caught_up(&client, Some(&projector), TOPIC, &expected, &ends)
-    })
-    .await;
-    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
-    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.dead_letters").await, 0);
-    let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30)).await;
-    assert!(status.success(), "exit {status} on SIGTERM");
-    assert_eq!(read_models(&client).await.expect("read models"), expected);
+    converges_then_stops(&client, &projector, TOPIC, &records, &positions, CATCH_UP).await;
     eprintln!(
         "{kills} SIGKILLs ({while_applying} while applying) after {lifetimes:?} ms; order_summary had checkpointed \
          {progress:?} records at each kill; \

@@ -9,7 +9,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::shop::{caught_up, expected_fold, read_models, records_per_partition, shuffled_history_with_duplicates};
+use common::shop::{
+    caught_up, converges_then_stops, expected_fold, read_models, records_per_partition,
+    shuffled_history_with_duplicates,
+};
 use common::{produce_one_per_batch, projector_command, query_i64, wait_for, LogDir, Projector, Tansu, TestDb};
 use nix::sys::signal::Signal;
 use projector::demo::TOPIC;
@@ -170,17 +173,7 @@ async fn tansu_killed_and_restarted_mid_stream_loses_nothing() {
     eprintln!("broker down for {:?}", down.elapsed());
     positions.extend(produce_one_per_batch(&tansu.bootstrap, TOPIC, last).await);
 
-    let expected = expected_fold(&records);
-    let ends = records_per_partition(&positions);
-    wait_for("everything after the broker restart", CATCH_UP, || {
-        caught_up(&client, Some(&projector), TOPIC, &expected, &ends)
-    })
-    .await;
-    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
-    assert_eq!(query_i64(&client, "SELECT count(*) FROM projector.dead_letters").await, 0);
-    let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30)).await;
-    assert!(status.success(), "exit {status} on SIGTERM");
-    assert_eq!(read_models(&client).await.expect("read models"), expected);
+    converges_then_stops(&client, &projector, TOPIC, &records, &positions, CATCH_UP).await;
     eprintln!(
         "{} records ({duplicates} duplicates), broker killed once after {}: nothing lost, nothing applied twice, {:?}",
         records.len(),

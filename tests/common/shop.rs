@@ -11,7 +11,9 @@ use rand::Rng;
 use rust_decimal::Decimal;
 use tokio_postgres::Client;
 
-use super::{checkpoints, Projector};
+use std::time::Duration;
+
+use super::{checkpoints, query_i64, wait_for, Projector};
 
 /// The example projections.
 pub const PROJECTIONS: [&str; 2] = ["order_summary", "customer_totals"];
@@ -186,4 +188,28 @@ pub async fn caught_up(
         return Err(format!("customer_totals {:?}, want {:?}", actual.customers, expected.customers));
     }
     Ok(())
+}
+
+/// Waits (up to `timeout`) until both read models equal the fold of `records` and the checkpoints
+/// cover `positions` exactly; checks nothing is held or parked; stops `projector` with SIGTERM
+/// (it must exit 0) and checks nothing moved after.
+pub async fn converges_then_stops(
+    client: &Client,
+    projector: &Projector,
+    topic: &str,
+    records: &[ShopEvent],
+    positions: &[(i32, i64)],
+    timeout: Duration,
+) {
+    let expected = expected_fold(records);
+    let ends = records_per_partition(positions);
+    wait_for("the read models to equal the fold", timeout, || {
+        caught_up(client, Some(projector), topic, &expected, &ends)
+    })
+    .await;
+    assert_eq!(query_i64(client, "SELECT count(*) FROM projector.held_events").await, 0, "held events remain");
+    assert_eq!(query_i64(client, "SELECT count(*) FROM projector.dead_letters").await, 0, "events were parked");
+    let status = projector.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30)).await;
+    assert!(status.success(), "exit {status} on SIGTERM");
+    assert_eq!(read_models(client).await.expect("read models"), expected, "nothing moved after the last check");
 }
