@@ -281,15 +281,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Accept { name } => {
-            let projections = match load_dir(&settings.projections_dir) {
-                Ok(projections) => projections,
-                Err(errors) => return Ok(report_definition_errors(&errors)),
+            let projection = match find_projection(&settings, &name)? {
+                Ok(projection) => projection,
+                Err(code) => return Ok(code),
             };
-            let projection = projections
-                .iter()
-                .find(|projection| projection.name == name)
-                .ok_or_else(|| anyhow::anyhow!("no projection named `{name}`"))?;
-            let changed = projector::rebuild::accept(&settings, projection).await?;
+            let changed = projector::rebuild::accept(&settings, &projection).await?;
             println!("accepted the current definition of `{name}` ({changed} checkpoint(s) updated)");
             Ok(ExitCode::SUCCESS)
         }
@@ -335,15 +331,11 @@ async fn parked(settings: &Settings, command: ParkedCli) -> anyhow::Result<ExitC
             None => anyhow::bail!("no parked event with id {id}"),
         },
         ParkedCli::Retry { projection, target } => {
-            let projections = match load_dir(&settings.projections_dir) {
-                Ok(projections) => projections,
-                Err(errors) => return Ok(report_definition_errors(&errors)),
+            let projection = match find_projection(settings, &projection)? {
+                Ok(projection) => projection,
+                Err(code) => return Ok(code),
             };
-            let projection = projections
-                .iter()
-                .find(|candidate| candidate.name == projection)
-                .ok_or_else(|| anyhow::anyhow!("no projection named `{projection}`"))?;
-            let results = projector::parked::retry(settings, projection, &target.selection()).await?;
+            let results = projector::parked::retry(settings, &projection, &target.selection()).await?;
             print!("{}", projector::parked::render_retried(&results));
             if results.iter().any(|result| result.parked_again.is_some()) {
                 return Ok(ExitCode::FAILURE);
@@ -359,6 +351,23 @@ async fn parked(settings: &Settings, command: ParkedCli) -> anyhow::Result<ExitC
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The projection called `name` from the projections folder; `Ok(Err(code))` when a definition
+/// does not load (its errors printed).
+fn find_projection(
+    settings: &Settings,
+    name: &str,
+) -> anyhow::Result<Result<projector::projection::Projection, ExitCode>> {
+    let projections = match load_dir(&settings.projections_dir) {
+        Ok(projections) => projections,
+        Err(errors) => return Ok(Err(report_definition_errors(&errors))),
+    };
+    let projection = projections
+        .into_iter()
+        .find(|projection| projection.name == name)
+        .ok_or_else(|| anyhow::anyhow!("no projection named `{name}`"))?;
+    Ok(Ok(projection))
 }
 
 fn report_definition_errors(errors: &[projector::projection::DefinitionError]) -> ExitCode {

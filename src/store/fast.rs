@@ -222,10 +222,13 @@ fn set_based_waves<'a, 'p>(projection: &Projection, applied: &'a [Planned<'p>]) 
 fn set_based(statement: &crate::projection::Statement) -> Option<Arc<SetBased>> {
     static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<SetBased>>>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().expect("set-based cache");
-    cache
-        .entry(statement.sql.clone())
-        .or_insert_with(|| SetBased::from_sql(&statement.sql, statement.params.len()).map(Arc::new))
-        .clone()
+    // Looked up by reference: called for every applied event, the statement text is copied once.
+    if let Some(set) = cache.get(&statement.sql) {
+        return set.clone();
+    }
+    let set = SetBased::from_sql(&statement.sql, statement.params.len()).map(Arc::new);
+    cache.insert(statement.sql.clone(), set.clone());
+    set
 }
 
 /// Chunk sizes of set-based inserts: few distinct statement texts to prepare per connection.
