@@ -79,6 +79,12 @@ struct Args {
     /// The engine's `batch.max_events`.
     #[arg(long, default_value_t = 1000)]
     batch_max_events: usize,
+    /// The engine's `batch.lanes` (parts of a batch applied concurrently).
+    #[arg(long, default_value_t = Settings::default().batch.lanes)]
+    lanes: usize,
+    /// The engine's `database.pool_size`.
+    #[arg(long, default_value_t = Settings::default().database.pool_size)]
+    pool_size: usize,
     /// The engine's `batch.set_based` (false: one statement per event, pipelined).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     set_based: bool,
@@ -1022,6 +1028,8 @@ fn engine_settings(url: &str, bootstrap: &str, group_prefix: &str, args: &Args) 
     settings.http.listen = "127.0.0.1:0".into();
     settings.batch.max_events = args.batch_max_events;
     settings.batch.set_based = args.set_based;
+    settings.batch.lanes = args.lanes;
+    settings.database.pool_size = args.pool_size;
     settings
 }
 
@@ -1116,6 +1124,8 @@ impl Engine {
                     .env("PROJECTOR_HTTP__LISTEN", "127.0.0.1:0")
                     .env("PROJECTOR_BATCH__MAX_EVENTS", settings.batch.max_events.to_string())
                     .env("PROJECTOR_BATCH__SET_BASED", settings.batch.set_based.to_string())
+                    .env("PROJECTOR_BATCH__LANES", settings.batch.lanes.to_string())
+                    .env("PROJECTOR_DATABASE__POOL_SIZE", settings.database.pool_size.to_string())
                     .env("RUST_LOG", "warn")
                     .current_dir(dir)
                     .stdin(Stdio::null())

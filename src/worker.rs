@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
+use futures::stream::{FuturesOrdered, StreamExt};
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::kafka::{Command, ConsumerThread, Input};
 use crate::metrics::Metrics;
 use crate::projection::{Projection, Record};
 use crate::settings::Settings;
-use crate::store::apply::{apply_batch, park_expired_gaps, ApplyError, Batch, BatchReport};
+use crate::store::apply::{apply_decoded, park_expired_gaps, ApplyError, Batch, BatchReport};
 use crate::store::checkpoint::{self, TopicPartition};
 use crate::store::StoreError;
 
@@ -40,8 +41,29 @@ enum Lane {
     Fenced,
     /// Rolled back at shutdown after retries: read again by whoever owns the partitions next.
     GaveUp,
+    /// Not applied: the lane's previous batch, which this one was built on, did not commit.
+    Skipped,
     Fatal(String),
 }
+
+/// A lane's batch, applied by a task of its own. Batch *n+1* of a lane is decoded while batch
+/// *n* is still in its transaction, then waits for it: a partition is always in the same lane,
+/// so its batches commit in order.
+struct InFlight {
+    lane: usize,
+    /// The lane's generation when the batch was built (see [`Worker::generations`]).
+    generation: u64,
+    moves: Vec<Move>,
+    events: usize,
+    outcome: Lane,
+}
+
+/// The lanes' batches in flight, oldest first.
+type Pending = FuturesOrdered<tokio::task::JoinHandle<InFlight>>;
+
+/// How a lane's batch ended, for the next batch of the lane: committed, and the generation it
+/// was built in.
+type Done = (bool, u64);
 
 /// Where a partition stands, as this worker knows it.
 struct PartitionState {
@@ -71,6 +93,14 @@ struct Worker {
     reached: Arc<std::sync::Mutex<HashMap<TopicPartition, i64>>>,
     commands: std::sync::mpsc::Sender<Command>,
     shutdown: watch::Receiver<bool>,
+    /// Partition number to (topic, lane): see [`Worker::deal_lanes`].
+    lane_map: HashMap<i32, Vec<(String, usize)>>,
+    /// Per lane: how its latest batch ends, awaited by the next.
+    chains: Vec<Option<oneshot::Receiver<Done>>>,
+    /// Per lane: bumped when its partitions are re-read from the stored checkpoints. A batch built
+    /// on a batch that failed in the same generation is skipped; one built after the re-read is
+    /// applied.
+    generations: Vec<u64>,
 }
 
 /// How a worker runs beyond its projection and settings.
@@ -111,7 +141,8 @@ pub async fn run_with(
     if !wait_for_matching_definition(&projection, &pool, &metrics, shutdown.clone()).await {
         return Ok(());
     }
-    let (inputs_tx, mut inputs) = mpsc::channel(settings.batch.max_events.max(64) * 2);
+    // Records come in chunks of up to 256: this bounds what is read ahead to about twice a batch.
+    let (inputs_tx, mut inputs) = mpsc::channel((settings.batch.max_events.max(256) * 2).div_ceil(256));
     let consumer = ConsumerThread::start(&settings.kafka, &projection.name, &projection.topics, inputs_tx)
         .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
     metrics.set_state(&projection.name, if options.rebuilding { "rebuilding" } else { "running" });
@@ -133,8 +164,16 @@ pub async fn run_with(
         reached: options.reached.unwrap_or_default(),
         commands: consumer.commands.clone(),
         shutdown,
+        lane_map: HashMap::new(),
+        chains: Vec::new(),
+        generations: Vec::new(),
     };
-    let result = worker.consume(&mut inputs).await;
+    worker.chains = (0..worker.lanes).map(|_| None).collect();
+    worker.generations = vec![0; worker.lanes];
+    let mut pending = Pending::new();
+    let result = worker.consume(&mut inputs, &mut pending).await;
+    // Batches still in flight after a failure end (commit or roll back) before the group is left.
+    while pending.next().await.is_some() {}
 
     // Leave the group: keep answering the consumer thread until it has closed.
     consumer.stop();
@@ -143,7 +182,7 @@ pub async fn run_with(
             Input::Revoked { reply, .. } => {
                 let _ = reply.send(());
             }
-            Input::Assigned { .. } | Input::Record(..) => {}
+            Input::Assigned { .. } | Input::Records(..) => {}
         }
     }
     tokio::task::spawn_blocking(move || consumer.join()).await.ok();
@@ -154,7 +193,7 @@ pub async fn run_with(
 }
 
 impl Worker {
-    async fn consume(&mut self, inputs: &mut mpsc::Receiver<Input>) -> Result<(), WorkerError> {
+    async fn consume(&mut self, inputs: &mut mpsc::Receiver<Input>, pending: &mut Pending) -> Result<(), WorkerError> {
         let mut batch: Vec<Record> = Vec::with_capacity(self.max_events);
         let mut deadline = tokio::time::Instant::now();
         let mut shutdown = self.shutdown.clone();
@@ -172,28 +211,35 @@ impl Worker {
                         break;
                     }
                 }
+                Some(done) = pending.next(), if !pending.is_empty() => {
+                    self.settle(done, &mut batch).await?;
+                }
                 _ = sweep.tick(), if self.gap_timeout.is_some() => {
-                    self.flush(&mut batch).await?;
+                    self.flush(&mut batch, pending).await?;
+                    self.drain(&mut batch, pending).await?;
                     self.park_expired_gaps().await?;
                 }
                 _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
-                    self.flush(&mut batch).await?;
+                    self.flush(&mut batch, pending).await?;
                 }
                 input = inputs.recv() => match input {
                     None => break,
-                    Some(Input::Record(record, epoch)) => {
-                        if self.accepts(&record, epoch) {
-                            if batch.is_empty() {
-                                deadline = tokio::time::Instant::now() + self.max_wait;
-                            }
-                            batch.push(record);
-                            if batch.len() >= self.max_events {
-                                self.flush(&mut batch).await?;
+                    Some(Input::Records(records)) => {
+                        for (record, epoch) in records {
+                            if self.accepts(&record, epoch) {
+                                if batch.is_empty() {
+                                    deadline = tokio::time::Instant::now() + self.max_wait;
+                                }
+                                batch.push(record);
+                                if batch.len() >= self.max_events {
+                                    self.flush(&mut batch, pending).await?;
+                                }
                             }
                         }
                     }
                     Some(Input::Assigned { partitions, reply }) => {
-                        self.flush(&mut batch).await?;
+                        self.flush(&mut batch, pending).await?;
+                        self.drain(&mut batch, pending).await?;
                         let stored = self.load_checkpoints(&partitions).await?;
                         for partition in partitions {
                             let checkpoint = stored.get(&partition).copied();
@@ -201,19 +247,23 @@ impl Worker {
                                 .set(checkpoint.unwrap_or(0));
                             self.partitions.insert(partition, PartitionState { checkpoint });
                         }
+                        self.deal_lanes();
                         let _ = reply.send(stored);
                     }
                     Some(Input::Revoked { partitions, reply }) => {
-                        self.flush(&mut batch).await?;
+                        self.flush(&mut batch, pending).await?;
+                        self.drain(&mut batch, pending).await?;
                         for partition in &partitions {
                             self.partitions.remove(partition);
                         }
+                        self.deal_lanes();
                         let _ = reply.send(());
                     }
                 },
             }
         }
-        self.flush(&mut batch).await
+        self.flush(&mut batch, pending).await?;
+        self.drain(&mut batch, pending).await
     }
 
     /// Drops records of partitions we do not own, polled before a seek, or already checkpointed.
@@ -261,51 +311,112 @@ impl Worker {
         }
     }
 
-    /// Applies `batch` (then empties it), retrying transient failures until it commits, the
-    /// partitions turn out to be someone else's, or shutdown is requested. The batch is split by
-    /// partition into up to `lanes` parts, each applied in a transaction of its own on a
-    /// connection of its own, concurrently: a key's events are all in one partition, so in one
-    /// lane, in order.
-    async fn flush(&mut self, batch: &mut Vec<Record>) -> Result<(), WorkerError> {
+    /// Starts applying `batch` (then empties it). The batch is split by partition into up to
+    /// `lanes` parts, each applied by a task of its own, in a transaction of its own on a
+    /// connection of its own: a key's events are all in one partition, so in one lane, in order.
+    /// Each lane's part waits for the lane's previous batch to commit; at most two batches are in
+    /// flight. The checkpoints this worker expects are moved at once; a lane that does not commit
+    /// has its partitions re-read from the stored checkpoints when it is settled.
+    async fn flush(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
+        // Settling may re-read partitions: their records in `batch` are then dropped.
+        while pending.len() >= 2 * self.lanes {
+            let Some(done) = pending.next().await else { break };
+            self.settle(done, batch).await?;
+        }
         if batch.is_empty() {
             return Ok(());
         }
         let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
-        let lane_of = |record: &Record| {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            std::hash::Hash::hash(&(&record.topic, record.partition), &mut hasher);
-            (std::hash::Hasher::finish(&hasher) % self.lanes as u64) as usize
-        };
         for record in batch.drain(..) {
-            let lane = if self.lanes == 1 { 0 } else { lane_of(&record) };
+            let lane = self.lane_of(&record.topic, record.partition);
             lanes[lane].push(record);
         }
-        let work: Vec<(Vec<Record>, Vec<Move>)> = lanes
-            .into_iter()
-            .filter(|records| !records.is_empty())
-            .map(|records| {
-                let moves = self.moves_of(&records);
-                (records, moves)
-            })
-            .collect();
-        let results =
-            futures::future::join_all(work.iter().map(|(records, moves)| self.apply_lane(records, moves))).await;
-        let mut fatal = None;
-        for ((records, moves), result) in work.iter().zip(results) {
-            match result {
-                Lane::Committed { report, seconds } => self.committed(moves, &report, records.len(), seconds),
-                Lane::Fenced => self.resync(moves).await?,
-                Lane::GaveUp => {}
-                Lane::Fatal(message) => fatal = Some(message),
+        for (lane, records) in lanes.into_iter().enumerate() {
+            if records.is_empty() {
+                continue;
+            }
+            let moves = self.moves_of(&records);
+            for (partition, _, to) in &moves {
+                if let Some(state) = self.partitions.get_mut(partition) {
+                    state.checkpoint = Some(*to);
+                }
+            }
+            let (done, next) = oneshot::channel();
+            let job = LaneJob {
+                projection: self.projection.clone(),
+                pool: self.pool.clone(),
+                shutdown: self.shutdown.clone(),
+                lane,
+                generation: self.generations[lane],
+                records,
+                moves,
+                previous: self.chains[lane].replace(next),
+                done,
+            };
+            pending.push_back(tokio::spawn(job.run()));
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch in flight and settles it.
+    async fn drain(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
+        while let Some(done) = pending.next().await {
+            self.settle(done, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Records how a lane's batch ended: metrics and the advisory Kafka commit when it committed;
+    /// when it did not, its partitions are re-read from the stored checkpoints (once per failure:
+    /// batches built on the failed one are skipped and need nothing more).
+    async fn settle(
+        &mut self,
+        done: Result<InFlight, tokio::task::JoinError>,
+        batch: &mut Vec<Record>,
+    ) -> Result<(), WorkerError> {
+        let done = done.map_err(|error| WorkerError::Fatal {
+            projection: self.projection.name.clone(),
+            message: format!("a batch task failed: {error}"),
+        })?;
+        match done.outcome {
+            Lane::Committed { report, seconds } => self.committed(&done.moves, &report, done.events, seconds),
+            Lane::Fenced | Lane::Skipped => {
+                if done.generation == self.generations[done.lane] && !*self.shutdown.borrow() {
+                    self.generations[done.lane] += 1;
+                    let partitions: std::collections::HashSet<&TopicPartition> =
+                        done.moves.iter().map(|(partition, _, _)| partition).collect();
+                    batch.retain(|record| !partitions.contains(&(record.topic.clone(), record.partition)));
+                    self.resync(&done.moves).await?;
+                }
+            }
+            Lane::GaveUp => {}
+            Lane::Fatal(message) => {
+                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message })
             }
         }
-        match fatal {
-            Some(message) => Err(WorkerError::Fatal { projection: self.projection.name.clone(), message }),
-            None => Ok(()),
+        Ok(())
+    }
+
+    /// The lane of a partition: the same one until the assignment changes (with nothing in
+    /// flight).
+    fn lane_of(&self, topic: &str, partition: i32) -> usize {
+        self.lane_map
+            .get(&partition)
+            .and_then(|topics| topics.iter().find(|(name, _)| name == topic))
+            .map_or(0, |(_, lane)| *lane)
+    }
+
+    /// Deals the owned partitions out to the lanes in turn, so that lanes get equal shares.
+    fn deal_lanes(&mut self) {
+        let mut owned: Vec<&TopicPartition> = self.partitions.keys().collect();
+        owned.sort();
+        self.lane_map.clear();
+        for (index, (topic, partition)) in owned.into_iter().enumerate() {
+            self.lane_map.entry(*partition).or_default().push((topic.clone(), index % self.lanes));
         }
     }
 
-    /// Where each partition of `records` moves: from its stored checkpoint to past its last record.
+    /// Where each partition of `records` moves: from its expected checkpoint to past its last record.
     fn moves_of(&self, records: &[Record]) -> Vec<Move> {
         let mut moves: BTreeMap<TopicPartition, (Option<i64>, i64)> = BTreeMap::new();
         for record in records {
@@ -317,62 +428,11 @@ impl Worker {
         moves.into_iter().map(|(partition, (from, to))| (partition, from, to)).collect()
     }
 
-    /// Applies one lane's records, retrying until it commits, is fenced, gives up at shutdown, or
-    /// fails for good.
-    async fn apply_lane(&self, records: &[Record], moves: &[Move]) -> Lane {
-        let started = Instant::now();
-        let mut isolate = false;
-        let mut attempt = 0;
-        loop {
-            let result = match self.pool.get().await {
-                Ok(mut client) => {
-                    let batch = Batch { records, moves: moves.to_vec() };
-                    apply_batch(&mut client, &self.projection, &batch, isolate).await
-                }
-                Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
-            };
-            match result {
-                Ok(report) => return Lane::Committed { report, seconds: started.elapsed().as_secs_f64() },
-                Err(ApplyError::Mispredicted(message)) => {
-                    tracing::debug!(projection = %self.projection.name, %message, "fast path declined: retrying the batch event by event");
-                    isolate = true;
-                }
-                Err(ApplyError::EventFailed { topic, partition, offset, message }) => {
-                    tracing::info!(projection = %self.projection.name, %topic, partition, offset, %message,
-                        "a statement failed on an event's data: retrying the batch event by event");
-                    isolate = true;
-                }
-                Err(ApplyError::Fenced { partition }) => {
-                    tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
-                        "checkpoint moved by another instance: batch rolled back, re-reading from the stored checkpoint");
-                    return Lane::Fenced;
-                }
-                Err(ApplyError::Transient(message)) => {
-                    attempt += 1;
-                    let stopping = *self.shutdown.borrow();
-                    if stopping && attempt > 3 {
-                        tracing::warn!(projection = %self.projection.name, %message, "giving up the batch in flight at shutdown: it was rolled back and will be read again");
-                        return Lane::GaveUp;
-                    }
-                    let wait = backoff(attempt);
-                    tracing::warn!(projection = %self.projection.name, %message, attempt, ?wait, "batch failed, retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(ApplyError::Fatal(message)) => {
-                    tracing::error!(projection = %self.projection.name, %message, "batch failed and cannot be retried");
-                    return Lane::Fatal(message);
-                }
-            }
-        }
-    }
-
-    /// Records a committed lane: checkpoints, metrics, and the advisory Kafka commit.
+    /// Records a committed lane: checkpoint gauges, metrics, and the advisory Kafka commit. (The
+    /// expected checkpoints moved when the batch started.)
     fn committed(&mut self, moves: &[Move], report: &BatchReport, events: usize, seconds: f64) {
         let mut committed = Vec::with_capacity(moves.len());
         for (partition, _, to) in moves {
-            if let Some(state) = self.partitions.get_mut(partition) {
-                state.checkpoint = Some(*to);
-            }
             self.metrics
                 .checkpoint
                 .with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
@@ -443,6 +503,99 @@ impl Worker {
             let _ = self.commands.send(Command::Seek { partition, offset: checkpoint, epoch });
         }
         Ok(())
+    }
+}
+
+/// One lane's part of a batch, with what it needs to run on a task of its own.
+struct LaneJob {
+    projection: Arc<Projection>,
+    pool: Pool,
+    shutdown: watch::Receiver<bool>,
+    lane: usize,
+    generation: u64,
+    records: Vec<Record>,
+    moves: Vec<Move>,
+    /// How the lane's previous batch ends (`None`: there was none).
+    previous: Option<oneshot::Receiver<Done>>,
+    done: oneshot::Sender<Done>,
+}
+
+impl LaneJob {
+    /// Decodes the records, waits for the lane's previous batch, then applies them.
+    async fn run(self) -> InFlight {
+        let LaneJob { projection, pool, shutdown, lane, generation, records, moves, previous, done } = self;
+        let decoded: Vec<_> = records.iter().map(|record| projection.decode(record)).collect();
+        let built_on_failure = match previous {
+            None => false,
+            Some(previous) => match previous.await {
+                Ok((committed, previous_generation)) => !committed && previous_generation == generation,
+                Err(_) => true,
+            },
+        };
+        let outcome = if built_on_failure {
+            Lane::Skipped
+        } else {
+            apply_lane(&projection, &pool, &shutdown, &records, &moves, decoded).await
+        };
+        let _ = done.send((matches!(outcome, Lane::Committed { .. }), generation));
+        InFlight { lane, generation, moves, events: records.len(), outcome }
+    }
+}
+
+/// Applies one lane's records, retrying until it commits, is fenced, gives up at shutdown, or
+/// fails for good. `decoded` serves the first attempt.
+async fn apply_lane<'p>(
+    projection: &'p Projection,
+    pool: &Pool,
+    shutdown: &watch::Receiver<bool>,
+    records: &[Record],
+    moves: &[Move],
+    decoded: Vec<crate::projection::Decoded<'p>>,
+) -> Lane {
+    let started = Instant::now();
+    let mut decoded = Some(decoded);
+    let mut isolate = false;
+    let mut attempt = 0;
+    loop {
+        let result = match pool.get().await {
+            Ok(mut client) => {
+                let batch = Batch { records, moves: moves.to_vec() };
+                apply_decoded(&mut client, projection, &batch, decoded.take(), isolate).await
+            }
+            Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
+        };
+        match result {
+            Ok(report) => return Lane::Committed { report, seconds: started.elapsed().as_secs_f64() },
+            Err(ApplyError::Mispredicted(message)) => {
+                tracing::debug!(projection = %projection.name, %message, "fast path declined: retrying the batch event by event");
+                isolate = true;
+            }
+            Err(ApplyError::EventFailed { topic, partition, offset, message }) => {
+                tracing::info!(projection = %projection.name, %topic, partition, offset, %message,
+                    "a statement failed on an event's data: retrying the batch event by event");
+                isolate = true;
+            }
+            Err(ApplyError::Fenced { partition }) => {
+                tracing::warn!(projection = %projection.name, topic = %partition.0, partition = partition.1,
+                    "checkpoint moved by another instance: batch rolled back, re-reading from the stored checkpoint");
+                return Lane::Fenced;
+            }
+            Err(ApplyError::Transient(message)) => {
+                attempt += 1;
+                let stopping = *shutdown.borrow();
+                if stopping && attempt > 3 {
+                    tracing::warn!(projection = %projection.name, %message, "giving up the batch in flight at shutdown: it was rolled back and will be read again");
+                    return Lane::GaveUp;
+                }
+                let wait = backoff(attempt);
+                tracing::warn!(projection = %projection.name, %message, attempt, ?wait, "batch failed, retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(ApplyError::Fatal(message)) => {
+                tracing::error!(projection = %projection.name, %message, "batch failed and cannot be retried");
+                return Lane::Fatal(message);
+            }
+        }
     }
 }
 

@@ -29,8 +29,10 @@ use crate::store::checkpoint::TopicPartition;
 
 /// What the consumer thread tells a projection's worker, in order.
 pub enum Input {
-    /// A record, tagged with the seek epoch of its partition at the time it was polled.
-    Record(Record, u64),
+    /// Records in poll order, each tagged with the seek epoch of its partition at the time it was
+    /// polled. Sent in chunks: one channel hand-over per record costs a thread wake-up per record
+    /// once the worker falls behind.
+    Records(Vec<(Record, u64)>),
     /// Partitions were assigned: reply with the offset to start each from (absent: no checkpoint).
     Assigned { partitions: Vec<TopicPartition>, reply: oneshot::Sender<HashMap<TopicPartition, i64>> },
     /// Partitions are being revoked: reply once no batch touching them is in flight.
@@ -51,6 +53,17 @@ pub struct ProjectorContext {
     projection: String,
     inputs: mpsc::Sender<Input>,
     start_from: Offset,
+    /// Records polled and not yet sent: sent before anything a rebalance callback sends, so the
+    /// worker sees everything in poll order.
+    pending: std::sync::Mutex<Vec<(Record, u64)>>,
+}
+
+impl ProjectorContext {
+    /// Sends the pending records; false when the worker is gone.
+    fn send_pending(&self) -> bool {
+        let records = std::mem::take(&mut *self.pending.lock().expect("pending records"));
+        records.is_empty() || self.inputs.blocking_send(Input::Records(records)).is_ok()
+    }
 }
 
 impl ClientContext for ProjectorContext {}
@@ -66,6 +79,7 @@ impl ConsumerContext for ProjectorContext {
                 let partitions = partitions_of(list);
                 tracing::info!(projection = %self.projection, ?partitions, "partitions assigned");
                 let (reply, answer) = oneshot::channel();
+                self.send_pending();
                 let offsets = match self.inputs.blocking_send(Input::Assigned { partitions: partitions.clone(), reply })
                 {
                     Ok(()) => answer.blocking_recv().ok(),
@@ -91,6 +105,7 @@ impl ConsumerContext for ProjectorContext {
                 let partitions = partitions_of(list);
                 tracing::info!(projection = %self.projection, ?partitions, "partitions revoked");
                 let (reply, answer) = oneshot::channel();
+                self.send_pending();
                 if self.inputs.blocking_send(Input::Revoked { partitions, reply }).is_ok() {
                     let _ = answer.blocking_recv();
                 }
@@ -121,6 +136,9 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         // default 45 s (settings may override both).
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
+        // librdkafka prefetches up to 64 MB per consumer by default; the worker reads ahead two
+        // batches of its own, so 16 MB keeps the broker far ahead without that much memory.
+        .set("queued.max.messages.kbytes", "16384")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (name, value) in &settings.properties {
         config.set(name, value);
@@ -145,7 +163,12 @@ impl ConsumerThread {
     ) -> KafkaResult<ConsumerThread> {
         let group = format!("{}.{}", settings.group_prefix, projection);
         let start_from = if settings.start_from == "latest" { Offset::End } else { Offset::Beginning };
-        let context = ProjectorContext { projection: projection.to_string(), inputs: inputs.clone(), start_from };
+        let context = ProjectorContext {
+            projection: projection.to_string(),
+            inputs: inputs.clone(),
+            start_from,
+            pending: std::sync::Mutex::new(Vec::new()),
+        };
         let consumer: BaseConsumer<ProjectorContext> =
             consumer_config(settings, &group).create_with_context(context)?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -182,6 +205,9 @@ impl Drop for ConsumerThread {
     }
 }
 
+/// Records sent to the worker at once, at most.
+const CHUNK: usize = 256;
+
 fn poll_loop(
     projection: String,
     consumer: BaseConsumer<ProjectorContext>,
@@ -190,13 +216,22 @@ fn poll_loop(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     start_from: Offset,
 ) {
-    let mut epochs: HashMap<TopicPartition, u64> = HashMap::new();
+    // Seek epochs by topic, then partition (looked up for every record without copying its topic).
+    let mut epochs: HashMap<String, HashMap<i32, u64>> = HashMap::new();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) && !inputs.is_closed() {
         while let Ok(command) = commands.try_recv() {
             run_command(&projection, &consumer, command, &mut epochs, start_from);
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
+        // Wait for records only when none are pending; otherwise take what is already fetched
+        // and send the chunk as soon as nothing more is.
+        let pending = consumer.context().pending.lock().expect("pending records").len();
+        let wait = if pending == 0 { Duration::from_millis(100) } else { Duration::ZERO };
+        match consumer.poll(wait) {
+            None => {
+                if !consumer.context().send_pending() {
+                    break;
+                }
+            }
             Some(Ok(message)) => {
                 let record = Record {
                     topic: message.topic().to_string(),
@@ -212,9 +247,14 @@ fn poll_loop(
                         .unwrap_or_default(),
                     timestamp_ms: message.timestamp().to_millis(),
                 };
-                let epoch = epochs.get(&(record.topic.clone(), record.partition)).copied().unwrap_or(0);
                 drop(message);
-                if inputs.blocking_send(Input::Record(record, epoch)).is_err() {
+                let epoch = epochs.get(&record.topic).and_then(|of| of.get(&record.partition)).copied().unwrap_or(0);
+                let full = {
+                    let mut pending = consumer.context().pending.lock().expect("pending records");
+                    pending.push((record, epoch));
+                    pending.len() >= CHUNK
+                };
+                if full && !consumer.context().send_pending() {
                     break;
                 }
             }
@@ -232,7 +272,7 @@ fn run_command(
     projection: &str,
     consumer: &BaseConsumer<ProjectorContext>,
     command: Command,
-    epochs: &mut HashMap<TopicPartition, u64>,
+    epochs: &mut HashMap<String, HashMap<i32, u64>>,
     start_from: Offset,
 ) {
     match command {
@@ -250,7 +290,7 @@ fn run_command(
             if let Err(error) = consumer.seek(&partition.0, partition.1, target, Duration::from_secs(10)) {
                 tracing::warn!(projection, topic = %partition.0, partition = partition.1, %error, "seek failed");
             }
-            epochs.insert(partition, epoch);
+            epochs.entry(partition.0).or_default().insert(partition.1, epoch);
         }
     }
 }

@@ -1,16 +1,18 @@
 //! One guarded statement applied to many events at once: the set-based form the fast path uses
-//! (`store::fast`) when a batch's events each run a single guarded statement.
+//! (`store::fast`) when a batch's events each run a single guarded statement. Both forms read one
+//! array per parameter through `unnest`, so one prepared statement serves any number of events
+//! (and `unnest` is about twice as fast as a multi-row `VALUES` list):
 //!
-//! - `INSERT INTO t (…) VALUES (<row>) ON CONFLICT … DO NOTHING` becomes the same insert with the
-//!   row repeated, each copy's placeholders renumbered.
+//! - `INSERT INTO t (…) VALUES (<row>) ON CONFLICT … DO NOTHING` becomes `INSERT INTO t (…) SELECT
+//!   <row> FROM unnest($1::<type>[], …) AS projector_rows(p1, …, pn) ON CONFLICT … DO NOTHING`.
 //! - `UPDATE t SET … WHERE …` becomes `UPDATE t SET … FROM unnest($1::<type>[], …) AS
-//!   projector_rows(p1, …, pn) WHERE …`, every `$j` read as `projector_rows.pj`, one array per
-//!   parameter. (`unnest` is estimated at a few rows, so the key's index is used; a `VALUES` list
-//!   of hundreds of rows is planned as a hash join over the whole table.)
+//!   projector_rows(p1, …, pn) WHERE …`. (`unnest` is estimated at a few rows, so the key's index
+//!   is used; a `VALUES` list of hundreds of rows is planned as a hash join over the whole table.)
 //!
-//! Both change one row per event as long as no two events of one statement share a key, which the
-//! caller guarantees (it applies a key's events in successive statements). Statements with a
-//! subquery, a `FROM`, `RETURNING` or a join keep running one event at a time: `None`.
+//! In both, every `$j` of the statement is read as `projector_rows.pj`. Both change one row per
+//! event as long as no two events of one statement share a key, which the caller guarantees (it
+//! applies a key's events in successive statements). Statements with a subquery, a `FROM`,
+//! `RETURNING`, a join or a `DEFAULT` value keep running one event at a time: `None`.
 
 use std::ops::ControlFlow;
 
@@ -18,32 +20,31 @@ use sqlparser::ast::{self, visit_expressions_mut, Expr, Ident, OnConflictAction,
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-/// A statement's set-based form.
+/// A statement's set-based form: the statement's text around its `unnest(…)` arguments.
 #[derive(Debug, Clone)]
-pub enum SetBased {
-    Insert { statement: ast::Statement, width: usize },
-    Update { table: String, assignments: String, selection: String, width: usize },
+pub struct SetBased {
+    before: String,
+    after: String,
+    width: usize,
 }
 
-/// The alias of the rows an `UPDATE … FROM (VALUES …)` reads.
+/// The alias of the rows the set-based statement reads.
 const ROWS: &str = "projector_rows";
+/// Stands for the `unnest` arguments until the parameter types are known.
+const ARGUMENTS: &str = "projector_arrays";
 
-/// Renumbers or replaces every `$j` placeholder in `node`.
-fn map_placeholders<V: VisitMut>(node: &mut V, mut with: impl FnMut(usize) -> Expr) {
+/// Replaces every `$j` placeholder in `node` by `projector_rows.pj`.
+fn read_from_rows<V: VisitMut>(node: &mut V) {
     let _ = visit_expressions_mut(node, |expr| {
         if let Expr::Value(value) = expr {
             if let ast::Value::Placeholder(placeholder) = &value.value {
                 if let Some(j) = placeholder.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
-                    *expr = with(j);
+                    *expr = Expr::CompoundIdentifier(vec![Ident::new(ROWS), Ident::new(format!("p{j}"))]);
                 }
             }
         }
         ControlFlow::<()>::Continue(())
     });
-}
-
-fn placeholder(n: usize) -> Expr {
-    Expr::value(ast::Value::Placeholder(format!("${n}")))
 }
 
 impl SetBased {
@@ -54,23 +55,36 @@ impl SetBased {
             return None;
         }
         let mut statement = statements.pop()?;
-        if statement.to_string().to_ascii_uppercase().matches("SELECT").count() > 0 {
+        if statement.to_string().to_ascii_uppercase().contains("SELECT") {
             return None;
         }
-        match &mut statement {
+        let columns: Vec<String> = (1..=width).map(|j| format!("p{j}")).collect();
+        let rows = format!("unnest({ARGUMENTS}) AS {ROWS}({})", columns.join(", "));
+        let text = match &mut statement {
             ast::Statement::Insert(insert) => {
                 let do_nothing = matches!(
                     &insert.on,
                     Some(OnInsert::OnConflict(conflict)) if conflict.action == OnConflictAction::DoNothing
                 );
-                let one_row = matches!(
-                    insert.source.as_deref().map(|query| query.body.as_ref()),
-                    Some(SetExpr::Values(values)) if values.rows.len() == 1
-                );
-                if !do_nothing || !one_row || insert.returning.is_some() {
+                if !do_nothing || insert.returning.is_some() {
                     return None;
                 }
-                Some(SetBased::Insert { statement, width })
+                let Some(SetExpr::Values(values)) = insert.source.as_deref_mut().map(|query| query.body.as_mut())
+                else {
+                    return None;
+                };
+                let [row] = values.rows.as_mut_slice() else {
+                    return None;
+                };
+                read_from_rows(row);
+                let exprs: Vec<String> = row.iter().map(ToString::to_string).collect();
+                if exprs.iter().any(|expr| expr.eq_ignore_ascii_case("DEFAULT")) {
+                    return None;
+                }
+                let select = format!("SELECT {} FROM {rows}", exprs.join(", "));
+                let select = Parser::new(&PostgreSqlDialect {}).try_with_sql(&select).ok()?.parse_query().ok()?;
+                insert.source = Some(select);
+                statement.to_string()
             }
             ast::Statement::Update {
                 table,
@@ -81,62 +95,30 @@ impl SetBased {
                 limit: None,
                 ..
             } if table.joins.is_empty() => {
-                map_placeholders(&mut statement, |j| {
-                    Expr::CompoundIdentifier(vec![Ident::new(ROWS), Ident::new(format!("p{j}"))])
-                });
+                read_from_rows(&mut statement);
                 let ast::Statement::Update { table, assignments, selection: Some(selection), .. } = &statement else {
                     return None;
                 };
                 let assignments = assignments.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-                Some(SetBased::Update {
-                    table: table.to_string(),
-                    assignments,
-                    selection: selection.to_string(),
-                    width,
-                })
+                format!("UPDATE {table} SET {assignments} FROM {rows} WHERE {selection}")
             }
-            _ => None,
+            _ => return None,
+        };
+        // The arguments' marker appears once: anything else is a statement we do not understand.
+        let [before, after] = text.splitn(2, ARGUMENTS).collect::<Vec<_>>()[..] else {
+            return None;
+        };
+        if after.contains(ARGUMENTS) {
+            return None;
         }
+        Some(SetBased { before: before.to_string(), after: after.to_string(), width })
     }
 
-    /// The statement applying `rows` events at once. An insert binds `width` values per event, in
-    /// event order; an update ([`SetBased::columnar`]) binds one array per parameter, for any
-    /// number of events. `types[j]` is the SQL type of `$(j+1)` of the single-event statement.
-    pub fn sql(&self, rows: usize, types: &[String]) -> String {
-        match self {
-            SetBased::Insert { statement, width } => {
-                let mut statement = statement.clone();
-                if let ast::Statement::Insert(insert) = &mut statement {
-                    if let Some(SetExpr::Values(values)) = insert.source.as_deref_mut().map(|query| query.body.as_mut())
-                    {
-                        let row = values.rows[0].clone();
-                        values.rows = (0..rows)
-                            .map(|i| {
-                                let mut copy = row.clone();
-                                map_placeholders(&mut copy, |j| placeholder(i * width + j));
-                                copy
-                            })
-                            .collect();
-                    }
-                }
-                statement.to_string()
-            }
-            SetBased::Update { table, assignments, selection, width } => {
-                let arrays: Vec<String> = (1..=*width).map(|j| format!("${j}::{}[]", types[j - 1])).collect();
-                let columns: Vec<String> = (1..=*width).map(|j| format!("p{j}")).collect();
-                format!(
-                    "UPDATE {table} SET {assignments} FROM unnest({}) AS {ROWS}({}) WHERE {selection}",
-                    arrays.join(", "),
-                    columns.join(", ")
-                )
-            }
-        }
-    }
-
-    /// Whether [`SetBased::sql`] takes one array per parameter (whatever the number of events)
-    /// rather than `width` values per event.
-    pub fn columnar(&self) -> bool {
-        matches!(self, SetBased::Update { .. })
+    /// The statement applying any number of events at once: it binds one array per parameter.
+    /// `types[j]` is the SQL type of `$(j+1)` of the single-event statement.
+    pub fn sql(&self, types: &[String]) -> String {
+        let arrays: Vec<String> = (1..=self.width).map(|j| format!("${j}::{}[]", types[j - 1])).collect();
+        format!("{}{}{}", self.before, arrays.join(", "), self.after)
     }
 }
 
@@ -149,15 +131,18 @@ mod tests {
     }
 
     #[test]
-    fn insert_rows_are_repeated_and_renumbered() {
+    fn insert_selects_its_row_from_arrays() {
         let set = SetBased::from_sql(
             "INSERT INTO order_summary (order_id, total, status, version) VALUES ($1, $2, 'placed', $3) ON CONFLICT (order_id) DO NOTHING",
             3,
         )
         .expect("set-based");
         assert_eq!(
-            set.sql(2, &types(&["uuid", "numeric", "int8"])),
-            "INSERT INTO order_summary (order_id, total, status, version) VALUES ($1, $2, 'placed', $3), ($4, $5, 'placed', $6) ON CONFLICT(order_id) DO NOTHING"
+            set.sql(&types(&["uuid", "numeric", "int8"])),
+            "INSERT INTO order_summary (order_id, total, status, version) \
+             SELECT projector_rows.p1, projector_rows.p2, 'placed', projector_rows.p3 \
+             FROM UNNEST($1::uuid[], $2::numeric[], $3::int8[]) AS projector_rows (p1, p2, p3) \
+             ON CONFLICT(order_id) DO NOTHING"
         );
     }
 
@@ -169,7 +154,7 @@ mod tests {
         )
         .expect("set-based");
         assert_eq!(
-            set.sql(2, &types(&["numeric", "int8", "text"])),
+            set.sql(&types(&["numeric", "int8", "text"])),
             "UPDATE accounts SET balance = balance + projector_rows.p1, version = projector_rows.p2 \
              FROM unnest($1::numeric[], $2::int8[], $3::text[]) AS projector_rows(p1, p2, p3) \
              WHERE id = projector_rows.p3 AND version = projector_rows.p2 - 1"
@@ -184,6 +169,8 @@ mod tests {
             "UPDATE t SET n = 1 WHERE id = $1 RETURNING n",
             "INSERT INTO t (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET n = 1",
             "INSERT INTO t (id) VALUES ($1)",
+            "INSERT INTO t (id, n) VALUES ($1, DEFAULT) ON CONFLICT DO NOTHING",
+            "INSERT INTO t (id) VALUES ($1), ($2) ON CONFLICT DO NOTHING",
             "INSERT INTO t (id) SELECT $1",
             "DELETE FROM t WHERE id = $1",
             "UPDATE t SET n = 1",

@@ -147,6 +147,18 @@ pub async fn apply_batch(
     batch: &Batch<'_>,
     isolate: bool,
 ) -> Result<BatchReport, ApplyError> {
+    apply_decoded(client, projection, batch, None, isolate).await
+}
+
+/// [`apply_batch`], with the batch's records already decoded (`decoded`, in record order), so
+/// that decoding can overlap with the previous batch's transaction.
+pub async fn apply_decoded<'p>(
+    client: &mut deadpool_postgres::Object,
+    projection: &'p Projection,
+    batch: &Batch<'_>,
+    decoded: Option<Vec<Decoded<'p>>>,
+    isolate: bool,
+) -> Result<BatchReport, ApplyError> {
     let tx = client.transaction().await.map_err(|error| fail(&error))?;
     for (partition, from, to) in &batch.moves {
         let moved = checkpoint::compare_and_set(&*tx, &projection.name, partition, *from, *to, &projection.hash)
@@ -162,7 +174,10 @@ pub async fn apply_batch(
     // applies, its successors are released at once, so later events of the key in this same
     // batch find the row where they expect it. Keys with parked events: every later event of
     // the key is parked behind them, to keep the key's order.
-    let decoded: Vec<Decoded<'_>> = batch.records.iter().map(|record| projection.decode(record)).collect();
+    let decoded: Vec<Decoded<'_>> = match decoded {
+        Some(decoded) if decoded.len() == batch.records.len() => decoded,
+        _ => batch.records.iter().map(|record| projection.decode(record)).collect(),
+    };
     let keys: Vec<Option<String>> = batch
         .records
         .iter()
