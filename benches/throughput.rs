@@ -77,7 +77,7 @@ struct Args {
     #[arg(long, default_value_t = 20.0)]
     latency_secs: f64,
     /// The engine's `batch.max_events`.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = Settings::default().batch.max_events)]
     batch_max_events: usize,
     /// The engine's `batch.lanes` (parts of a batch applied concurrently).
     #[arg(long, default_value_t = Settings::default().batch.lanes)]

@@ -66,14 +66,15 @@ pub struct BatchSettings {
     /// pipelined. The outcome is the same either way.
     #[serde(default = "enabled")]
     pub set_based: bool,
-    /// A batch is split by partition into this many parts, each applied concurrently in a
-    /// transaction (and on a connection) of its own; at most `database.pool_size`.
-    #[serde(default = "two")]
+    /// A batch is split by partition into this many parts (lanes), each applied concurrently in a
+    /// transaction (and on a connection) of its own; at most `database.pool_size`. A lane decodes
+    /// its next batch while its previous one commits.
+    #[serde(default = "four")]
     pub lanes: usize,
 }
 
-fn two() -> usize {
-    2
+fn four() -> usize {
+    4
 }
 
 fn enabled() -> bool {
@@ -113,7 +114,7 @@ impl Default for Settings {
             },
             database: DatabaseSettings { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8 },
             projections_dir: PathBuf::from("projections"),
-            batch: BatchSettings { max_events: 1000, max_wait_ms: 100, set_based: true, lanes: 2 },
+            batch: BatchSettings { max_events: 2000, max_wait_ms: 100, set_based: true, lanes: 4 },
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
             parking: ParkingSettings { gap_timeout_secs: 600 },
         }
