@@ -15,7 +15,7 @@ use crate::kafka::{Command, ConsumerThread, Input};
 use crate::metrics::Metrics;
 use crate::projection::{Projection, Record};
 use crate::settings::Settings;
-use crate::store::apply::{apply_decoded, park_expired_gaps, ApplyError, Batch, BatchReport};
+use crate::store::apply::{apply_batch, park_expired_gaps, ApplyError, Batch, BatchReport};
 use crate::store::checkpoint::{self, TopicPartition};
 use crate::store::StoreError;
 
@@ -560,7 +560,7 @@ async fn apply_lane<'p>(
         let result = match pool.get().await {
             Ok(mut client) => {
                 let batch = Batch { records, moves: moves.to_vec() };
-                apply_decoded(&mut client, projection, &batch, decoded.take(), isolate).await
+                apply_batch(&mut client, projection, &batch, decoded.take(), isolate).await
             }
             Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
         };

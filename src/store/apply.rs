@@ -141,18 +141,9 @@ impl From<tokio_postgres::Error> for EventError {
 
 /// Applies `batch` in one transaction and commits it. With `isolate`, each event runs inside its
 /// own savepoint, so that a statement failing on one event's data parks that event alone.
-pub async fn apply_batch(
-    client: &mut deadpool_postgres::Object,
-    projection: &Projection,
-    batch: &Batch<'_>,
-    isolate: bool,
-) -> Result<BatchReport, ApplyError> {
-    apply_decoded(client, projection, batch, None, isolate).await
-}
-
-/// [`apply_batch`], with the batch's records already decoded (`decoded`, in record order), so
-/// that decoding can overlap with the previous batch's transaction.
-pub async fn apply_decoded<'p>(
+/// `decoded`, when given, holds the batch's records already decoded (in record order), so that
+/// decoding can overlap with the previous batch's transaction; a retry decodes them again.
+pub async fn apply_batch<'p>(
     client: &mut deadpool_postgres::Object,
     projection: &'p Projection,
     batch: &Batch<'_>,
