@@ -658,3 +658,74 @@ pub fn backoff(attempt: u32) -> Duration {
     let millis = rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
     Duration::from_millis(millis)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool whose connections are refused: a batch that tries to apply fails transiently, and
+    /// at shutdown gives up after a few attempts. A skipped batch never asks for a connection.
+    fn refusing_pool() -> Pool {
+        let config: tokio_postgres::Config = "postgres://postgres@127.0.0.1:1/none".parse().expect("config");
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+        );
+        Pool::builder(manager).max_size(1).build().expect("pool")
+    }
+
+    fn projection() -> Arc<Projection> {
+        let path = std::path::Path::new("projections/order_summary.toml");
+        let text = std::fs::read_to_string(path).expect("example definition");
+        Arc::new(crate::projection::compile::compile_file(path, &text).expect("compiles"))
+    }
+
+    /// Runs a lane job after a previous batch that ended as `previous` (`None`: its task went
+    /// away without a word), built in `generation`.
+    async fn after(previous: Option<Done>, generation: u64) -> (InFlight, Done) {
+        let (previous_tx, previous_rx) = oneshot::channel();
+        if let Some(previous) = previous {
+            previous_tx.send(previous).expect("send");
+        } else {
+            drop(previous_tx);
+        }
+        let (_stop, shutdown) = watch::channel(true);
+        let (done, next) = oneshot::channel();
+        let moves = vec![(("shop.orders".to_string(), 0), Some(10), 11)];
+        let job = LaneJob {
+            projection: projection(),
+            pool: refusing_pool(),
+            shutdown,
+            lane: 0,
+            generation,
+            records: Vec::new(),
+            moves,
+            previous: Some(previous_rx),
+            done,
+        };
+        let in_flight = job.run().await;
+        (in_flight, next.await.expect("the job reports how it ended"))
+    }
+
+    #[tokio::test]
+    async fn a_batch_built_on_one_that_did_not_commit_is_skipped() {
+        let (in_flight, done) = after(Some((false, 3)), 3).await;
+        assert!(matches!(in_flight.outcome, Lane::Skipped));
+        assert_eq!(done, (false, 3), "the next batch of the lane is skipped too");
+        let (in_flight, _) = after(None, 0).await;
+        assert!(matches!(in_flight.outcome, Lane::Skipped), "a previous task that vanished counts as failed");
+    }
+
+    #[tokio::test]
+    async fn a_batch_built_after_the_partitions_were_read_again_is_applied() {
+        // The previous batch failed in generation 3; this one was built in generation 4, after the
+        // lane's partitions were read again: it tries to apply (and gives up, as nothing answers).
+        let (in_flight, done) = after(Some((false, 3)), 4).await;
+        assert!(matches!(in_flight.outcome, Lane::GaveUp));
+        assert_eq!(done, (false, 4));
+        // After a committed batch it applies, whatever the generation.
+        let (in_flight, _) = after(Some((true, 4)), 4).await;
+        assert!(matches!(in_flight.outcome, Lane::GaveUp));
+    }
+}
