@@ -51,7 +51,7 @@ enum Lane {
 /// so its batches commit in order.
 struct InFlight {
     lane: usize,
-    /// The lane's generation when the batch was built (see [`Worker::generations`]).
+    /// The lane's generation when the batch was built (see [`Chain`]).
     generation: u64,
     moves: Vec<Move>,
     events: usize,
@@ -95,12 +95,18 @@ struct Worker {
     shutdown: watch::Receiver<bool>,
     /// Partition number to (topic, lane): see [`Worker::deal_lanes`].
     lane_map: HashMap<i32, Vec<(String, usize)>>,
-    /// Per lane: how its latest batch ends, awaited by the next.
-    chains: Vec<Option<oneshot::Receiver<Done>>>,
-    /// Per lane: bumped when its partitions are re-read from the stored checkpoints. A batch built
-    /// on a batch that failed in the same generation is skipped; one built after the re-read is
-    /// applied.
-    generations: Vec<u64>,
+    /// One per lane.
+    chains: Vec<Chain>,
+}
+
+/// A lane's sequence of batches.
+#[derive(Default)]
+struct Chain {
+    /// How the lane's latest batch ends, awaited by the next.
+    latest: Option<oneshot::Receiver<Done>>,
+    /// Bumped when the lane's partitions are re-read from the stored checkpoints. A batch built on
+    /// one that failed in the same generation is skipped; one built after the re-read is applied.
+    generation: u64,
 }
 
 /// How a worker runs beyond its projection and settings.
@@ -146,13 +152,14 @@ pub async fn run_with(
     let consumer = ConsumerThread::start(&settings.kafka, &projection.name, &projection.topics, inputs_tx)
         .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
     metrics.set_state(&projection.name, if options.rebuilding { "rebuilding" } else { "running" });
+    let lanes = settings.batch.lanes.clamp(1, settings.database.pool_size.max(1));
     let mut worker = Worker {
         projection: projection.clone(),
         pool,
         metrics: metrics.clone(),
         max_events: settings.batch.max_events,
         max_wait: Duration::from_millis(settings.batch.max_wait_ms),
-        lanes: settings.batch.lanes.clamp(1, settings.database.pool_size.max(1)),
+        lanes,
         commit_offsets: settings.kafka.commit_offsets,
         gap_timeout: (settings.parking.gap_timeout_secs > 0)
             .then(|| Duration::from_secs(settings.parking.gap_timeout_secs)),
@@ -165,11 +172,8 @@ pub async fn run_with(
         commands: consumer.commands.clone(),
         shutdown,
         lane_map: HashMap::new(),
-        chains: Vec::new(),
-        generations: Vec::new(),
+        chains: (0..lanes).map(|_| Chain::default()).collect(),
     };
-    worker.chains = (0..worker.lanes).map(|_| None).collect();
-    worker.generations = vec![0; worker.lanes];
     let mut pending = Pending::new();
     let result = worker.consume(&mut inputs, &mut pending).await;
     // Batches still in flight after a failure end (commit or roll back) before the group is left.
@@ -347,10 +351,10 @@ impl Worker {
                 pool: self.pool.clone(),
                 shutdown: self.shutdown.clone(),
                 lane,
-                generation: self.generations[lane],
+                generation: self.chains[lane].generation,
                 records,
                 moves,
-                previous: self.chains[lane].replace(next),
+                previous: self.chains[lane].latest.replace(next),
                 done,
             };
             pending.push_back(tokio::spawn(job.run()));
@@ -381,11 +385,14 @@ impl Worker {
         match done.outcome {
             Lane::Committed { report, seconds } => self.committed(&done.moves, &report, done.events, seconds),
             Lane::Fenced | Lane::Skipped => {
-                if done.generation == self.generations[done.lane] && !*self.shutdown.borrow() {
-                    self.generations[done.lane] += 1;
-                    let partitions: std::collections::HashSet<&TopicPartition> =
-                        done.moves.iter().map(|(partition, _, _)| partition).collect();
-                    batch.retain(|record| !partitions.contains(&(record.topic.clone(), record.partition)));
+                if done.generation == self.chains[done.lane].generation && !*self.shutdown.borrow() {
+                    self.chains[done.lane].generation += 1;
+                    batch.retain(|record| {
+                        !done
+                            .moves
+                            .iter()
+                            .any(|((topic, partition), _, _)| *partition == record.partition && *topic == record.topic)
+                    });
                     self.resync(&done.moves).await?;
                 }
             }

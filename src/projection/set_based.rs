@@ -126,19 +126,19 @@ impl SetBased {
 mod tests {
     use super::*;
 
-    fn types(names: &[&str]) -> Vec<String> {
-        names.iter().map(|name| name.to_string()).collect()
+    /// The set-based form of `sql` (`types`: its parameters' types, one per parameter).
+    fn set_based(sql: &str, types: &[&str]) -> String {
+        let set = SetBased::from_sql(sql, types.len()).expect("set-based");
+        set.sql(&types.iter().map(|name| name.to_string()).collect::<Vec<_>>())
     }
 
     #[test]
     fn insert_selects_its_row_from_arrays() {
-        let set = SetBased::from_sql(
-            "INSERT INTO order_summary (order_id, total, status, version) VALUES ($1, $2, 'placed', $3) ON CONFLICT (order_id) DO NOTHING",
-            3,
-        )
-        .expect("set-based");
         assert_eq!(
-            set.sql(&types(&["uuid", "numeric", "int8"])),
+            set_based(
+                "INSERT INTO order_summary (order_id, total, status, version) VALUES ($1, $2, 'placed', $3) ON CONFLICT (order_id) DO NOTHING",
+                &["uuid", "numeric", "int8"],
+            ),
             "INSERT INTO order_summary (order_id, total, status, version) \
              SELECT projector_rows.p1, projector_rows.p2, 'placed', projector_rows.p3 \
              FROM UNNEST($1::uuid[], $2::numeric[], $3::int8[]) AS projector_rows (p1, p2, p3) \
@@ -148,13 +148,11 @@ mod tests {
 
     #[test]
     fn update_reads_its_values_from_arrays() {
-        let set = SetBased::from_sql(
-            "UPDATE accounts SET balance = balance + $1, version = $2 WHERE id = $3 AND version = $2 - 1",
-            3,
-        )
-        .expect("set-based");
         assert_eq!(
-            set.sql(&types(&["numeric", "int8", "text"])),
+            set_based(
+                "UPDATE accounts SET balance = balance + $1, version = $2 WHERE id = $3 AND version = $2 - 1",
+                &["numeric", "int8", "text"],
+            ),
             "UPDATE accounts SET balance = balance + projector_rows.p1, version = projector_rows.p2 \
              FROM unnest($1::numeric[], $2::int8[], $3::text[]) AS projector_rows(p1, p2, p3) \
              WHERE id = projector_rows.p3 AND version = projector_rows.p2 - 1"

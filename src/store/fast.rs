@@ -355,7 +355,7 @@ async fn lookup_sql(tx: &Transaction<'_>, table: &VersionedTable) -> Result<Stri
         .await
         .map_err(|error| failed(&error))?;
     let key_type: String = row.get(0);
-    // A join with `unnest`, run with hash and merge joins off (see `apply_set_based`): a nested
+    // A join with `unnest`, run with hash and merge joins off (see `try_apply`): a nested
     // loop probing the key's index once per key. (`= ANY(array)` was planned, with the array's
     // hundreds of keys known, as a sequential scan of the whole table filtering on a hash of the
     // keys: its cost grew with the table.)
