@@ -15,6 +15,7 @@ use sqlparser::parser::Parser;
 use toml::Spanned;
 
 use super::definition::{DedupeKind, DefinitionFile, Entries, EnvelopeDef, HandlerDef, RebuildDef, SqlDef, TableDef};
+use super::fields::Fields;
 use super::params::compile_named;
 use super::{
     Dedupe, Envelope, Handler, Origin, ParamRef, ParamSource, Projection, RebuildChecks, Source, Statement,
@@ -91,10 +92,39 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         handlers,
         hash: String::new(),
         rebuild: rebuild_checks,
+        fields: Fields::default(),
+        envelope_slots: [None; 5],
     };
     projection.hash = semantic_hash(&projection);
+    assign_fields(&mut projection);
     let _ = text;
     Ok(projection)
+}
+
+/// Gives every JSON path the projection reads (envelope fields first, then parameters) a slot in
+/// `projection.fields`, and each parameter its slot.
+fn assign_fields(projection: &mut Projection) {
+    let mut fields = Fields::default();
+    let envelope = &projection.envelope;
+    let sources = [&envelope.event_type, &envelope.event_id, &envelope.key, &envelope.version, &envelope.occurred_at];
+    for (slot, source) in projection.envelope_slots.iter_mut().zip(sources) {
+        if let Source::Path(path) = source {
+            *slot = Some(fields.add(path));
+        }
+    }
+    let statements = projection.handlers.values_mut().flat_map(|handler| handler.statements.iter_mut());
+    let lookup = match &mut projection.dedupe {
+        Dedupe::Version(table) => Some(&mut table.version_lookup),
+        Dedupe::EventId => None,
+    };
+    for statement in statements.chain(lookup) {
+        for param in &mut statement.params {
+            if let ParamSource::Path(path) = &mut param.source {
+                path.slot = fields.add(&path.segments);
+            }
+        }
+    }
+    projection.fields = fields;
 }
 
 /// Hex SHA-256 of what the projection does (topics, envelope, dedupe, every compiled statement),
@@ -642,15 +672,20 @@ pub fn guard_kind(
                 }
                 _ => false,
             };
-            let version_matches = has(&|l, op, r| match op {
-                BinaryOperator::Eq => {
-                    (is_column(l, version) && minus_one(r)) || (minus_one(l) && is_column(r, version))
-                }
+            let follows = has(&|l, op, r| {
+                *op == BinaryOperator::Eq
+                    && ((is_column(l, version) && minus_one(r)) || (minus_one(l) && is_column(r, version)))
+            });
+            let newer = has(&|l, op, r| match op {
                 BinaryOperator::Lt => is_column(l, version) && is_version(r),
                 BinaryOperator::Gt => is_version(l) && is_column(r, version),
                 _ => false,
             });
-            (sets_version && key_matches && version_matches).then_some(StatementKind::Update).ok_or(reason)
+            match (sets_version && key_matches, follows, newer) {
+                (true, true, _) => Ok(StatementKind::Update),
+                (true, false, true) => Ok(StatementKind::UpdateIfNewer),
+                _ => Err(reason),
+            }
         }
         _ => Err(format!(
             "the first statement must be an insert with `ON CONFLICT ({key}) DO NOTHING` or a guarded update of `{}`",
@@ -762,12 +797,13 @@ mod tests {
 
     #[test]
     fn guard_accepts() {
+        let exact = "UPDATE order_summary SET status = 'paid', version = :version WHERE order_id = :key AND version = :version - 1";
+        assert_eq!(first_kind(exact), Ok(StatementKind::Update), "{exact}");
         for sql in [
-            "UPDATE order_summary SET status = 'paid', version = :version WHERE order_id = :key AND version = :version - 1",
             "UPDATE Order_Summary SET \"version\" = :version WHERE (version < :version) AND \"ORDER_ID\" = :key",
             "UPDATE order_summary s SET version = :stream_version::bigint WHERE s.order_id = :stream_id AND :stream_version > s.version",
         ] {
-            assert_eq!(first_kind(sql), Ok(StatementKind::Update), "{sql}");
+            assert_eq!(first_kind(sql), Ok(StatementKind::UpdateIfNewer), "{sql}");
         }
         let insert = "INSERT INTO order_summary (order_id, version) VALUES (:key, :version) ON CONFLICT DO NOTHING";
         assert_eq!(first_kind(insert), Ok(StatementKind::Create));

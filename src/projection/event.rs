@@ -5,6 +5,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use super::fields::{Json, Span};
 use super::{Dedupe, Handler, Projection, Source};
 
 /// A Kafka record as the consumer hands it over.
@@ -19,7 +20,7 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
 }
 
-/// The envelope fields of an event, and its JSON value.
+/// The envelope fields of an event, and where the projection's other fields are in its record.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub event_type: String,
@@ -27,7 +28,9 @@ pub struct Event {
     pub key: Option<String>,
     pub version: Option<i64>,
     pub occurred_at: Option<DateTime<Utc>>,
-    pub value: Value,
+    /// Slot `i`: where the projection's `i`-th JSON path is in the record's value
+    /// ([`Fields`](super::fields::Fields)).
+    pub spans: Vec<Option<Span>>,
 }
 
 /// What a record means to one projection.
@@ -80,23 +83,39 @@ impl fmt::Display for Source {
 }
 
 impl Projection {
-    /// Decodes `record` through this projection's envelope.
+    /// Decodes `record` through this projection's envelope. Only the fields the projection reads
+    /// are looked at; the rest of the value is checked to be JSON and skipped.
     pub fn decode(&self, record: &Record) -> Decoded<'_> {
         let Some(bytes) = &record.value else {
             return Decoded::Tombstone;
         };
-        let poison = |event_type: Option<String>, error| Decoded::Poison { event_type, error };
         let text = match std::str::from_utf8(bytes) {
             Ok(text) => text,
-            Err(error) => return poison(None, DecodeError::NotUtf8(error.to_string())),
+            Err(error) => return Decoded::Poison { event_type: None, error: DecodeError::NotUtf8(error.to_string()) },
         };
-        let value: Value = match serde_json::from_str(text) {
-            Ok(value) => value,
+        match self.decode_text(record, text) {
+            // Said of a value that a `serde_json::Value` cannot hold (nested deeper than 128, a
+            // lone surrogate), the JSON error comes first, as it did before fields were read
+            // without building the tree.
+            Decoded::Poison { event_type, error } => match serde_json::from_str::<Value>(text) {
+                Err(json) => Decoded::Poison { event_type: None, error: DecodeError::NotJson(json.to_string()) },
+                Ok(_) => Decoded::Poison { event_type, error },
+            },
+            decoded => decoded,
+        }
+    }
+
+    fn decode_text(&self, record: &Record, text: &str) -> Decoded<'_> {
+        let poison = |event_type: Option<String>, error| Decoded::Poison { event_type, error };
+        let spans = match self.fields.find(text) {
+            Ok(spans) => spans,
             Err(error) => return poison(None, DecodeError::NotJson(error.to_string())),
         };
         let envelope = &self.envelope;
+        let [type_slot, id_slot, key_slot, version_slot, time_slot] = self.envelope_slots;
+        let field = |source, slot, name| read(source, slot, name, record, text, &spans);
         let event_type =
-            match read(&envelope.event_type, "type", record, &value).and_then(|raw| text_of(raw, "type", false)) {
+            match field(&envelope.event_type, type_slot, "type").and_then(|raw| text_of(raw, "type", false)) {
                 Ok(Some(event_type)) => event_type,
                 Ok(None) => return poison(None, missing("type", &envelope.event_type)),
                 Err(error) => return poison(None, error),
@@ -105,10 +124,10 @@ impl Projection {
             return Decoded::Ignored { event_type };
         };
         let fields = (|| {
-            let event_id = read(&envelope.event_id, "id", record, &value).and_then(|raw| text_of(raw, "id", true))?;
-            let key = read(&envelope.key, "key", record, &value).and_then(|raw| text_of(raw, "key", true))?;
-            let version = read(&envelope.version, "version", record, &value).and_then(version_of)?;
-            let occurred_at = read(&envelope.occurred_at, "occurred_at", record, &value).and_then(time_of)?;
+            let event_id = field(&envelope.event_id, id_slot, "id").and_then(|raw| text_of(raw, "id", true))?;
+            let key = field(&envelope.key, key_slot, "key").and_then(|raw| text_of(raw, "key", true))?;
+            let version = field(&envelope.version, version_slot, "version").and_then(version_of)?;
+            let occurred_at = field(&envelope.occurred_at, time_slot, "occurred_at").and_then(time_of)?;
             match &self.dedupe {
                 Dedupe::Version(_) if key.is_none() => Err(missing("key", &envelope.key)),
                 Dedupe::Version(_) if version.is_none() => Err(missing("version", &envelope.version)),
@@ -118,7 +137,7 @@ impl Projection {
         })();
         match fields {
             Ok((event_id, key, version, occurred_at)) => {
-                Decoded::Handled { event: Event { event_type, event_id, key, version, occurred_at, value }, handler }
+                Decoded::Handled { event: Event { event_type, event_id, key, version, occurred_at, spans }, handler }
             }
             Err(error) => poison(Some(event_type), error),
         }
@@ -134,12 +153,12 @@ impl Projection {
             Decoded::Handled { event, .. } => event.key.clone(),
             Decoded::Tombstone | Decoded::Ignored { .. } => None,
             Decoded::Poison { .. } => {
-                let value = record
-                    .value
-                    .as_deref()
-                    .and_then(|bytes| serde_json::from_slice::<Value>(bytes).ok())
-                    .unwrap_or(Value::Null);
-                read(&self.envelope.key, "key", record, &value).and_then(|raw| text_of(raw, "key", true)).ok().flatten()
+                let text = record.value.as_deref().and_then(|bytes| std::str::from_utf8(bytes).ok()).unwrap_or("null");
+                let spans = self.fields.find(text).unwrap_or_else(|_| vec![None; self.fields.len()]);
+                read(&self.envelope.key, self.envelope_slots[2], "key", record, text, &spans)
+                    .and_then(|raw| text_of(raw, "key", true))
+                    .ok()
+                    .flatten()
             }
         };
         from_envelope.or_else(|| record.key.as_deref().map(|key| String::from_utf8_lossy(key).into_owned()))
@@ -148,7 +167,7 @@ impl Projection {
 
 /// A field's raw value with where it came from.
 enum Raw<'v> {
-    Json(&'v Value),
+    Json(Json<'v>),
     Text(String),
     Millis(i64),
 }
@@ -162,20 +181,28 @@ fn missing(field: &'static str, source: &Source) -> DecodeError {
     DecodeError::Missing { field, from: source.to_string() }
 }
 
-/// The raw value of `source`, `None` when absent (a JSON null counts as absent).
+/// The raw value of `source`, `None` when absent (a JSON null counts as absent). `slot` is the
+/// source's slot in `spans` when it is a JSON path.
 fn read<'v>(
     source: &'v Source,
+    slot: Option<usize>,
     field: &'static str,
     record: &'v Record,
-    value: &'v Value,
+    text: &'v str,
+    spans: &[Option<Span>],
 ) -> Result<Option<Read<'v>>, DecodeError> {
     let utf8 = |bytes: &[u8]| {
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::FieldNotUtf8 { field, from: source.to_string() })
     };
     let raw = match source {
-        Source::Path(path) => {
-            path.iter().try_fold(value, |at, segment| step(at, segment)).filter(|v| !v.is_null()).map(Raw::Json)
-        }
+        Source::Path(_) => match slot.and_then(|slot| spans.get(slot).copied().flatten()) {
+            Some((start, end)) => match Json::parse(&text[start as usize..end as usize]) {
+                Ok(Json::Null) => None,
+                Ok(json) => Some(Raw::Json(json)),
+                Err(error) => return Err(DecodeError::NotJson(error.to_string())),
+            },
+            None => None,
+        },
         Source::Header(name) => match record.headers.iter().rev().find(|(header, _)| header == name) {
             Some((_, Some(bytes))) => Some(Raw::Text(utf8(bytes)?)),
             _ => None,
@@ -186,18 +213,23 @@ fn read<'v>(
     Ok(raw.map(|raw| Read { raw, source }))
 }
 
-/// One step of a JSON path: an object key, or an array index.
-pub(crate) fn step<'v>(at: &'v Value, segment: &str) -> Option<&'v Value> {
-    match at {
-        Value::Object(map) => map.get(segment),
-        Value::Array(items) => items.get(segment.parse::<usize>().ok()?),
-        _ => None,
+/// A JSON value shown in an error: its JSON text, shortened.
+pub(crate) fn shown(value: &Value) -> String {
+    shorten(value.to_string())
+}
+
+/// A value read from a record, shown in an error as [`shown`] shows it.
+pub(crate) fn shown_json(json: &Json<'_>) -> String {
+    match json.to_value() {
+        Ok(value) => shown(&value),
+        Err(_) => shorten(match json {
+            Json::Number(raw) | Json::Composite(raw) => raw.to_string(),
+            other => format!("{other:?}"),
+        }),
     }
 }
 
-/// A JSON value shown in an error: its JSON text, shortened.
-pub(crate) fn shown(value: &Value) -> String {
-    let text = value.to_string();
+fn shorten(text: String) -> String {
     match text.char_indices().nth(60) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text,
@@ -210,20 +242,25 @@ fn text_of(read: Option<Read<'_>>, field: &'static str, integers: bool) -> Resul
     };
     match raw {
         Raw::Text(text) => Ok(Some(text)),
-        Raw::Json(Value::String(text)) => Ok(Some(text.clone())),
-        Raw::Json(Value::Number(n)) if integers && (n.is_i64() || n.is_u64()) => Ok(Some(n.to_string())),
+        Raw::Json(Json::String(text)) => Ok(Some(text.into_owned())),
+        Raw::Json(Json::Number(n)) if integers && is_integer(n) => Ok(Some(n.to_string())),
         Raw::Millis(ms) if integers => Ok(Some(ms.to_string())),
         other => Err(DecodeError::WrongType {
             field,
             from: source.to_string(),
             expected: if integers { "a string or integer" } else { "a string" },
             got: match other {
-                Raw::Json(value) => shown(value),
+                Raw::Json(json) => shown_json(&json),
                 Raw::Text(text) => text,
                 Raw::Millis(ms) => ms.to_string(),
             },
         }),
     }
+}
+
+/// A JSON number that is an integer a 64-bit type holds.
+fn is_integer(number: &str) -> bool {
+    number.parse::<i64>().is_ok() || number.parse::<u64>().is_ok()
 }
 
 fn version_of(read: Option<Read<'_>>) -> Result<Option<i64>, DecodeError> {
@@ -234,9 +271,9 @@ fn version_of(read: Option<Read<'_>>) -> Result<Option<i64>, DecodeError> {
         (!text.is_empty() && text.bytes().all(|c| c.is_ascii_digit())).then(|| text.parse::<i64>().ok()).flatten()
     };
     let (version, got) = match raw {
-        Raw::Json(Value::Number(n)) => (n.as_i64().filter(|v| *v >= 0), n.to_string()),
-        Raw::Json(Value::String(text)) => (digits(text), shown(&Value::String(text.clone()))),
-        Raw::Json(other) => (None, shown(other)),
+        Raw::Json(Json::Number(n)) => (n.parse::<i64>().ok().filter(|v| *v >= 0), n.to_string()),
+        Raw::Json(Json::String(text)) => (digits(&text), shown(&Value::String(text.into_owned()))),
+        Raw::Json(other) => (None, shown_json(&other)),
         Raw::Text(text) => (digits(&text), format!("{text:?}")),
         Raw::Millis(ms) => (Some(ms).filter(|v| *v >= 0), ms.to_string()),
     };
@@ -247,10 +284,12 @@ fn version_of(read: Option<Read<'_>>) -> Result<Option<i64>, DecodeError> {
 }
 
 /// An RFC 3339 string, or integer milliseconds since the epoch.
-pub(crate) fn parse_time(value: &Value) -> Option<DateTime<Utc>> {
-    match value {
-        Value::String(text) => DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc)),
-        Value::Number(n) => DateTime::from_timestamp_millis(n.as_i64()?),
+pub(crate) fn parse_time(json: &Json<'_>) -> Option<DateTime<Utc>> {
+    match json {
+        Json::String(text) => DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc)),
+        Json::Number(n) => DateTime::from_timestamp_millis(n.parse::<i64>().ok()?),
+        Json::Int(n) => DateTime::from_timestamp_millis(*n),
+        Json::Time(time) => Some(*time),
         _ => None,
     }
 }
@@ -260,7 +299,7 @@ fn time_of(read: Option<Read<'_>>) -> Result<Option<DateTime<Utc>>, DecodeError>
         return Ok(None);
     };
     let (time, got) = match raw {
-        Raw::Json(value) => (parse_time(value), shown(value)),
+        Raw::Json(json) => (parse_time(&json), shown_json(&json)),
         Raw::Text(text) => {
             let time = match text.parse::<i64>() {
                 Ok(ms) => DateTime::from_timestamp_millis(ms),

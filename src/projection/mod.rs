@@ -14,6 +14,7 @@
 pub mod compile;
 pub mod definition;
 pub mod event;
+pub mod fields;
 pub mod params;
 pub mod set_based;
 pub mod value;
@@ -40,6 +41,11 @@ pub struct Projection {
     pub hash: String,
     /// Checks a shadow rebuild must pass before the swap (`[rebuild]`); not part of the hash.
     pub rebuild: RebuildChecks,
+    /// Every JSON path the envelope and the statements read: what decoding looks for.
+    pub fields: fields::Fields,
+    /// The slots of the envelope's fields read from the JSON value: type, id, key, version,
+    /// occurred_at.
+    pub envelope_slots: [Option<usize>; 5],
 }
 
 /// `[rebuild]` of a definition.
@@ -121,8 +127,10 @@ pub struct Statement {
 pub enum StatementKind {
     /// An insert that only the entity's first event can make (`ON CONFLICT … DO NOTHING`).
     Create,
-    /// An update guarded by the entity's version (`WHERE version = :version - 1` or `< :version`).
+    /// An update guarded by the entity's version: `WHERE version = :version - 1`.
     Update,
+    /// An update guarded by `WHERE version < :version`: it applies after a gap too.
+    UpdateIfNewer,
     /// Anything else: allowed after a guard, or in an event-id-deduped projection.
     Other,
 }
@@ -165,7 +173,51 @@ pub enum ParamSource {
     /// `:value`: the whole JSON value.
     WholeValue,
     /// Any other name: a path into the JSON value, split on dots (`data.items.0.sku`).
-    Path(Vec<String>),
+    Path(JsonPath),
+}
+
+/// A parameter's path into the JSON value, with the slot where its projection's decoding puts the
+/// field ([`fields::Fields`]). Compared and shown as its segments only: the slot is an index the
+/// compiler assigns, not part of what a definition says.
+#[derive(Clone)]
+pub struct JsonPath {
+    pub segments: Vec<String>,
+    /// `usize::MAX` until the projection is compiled.
+    pub slot: usize,
+}
+
+impl JsonPath {
+    pub fn new(segments: Vec<String>) -> JsonPath {
+        JsonPath { segments, slot: usize::MAX }
+    }
+}
+
+impl std::ops::Deref for JsonPath {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        &self.segments
+    }
+}
+
+impl PartialEq for JsonPath {
+    fn eq(&self, other: &JsonPath) -> bool {
+        self.segments == other.segments
+    }
+}
+
+impl Eq for JsonPath {}
+
+impl PartialEq<Vec<String>> for JsonPath {
+    fn eq(&self, other: &Vec<String>) -> bool {
+        &self.segments == other
+    }
+}
+
+impl std::fmt::Debug for JsonPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.segments.fmt(f)
+    }
 }
 
 /// Where each envelope field is read from.

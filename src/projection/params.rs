@@ -114,7 +114,7 @@ pub fn source_of(name: &str) -> ParamSource {
         "value" => ParamSource::WholeValue,
         _ => match name.strip_prefix("header.") {
             Some(header) => ParamSource::Header(header.to_string()),
-            None => ParamSource::Path(name.split('.').map(str::to_string).collect()),
+            None => ParamSource::Path(super::JsonPath::new(name.split('.').map(str::to_string).collect())),
         },
     }
 }
@@ -262,7 +262,12 @@ mod tests {
         assert!(c.params[0].optional);
         assert_eq!(
             c.params[0].source,
-            ParamSource::Path(vec!["data".into(), "items".into(), "0".into(), "sku".into()])
+            ParamSource::Path(crate::projection::JsonPath::new(vec![
+                "data".into(),
+                "items".into(),
+                "0".into(),
+                "sku".into()
+            ]))
         );
         assert_eq!(c.params[1].source, ParamSource::Header("trace_id".into()));
         assert_eq!(c.params[2].source, ParamSource::WholeValue);

@@ -26,6 +26,10 @@ pub struct SetBased {
     before: String,
     after: String,
     width: usize,
+    /// How the statement's `RETURNING` names the target table's columns: `None` for an insert
+    /// (its `RETURNING` sees only the target), the table's alias or name for an update (whose
+    /// `RETURNING` also sees `projector_rows`).
+    qualifier: Option<String>,
 }
 
 /// The alias of the rows the set-based statement reads.
@@ -60,6 +64,7 @@ impl SetBased {
         }
         let columns: Vec<String> = (1..=width).map(|j| format!("p{j}")).collect();
         let rows = format!("unnest({ARGUMENTS}) AS {ROWS}({})", columns.join(", "));
+        let mut qualifier = None;
         let text = match &mut statement {
             ast::Statement::Insert(insert) => {
                 let do_nothing = matches!(
@@ -99,6 +104,11 @@ impl SetBased {
                 let ast::Statement::Update { table, assignments, selection: Some(selection), .. } = &statement else {
                     return None;
                 };
+                qualifier = match &table.relation {
+                    ast::TableFactor::Table { alias: Some(alias), .. } => Some(alias.name.to_string()),
+                    ast::TableFactor::Table { name, .. } => Some(name.0.last()?.to_string()),
+                    _ => return None,
+                };
                 let assignments = assignments.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
                 format!("UPDATE {table} SET {assignments} FROM {rows} WHERE {selection}")
             }
@@ -111,7 +121,15 @@ impl SetBased {
         if after.contains(ARGUMENTS) {
             return None;
         }
-        Some(SetBased { before: before.to_string(), after: after.to_string(), width })
+        Some(SetBased { before: before.to_string(), after: after.to_string(), width, qualifier })
+    }
+
+    /// [`SetBased::sql`] returning, as text, `column` of every row it inserted or updated.
+    pub fn sql_returning(&self, types: &[String], column: &str) -> String {
+        match &self.qualifier {
+            Some(qualifier) => format!("{} RETURNING {qualifier}.{column}::text", self.sql(types)),
+            None => format!("{} RETURNING {column}::text", self.sql(types)),
+        }
     }
 
     /// The statement applying any number of events at once: it binds one array per parameter.
@@ -157,6 +175,19 @@ mod tests {
              FROM unnest($1::numeric[], $2::int8[], $3::text[]) AS projector_rows(p1, p2, p3) \
              WHERE id = projector_rows.p3 AND version = projector_rows.p2 - 1"
         );
+    }
+
+    #[test]
+    fn returning_names_the_target_table() {
+        let types = ["int8".to_string(), "text".to_string()];
+        let update =
+            SetBased::from_sql("UPDATE s.accounts AS a SET version = $1 WHERE id = $2 AND version = $1 - 1", 2);
+        assert!(update.unwrap().sql_returning(&types, "id").ends_with(" RETURNING a.id::text"));
+        let update = SetBased::from_sql("UPDATE s.accounts SET version = $1 WHERE id = $2 AND version = $1 - 1", 2);
+        assert!(update.unwrap().sql_returning(&types, "id").ends_with(" RETURNING accounts.id::text"));
+        let insert =
+            SetBased::from_sql("INSERT INTO s.accounts (version, id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2);
+        assert!(insert.unwrap().sql_returning(&types, "id").ends_with(" DO NOTHING RETURNING id::text"));
     }
 
     #[test]

@@ -5,12 +5,15 @@
 
 use std::str::FromStr;
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use postgres_types::{ToSql, Type};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use super::event::{parse_time, shown, step, Event, Record};
+use super::event::{parse_time, shown_json, Event, Record};
+use super::fields::{Fields, Json};
 use super::{ParamRef, ParamSource, Statement};
 
 /// A value ready to bind.
@@ -33,30 +36,62 @@ pub enum BindError {
 /// The JSON value of `param` for this event; `None` when missing. A header that is not valid
 /// UTF-8 is `None` here (and a [`BindError::HeaderNotUtf8`] in [`bind`]).
 pub fn resolve(param: &ParamRef, event: &Event, record: &Record) -> Option<Value> {
-    lookup(param, event, record).ok().flatten()
+    lookup(param, event, record).ok().flatten().and_then(|json| json.to_value().ok())
 }
 
-fn lookup(param: &ParamRef, event: &Event, record: &Record) -> Result<Option<Value>, BindError> {
+fn lookup<'a>(param: &'a ParamRef, event: &'a Event, record: &'a Record) -> Result<Option<Json<'a>>, BindError> {
+    let text = |text: &'a str| Json::String(Cow::Borrowed(text));
     Ok(match &param.source {
-        ParamSource::EventId => event.event_id.clone().map(Value::String),
-        ParamSource::EventType => Some(Value::String(event.event_type.clone())),
-        ParamSource::Key => event.key.clone().map(Value::String),
-        ParamSource::Version => event.version.map(Value::from),
-        ParamSource::OccurredAt => {
-            event.occurred_at.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
-        }
-        ParamSource::Topic => Some(Value::String(record.topic.clone())),
-        ParamSource::Partition => Some(Value::from(record.partition)),
-        ParamSource::Offset => Some(Value::from(record.offset)),
+        ParamSource::EventId => event.event_id.as_deref().map(text),
+        ParamSource::EventType => Some(text(&event.event_type)),
+        ParamSource::Key => event.key.as_deref().map(text),
+        ParamSource::Version => event.version.map(Json::Int),
+        ParamSource::OccurredAt => event.occurred_at.map(Json::Time),
+        ParamSource::Topic => Some(text(&record.topic)),
+        ParamSource::Partition => Some(Json::Int(record.partition.into())),
+        ParamSource::Offset => Some(Json::Int(record.offset)),
         ParamSource::Header(header) => match record.headers.iter().rev().find(|(name, _)| name == header) {
-            Some((_, Some(bytes))) => Some(Value::String(
-                String::from_utf8(bytes.clone())
+            Some((_, Some(bytes))) => Some(text(
+                std::str::from_utf8(bytes)
                     .map_err(|_| BindError::HeaderNotUtf8 { name: param.name.clone(), header: header.clone() })?,
             )),
             _ => None,
         },
-        ParamSource::WholeValue => Some(event.value.clone()),
-        ParamSource::Path(path) => path.iter().try_fold(&event.value, |at, segment| step(at, segment)).cloned(),
+        ParamSource::WholeValue => Some(json_at(param, value_text(record), None)?),
+        ParamSource::Path(path) => {
+            let whole = value_text(record);
+            let span = match event.spans.get(path.slot) {
+                Some(span) => *span,
+                // A parameter its projection did not compile (tests): find it alone.
+                None => {
+                    let mut fields = Fields::default();
+                    fields.add(path);
+                    fields.find(whole).ok().and_then(|spans| spans[0])
+                }
+            };
+            match span {
+                Some((start, end)) => Some(json_at(param, whole, Some((start as usize, end as usize)))?),
+                None => None,
+            }
+        }
+    })
+}
+
+/// The record's value as text (decoding checked that it is UTF-8 JSON).
+fn value_text(record: &Record) -> &str {
+    record.value.as_deref().and_then(|bytes| std::str::from_utf8(bytes).ok()).unwrap_or("null")
+}
+
+fn json_at<'a>(param: &ParamRef, whole: &'a str, span: Option<(usize, usize)>) -> Result<Json<'a>, BindError> {
+    let raw = match span {
+        Some((start, end)) => whole.get(start..end).unwrap_or("null"),
+        None => whole,
+    };
+    Json::parse(raw).map_err(|error| BindError::DoesNotFit {
+        name: param.name.clone(),
+        value: raw.chars().take(60).collect(),
+        ty: "text".into(),
+        reason: error.to_string(),
     })
 }
 
@@ -65,7 +100,7 @@ fn lookup(param: &ParamRef, event: &Event, record: &Record) -> Result<Option<Val
 pub fn bind(param: &ParamRef, event: &Event, record: &Record, ty: &Type) -> Result<SqlValue, BindError> {
     match lookup(param, event, record)? {
         None if !param.optional => Err(BindError::Missing { name: param.name.clone() }),
-        None | Some(Value::Null) => null_of(ty).ok_or_else(|| unsupported(param, ty)),
+        None | Some(Json::Null) => null_of(ty).ok_or_else(|| unsupported(param, ty)),
         Some(value) => convert(param, &value, ty),
     }
 }
@@ -110,21 +145,22 @@ fn null_of(ty: &Type) -> Option<SqlValue> {
     })
 }
 
-fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindError> {
+fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, BindError> {
     let misfit = |reason: &str| BindError::DoesNotFit {
         name: param.name.clone(),
-        value: shown(value),
+        value: shown_json(value),
         ty: ty.name().to_string(),
         reason: reason.to_string(),
     };
     // Integers: JSON integers and digit strings; the exact text, so range checks are exact.
-    let integer_text = || match value {
-        Value::Number(n) => Ok(n.to_string()),
-        Value::String(text) => Ok(text.clone()),
-        _ => Err(misfit("not an integer")),
-    };
-    let integer = |text: String| {
-        let digits = text.strip_prefix(['-', '+']).unwrap_or(&text);
+    let integer = || {
+        let text = match value {
+            Json::Int(n) => return Ok(*n),
+            Json::Number(n) => n,
+            Json::String(text) => &**text,
+            _ => return Err(misfit("not an integer")),
+        };
+        let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
         if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
             return Err(misfit("not an integer"));
         }
@@ -138,43 +174,45 @@ fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindE
         }
     };
     let float = || match value {
-        Value::Number(n) => n.as_f64().ok_or_else(|| misfit("not a number")),
-        Value::String(text) => text.trim().parse::<f64>().map_err(|_| misfit("not a number")),
+        Json::Number(n) => n.parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| misfit("not a number")),
+        Json::Int(n) => Ok(*n as f64),
+        Json::String(text) => text.trim().parse::<f64>().map_err(|_| misfit("not a number")),
         _ => Err(misfit("not a number")),
     };
     let string = || match value {
-        Value::String(text) => Ok(text.as_str()),
+        Json::String(text) => Ok(text.to_string()),
+        Json::Time(time) => Ok(time.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
         _ => Err(misfit("not a string")),
     };
+    let json = || value.to_value().map_err(|error| misfit(&error.to_string()));
     Ok(match *ty {
         Type::BOOL => Box::new(match value {
-            Value::Bool(b) => *b,
-            Value::String(text) if text == "true" => true,
-            Value::String(text) if text == "false" => false,
+            Json::Bool(b) => *b,
+            Json::String(text) if text == "true" => true,
+            Json::String(text) if text == "false" => false,
             _ => return Err(misfit("not a boolean")),
         }),
-        Type::INT2 => Box::new(in_range(integer(integer_text()?)?, i16::MIN.into(), i16::MAX.into())? as i16),
-        Type::INT4 => Box::new(in_range(integer(integer_text()?)?, i32::MIN.into(), i32::MAX.into())? as i32),
-        Type::INT8 => Box::new(integer(integer_text()?)?),
+        Type::INT2 => Box::new(in_range(integer()?, i16::MIN.into(), i16::MAX.into())? as i16),
+        Type::INT4 => Box::new(in_range(integer()?, i32::MIN.into(), i32::MAX.into())? as i32),
+        Type::INT8 => Box::new(integer()?),
         Type::FLOAT4 => Box::new(float()? as f32),
         Type::FLOAT8 => Box::new(float()?),
         Type::NUMERIC => {
-            let text = match value {
-                Value::Number(n) => n.to_string(),
-                Value::String(text) => text.trim().to_string(),
+            let decimal = match value {
+                Json::Int(n) => Ok(Decimal::from(*n)),
+                Json::Number(text) | Json::String(Cow::Borrowed(text)) => decimal(text.trim()),
+                Json::String(Cow::Owned(text)) => decimal(text.trim()),
                 _ => return Err(misfit("not a number")),
             };
-            let decimal =
-                if text.contains(['e', 'E']) { Decimal::from_scientific(&text) } else { Decimal::from_str(&text) };
             Box::new(decimal.map_err(|e| misfit(&e.to_string().to_lowercase()))?)
         }
-        Type::UUID => Box::new(uuid::Uuid::parse_str(string()?).map_err(|_| misfit("invalid uuid"))?),
+        Type::UUID => Box::new(uuid::Uuid::parse_str(&string()?).map_err(|_| misfit("invalid uuid"))?),
         Type::TIMESTAMPTZ => {
             Box::new(parse_time(value).ok_or_else(|| misfit("not an RFC 3339 time or epoch milliseconds"))?)
         }
         Type::TIMESTAMP => {
             let naive = match value {
-                Value::String(text) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                Json::String(text) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
                     .iter()
                     .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok()),
                 _ => None,
@@ -185,16 +223,29 @@ fn convert(param: &ParamRef, value: &Value, ty: &Type) -> Result<SqlValue, BindE
         Type::DATE => {
             let text = string()?;
             let date =
-                NaiveDate::parse_from_str(text, "%Y-%m-%d").ok().or_else(|| parse_time(value).map(|t| t.date_naive()));
+                NaiveDate::parse_from_str(&text, "%Y-%m-%d").ok().or_else(|| parse_time(value).map(|t| t.date_naive()));
             Box::new(date.ok_or_else(|| misfit("not a date like `2024-05-01`"))?)
         }
-        Type::JSON | Type::JSONB => Box::new(value.clone()),
+        Type::JSON | Type::JSONB => Box::new(json()?),
         _ if is_text(ty) => Box::new(match value {
-            Value::String(text) => text.clone(),
-            other => other.to_string(),
+            Json::String(text) => text.to_string(),
+            Json::Number(n) => n.to_string(),
+            Json::Int(n) => n.to_string(),
+            Json::Bool(b) => b.to_string(),
+            Json::Time(_) => string()?,
+            other => other.to_value().map_err(|error| misfit(&error.to_string()))?.to_string(),
         }),
         _ => return Err(unsupported(param, ty)),
     })
+}
+
+/// A decimal from its text, plain or scientific.
+fn decimal(text: &str) -> Result<Decimal, rust_decimal::Error> {
+    if text.contains(['e', 'E']) {
+        Decimal::from_scientific(text)
+    } else {
+        Decimal::from_str(text)
+    }
 }
 
 #[cfg(test)]
@@ -222,14 +273,14 @@ mod tests {
             key: Some("o-1".into()),
             version: Some(3),
             occurred_at: DateTime::from_timestamp_millis(1_700_000_000_000),
-            value,
+            spans: Vec::new(),
         };
         let record = Record {
             topic: "t".into(),
             partition: 2,
             offset: 9,
             key: None,
-            value: None,
+            value: Some(value.to_string().into_bytes()),
             headers: vec![("trace".into(), Some(b"abc".to_vec())), ("bad".into(), Some(vec![0xff]))],
             timestamp_ms: None,
         };
@@ -264,7 +315,7 @@ mod tests {
         assert_eq!(get("header.bad"), None);
         assert_eq!(get("data.items.0.sku"), Some(Value::from("A")));
         assert_eq!(get("data.items.1.sku"), None);
-        assert_eq!(get("value"), Some(event.value.clone()));
+        assert_eq!(get("value"), Some(serde_json::json!({"data": {"items": [{"sku": "A"}]}})));
     }
 
     #[test]

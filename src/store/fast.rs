@@ -22,7 +22,7 @@ use super::apply::{ApplyError, BatchReport, Outcome};
 use super::describe;
 use crate::projection::set_based::SetBased;
 use crate::projection::value::{bind_all, SqlValue};
-use crate::projection::{Decoded, Dedupe, Projection, Record, StatementKind, VersionedTable};
+use crate::projection::{Decoded, Dedupe, Event, Handler, Projection, Record, StatementKind, VersionedTable};
 
 /// What the fast path did.
 pub enum Fast {
@@ -37,6 +37,8 @@ fn failed(error: &tokio_postgres::Error) -> ApplyError {
 
 /// One event the fast path will apply: its statements, bound, as compiled and as prepared.
 struct Planned<'p> {
+    /// Its place among the batch's handled events.
+    index: usize,
     /// The entity key (versioned projections).
     key: Option<String>,
     sources: &'p [crate::projection::Statement],
@@ -52,6 +54,8 @@ pub async fn try_apply(
     // Bind everything first: an event that does not bind declines (the careful path parks it).
     let mut report = BatchReport::default();
     let mut events = Vec::with_capacity(records.len());
+    // Each statement prepared once per batch (the connection's cache is keyed by the text).
+    let mut prepared_for: Vec<(&crate::projection::Statement, tokio_postgres::Statement)> = Vec::new();
     for (record, decoded) in records.iter().zip(decoded) {
         match decoded {
             Decoded::Tombstone | Decoded::Ignored { .. } => report.count("other", Outcome::Ignored),
@@ -59,14 +63,22 @@ pub async fn try_apply(
             Decoded::Handled { event, handler } => {
                 let mut statements = Vec::with_capacity(handler.statements.len());
                 for statement in &handler.statements {
-                    let prepared = tx.prepare_cached(&statement.sql).await.map_err(|error| failed(&error))?;
+                    let prepared = match prepared_for.iter().find(|(known, _)| std::ptr::eq(*known, statement)) {
+                        Some((_, prepared)) => prepared.clone(),
+                        None => {
+                            let prepared = tx.prepare_cached(&statement.sql).await.map_err(|error| failed(&error))?;
+                            prepared_for.push((statement, prepared.clone()));
+                            prepared
+                        }
+                    };
                     let Ok(values) = bind_all(statement, prepared.params(), event, record) else {
                         return Ok(declined(projection, "an event's values do not bind"));
                     };
                     statements.push((prepared, values));
                 }
-                let planned = Planned { key: event.key.clone(), sources: &handler.statements, statements };
-                events.push((event, handler, planned));
+                let planned =
+                    Planned { index: events.len(), key: event.key.clone(), sources: &handler.statements, statements };
+                events.push((event, *handler, planned));
             }
         }
     }
@@ -88,6 +100,14 @@ pub async fn try_apply(
             tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
                 .await
                 .map_err(|error| failed(&error))?;
+            if let Some(waves) = guarded_waves(projection, &events) {
+                let outcomes = apply_guarded(tx, table, &events, &waves).await?;
+                for ((event, _, _), outcome) in events.iter().zip(outcomes) {
+                    report.count(&event.event_type, outcome);
+                }
+                report.fast = true;
+                return Ok(Fast::Done(report));
+            }
             let mut current = current_versions(tx, table, &keys).await?;
             for (event, handler, planned) in events {
                 let key = event.key.as_deref().expect("checked above");
@@ -96,7 +116,9 @@ pub async fn try_apply(
                 let outcome = match (handler.statements[0].kind, row) {
                     (_, Some(at)) if at >= version => Outcome::Duplicate,
                     (StatementKind::Create, None) => Outcome::Applied,
-                    (StatementKind::Update, Some(at)) if at == version - 1 => Outcome::Applied,
+                    (StatementKind::Update | StatementKind::UpdateIfNewer, Some(at)) if at == version - 1 => {
+                        Outcome::Applied
+                    }
                     // A gap, or anything unusual: the careful path handles it, with the planner's
                     // settings as the user left them.
                     _ => {
@@ -160,7 +182,7 @@ pub async fn try_apply(
         }
     }
 
-    if let Some(waves) = set_based_waves(projection, &applied) {
+    if let Some(waves) = set_based_waves(projection, applied.iter().collect()) {
         apply_set_based(tx, &waves).await?;
         report.fast = true;
         return Ok(Fast::Done(report));
@@ -203,7 +225,7 @@ struct Group<'a, 'p> {
 /// with a set-based form, in waves: wave `w` holds the `w`-th applied event of each key, grouped
 /// by statement. Applying the waves in order keeps every key's order; within a wave no two
 /// events share a key, so each group can be one statement. `None`: apply event by event.
-fn set_based_waves<'a, 'p>(projection: &Projection, applied: &'a [Planned<'p>]) -> Option<Vec<Vec<Group<'a, 'p>>>> {
+fn set_based_waves<'a, 'p>(projection: &Projection, applied: Vec<&'a Planned<'p>>) -> Option<Vec<Vec<Group<'a, 'p>>>> {
     if !SET_BASED.load(std::sync::atomic::Ordering::Relaxed)
         || !matches!(projection.dedupe, Dedupe::Version(_))
         || applied.len() < 2
@@ -212,11 +234,19 @@ fn set_based_waves<'a, 'p>(projection: &Projection, applied: &'a [Planned<'p>]) 
     }
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(applied.len());
+    let mut forms: Vec<(&crate::projection::Statement, Arc<SetBased>)> = Vec::new();
     for planned in applied {
         let [source] = planned.sources else {
             return None;
         };
-        let set = set_based(source)?;
+        let set = match forms.iter().find(|(known, _)| std::ptr::eq(*known, source)) {
+            Some((_, set)) => set.clone(),
+            None => {
+                let set = set_based(source)?;
+                forms.push((source, set.clone()));
+                set
+            }
+        };
         let wave = seen.entry(planned.key.as_deref()?).or_insert(0);
         if *wave == waves.len() {
             waves.push(Vec::new());
@@ -229,6 +259,126 @@ fn set_based_waves<'a, 'p>(projection: &Projection, applied: &'a [Planned<'p>]) 
         }
     }
     Some(waves)
+}
+
+/// A batch's events to apply in guarded waves, without reading the rows first: when every
+/// handler is one exactly guarded statement (`Create`, or `Update` on `version = :version - 1`)
+/// with a set-based form. Each guard then decides alone whether its event applies, exactly as
+/// the prediction would; `apply_guarded` explains the events it refused.
+fn guarded_waves<'a, 'p>(
+    projection: &Projection,
+    events: &'a [(&Event, &Handler, Planned<'p>)],
+) -> Option<Vec<Vec<Group<'a, 'p>>>> {
+    let exact = events.iter().all(|(_, handler, _)| {
+        matches!(handler.statements.as_slice(), [only] if matches!(only.kind, StatementKind::Create | StatementKind::Update))
+    });
+    if !exact {
+        return None;
+    }
+    let planned: Vec<&'a Planned<'p>> = events.iter().map(|(_, _, planned)| planned).collect();
+    set_based_waves(projection, planned)
+}
+
+/// Runs the waves, each group returning the keys it changed, then explains every event whose
+/// guard changed no row: a duplicate when its row was already at or past its version (read once,
+/// for those keys only). Anything else (a gap, a create finding its row) is not what the fast
+/// path handles: [`ApplyError::Mispredicted`], and the batch is rolled back and retried event
+/// by event. Returns each event's outcome, in batch order.
+async fn apply_guarded(
+    tx: &Transaction<'_>,
+    table: &VersionedTable,
+    events: &[(&Event, &Handler, Planned<'_>)],
+    waves: &[Vec<Group<'_, '_>>],
+) -> Result<Vec<Outcome>, ApplyError> {
+    let mut statements: Vec<(tokio_postgres::Statement, Vec<Column<'_>>, &Group)> = Vec::new();
+    for group in waves.iter().flatten() {
+        let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
+        let sql = group.set.sql_returning(&types, &table.key_column);
+        let prepared = tx.prepare_cached(&sql).await.map_err(|error| failed(&error))?;
+        statements.push((prepared, columns(group, types.len()), group));
+    }
+    let mut pipeline = FuturesOrdered::new();
+    for (statement, columns, group) in &statements {
+        let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|column| column as &(dyn ToSql + Sync)).collect();
+        pipeline.push_back(async move { tx.query(statement, &params).await.map(|rows| (rows, *group)) });
+    }
+    let results: Vec<(Vec<tokio_postgres::Row>, &Group)> =
+        pipeline.try_collect().await.map_err(|error| fast_error(&error))?;
+    let mut applied = vec![false; events.len()];
+    for (rows, group) in &results {
+        let changed: HashSet<&str> = rows.iter().map(|row| row.get::<_, &str>(0)).collect();
+        for planned in &group.events {
+            applied[planned.index] = planned.key.as_deref().is_some_and(|key| changed.contains(key));
+        }
+    }
+
+    let mut outcomes = vec![Outcome::Applied; events.len()];
+    // The events of each key with a refused event, in batch order.
+    let mut refused: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (index, (event, _, _)) in events.iter().enumerate() {
+        if let Some(key) = event.key.as_deref() {
+            if !applied[index] || refused.contains_key(key) {
+                refused.entry(key).or_default().push(index);
+            }
+        }
+    }
+    if refused.is_empty() {
+        return Ok(outcomes);
+    }
+    // A key's events before its first refused one all applied: add them.
+    for (index, (event, _, _)) in events.iter().enumerate() {
+        if let Some(indexes) = event.key.as_deref().and_then(|key| refused.get_mut(key)) {
+            if index < indexes[0] {
+                indexes.push(index);
+            }
+        }
+    }
+    let keys: Vec<&str> = refused.keys().copied().collect();
+    let now = current_versions(tx, table, &keys).await?;
+    for (key, mut indexes) in refused {
+        indexes.sort_unstable();
+        let version = |index: usize| events[index].0.version.expect("guarded events have versions");
+        let kind = |index: usize| events[index].1.statements[0].kind;
+        // The row before the batch: just before the key's first applied event (exact guards), or
+        // as it is now when none applied.
+        let mut at = match indexes.iter().find(|&&index| applied[index]) {
+            Some(&first) if kind(first) == StatementKind::Create => None,
+            Some(&first) => Some(version(first) - 1),
+            None => now.get(key).copied().flatten(),
+        };
+        for index in indexes {
+            let v = version(index);
+            if applied[index] {
+                let follows = match kind(index) {
+                    StatementKind::Create => at.is_none(),
+                    _ => at == Some(v - 1),
+                };
+                if !follows {
+                    return Err(ApplyError::Mispredicted(format!("key `{key}`: version {v} applied after {at:?}")));
+                }
+                at = Some(v);
+            } else if at.is_some_and(|at| at >= v) {
+                outcomes[index] = Outcome::Duplicate;
+            } else {
+                return Err(ApplyError::Mispredicted(format!(
+                    "key `{key}`: version {v} does not follow the row's version {at:?}"
+                )));
+            }
+        }
+        if at != now.get(key).copied().flatten() {
+            return Err(ApplyError::Mispredicted(format!("key `{key}` is at {:?}, not {at:?}", now.get(key))));
+        }
+    }
+    Ok(outcomes)
+}
+
+/// A group's parameters as one array each.
+fn columns<'a>(group: &Group<'a, '_>, width: usize) -> Vec<Column<'a>> {
+    (0..width)
+        .map(|j| {
+            Column(group.events.iter().map(|planned| &*planned.statements[0].1[j] as &(dyn ToSql + Sync)).collect())
+        })
+        .collect()
 }
 
 /// The set-based form of `statement`, computed once per statement text.
@@ -251,12 +401,7 @@ async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> 
     for group in waves.iter().flatten() {
         let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
         let prepared = tx.prepare_cached(&group.set.sql(&types)).await.map_err(|error| failed(&error))?;
-        let columns = (0..types.len())
-            .map(|j| {
-                Column(group.events.iter().map(|planned| &*planned.statements[0].1[j] as &(dyn ToSql + Sync)).collect())
-            })
-            .collect();
-        statements.push((prepared, columns, group.events.len() as u64));
+        statements.push((prepared, columns(group, types.len()), group.events.len() as u64));
     }
     let mut pipeline = FuturesOrdered::new();
     for (statement, columns, size) in &statements {
