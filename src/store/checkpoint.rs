@@ -50,7 +50,7 @@ pub async fn load_all(
 /// Moves one checkpoint from `from` (`None`: no checkpoint yet) to `to`. Returns false when the
 /// stored value was not `from`: someone else moved it, and the caller must roll back.
 pub async fn compare_and_set(
-    client: &impl GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     projection: &str,
     partition: &TopicPartition,
     from: Option<i64>,
@@ -60,24 +60,24 @@ pub async fn compare_and_set(
     debug_assert!(from.is_none_or(|from| from <= to), "a checkpoint never moves backwards");
     let changed = match from {
         Some(from) => {
-            client
-                .execute(
+            let statement = client
+                .prepare_cached(
                     "UPDATE projector.checkpoints
                         SET next_offset = $5, definition_hash = $6, updated_at = now()
                       WHERE projection = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
-                    &[&projection, &partition.0, &partition.1, &from, &to, &definition_hash],
                 )
-                .await?
+                .await?;
+            client.execute(&statement, &[&projection, &partition.0, &partition.1, &from, &to, &definition_hash]).await?
         }
         None => {
-            client
-                .execute(
+            let statement = client
+                .prepare_cached(
                     "INSERT INTO projector.checkpoints (projection, topic, partition, next_offset, definition_hash)
                      VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT DO NOTHING",
-                    &[&projection, &partition.0, &partition.1, &to, &definition_hash],
                 )
-                .await?
+                .await?;
+            client.execute(&statement, &[&projection, &partition.0, &partition.1, &to, &definition_hash]).await?
         }
     };
     Ok(changed == 1)

@@ -93,13 +93,8 @@ pub async fn try_apply(
                     _ => return Ok(declined(projection, "an event has no key or version")),
                 }
             }
-            // Each row is found by its key: always through the key's index. A plan made while the
-            // table was small (a hash join over a sequential scan) would otherwise be cached and
-            // kept as the table grows (seen: 15-25 ms per statement at 100,000 rows). This holds
-            // for the look-up below and for the set-based statements.
-            tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
-                .await
-                .map_err(|error| failed(&error))?;
+            // Hash and merge joins are off (`apply_batch`): each row is found through the key's
+            // index, in the look-up as in the set-based statements.
             if let Some(waves) = guarded_waves(projection, &events) {
                 let outcomes = apply_guarded(tx, table, &events, &waves).await?;
                 for ((event, _, _), outcome) in events.iter().zip(outcomes) {
@@ -121,12 +116,7 @@ pub async fn try_apply(
                     }
                     // A gap, or anything unusual: the careful path handles it, with the planner's
                     // settings as the user left them.
-                    _ => {
-                        tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin")
-                            .await
-                            .map_err(|error| failed(&error))?;
-                        return Ok(declined(projection, "an event does not follow its row's version"));
-                    }
+                    _ => return Ok(declined(projection, "an event does not follow its row's version")),
                 };
                 if outcome == Outcome::Applied {
                     current.insert(key.to_string(), Some(version));
@@ -476,7 +466,8 @@ async fn current_versions(
     keys: &[&str],
 ) -> Result<HashMap<String, Option<i64>>, ApplyError> {
     let sql = lookup_sql(tx, table).await?;
-    let rows = tx.query(sql.as_str(), &[&keys]).await.map_err(|error| failed(&error))?;
+    let statement = tx.prepare_cached(&sql).await.map_err(|error| failed(&error))?;
+    let rows = tx.query(&statement, &[&keys]).await.map_err(|error| failed(&error))?;
     Ok(rows.into_iter().map(|row| (row.get::<_, String>(0), Some(row.get::<_, i64>(1)))).collect())
 }
 
