@@ -88,6 +88,9 @@ struct Args {
     /// The engine's `batch.set_based` (false: one statement per event, pipelined).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     set_based: bool,
+    /// An extra librdkafka property for the engine's consumer, `name=value` (repeatable).
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
     /// Give up waiting for the engine to clear the backlog after this long.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
@@ -1030,7 +1033,13 @@ fn engine_settings(url: &str, bootstrap: &str, group_prefix: &str, args: &Args) 
     settings.batch.set_based = args.set_based;
     settings.batch.lanes = args.lanes;
     settings.database.pool_size = args.pool_size;
+    settings.kafka.properties.extend(args.kafka_properties.iter().cloned());
     settings
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text.split_once('=').ok_or_else(|| format!("`{text}` is not `name=value`"))?;
+    Ok((name.to_string(), value.to_string()))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1126,6 +1135,9 @@ impl Engine {
                     .env("PROJECTOR_BATCH__SET_BASED", settings.batch.set_based.to_string())
                     .env("PROJECTOR_BATCH__LANES", settings.batch.lanes.to_string())
                     .env("PROJECTOR_DATABASE__POOL_SIZE", settings.database.pool_size.to_string())
+                    .envs(settings.kafka.properties.iter().map(|(name, value)| {
+                        (format!("PROJECTOR_KAFKA__PROPERTIES__{}", name.replace('.', "_").to_uppercase()), value)
+                    }))
                     .env("RUST_LOG", "warn")
                     .current_dir(dir)
                     .stdin(Stdio::null())

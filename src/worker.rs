@@ -2,7 +2,7 @@
 //! moves in one transaction, and answers the consumer's rebalance callbacks. Transient failures
 //! are retried with capped, jittered backoff; nothing is skipped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -272,14 +272,17 @@ impl Worker {
 
     /// Drops records of partitions we do not own, polled before a seek, or already checkpointed.
     fn accepts(&self, record: &Record, epoch: u64) -> bool {
-        let partition = (record.topic.clone(), record.partition);
-        let Some(state) = self.partitions.get(&partition) else {
+        // Once per record: the maps (a few partitions each) are scanned, not hashed with a copy
+        // of the topic.
+        let same = |(topic, partition): &TopicPartition| *partition == record.partition && *topic == record.topic;
+        let Some(state) = self.partitions.iter().find(|(known, _)| same(known)).map(|(_, state)| state) else {
             return false;
         };
-        if self.stop_offsets.get(&partition).is_some_and(|stop| record.offset >= *stop) {
+        if self.stop_offsets.iter().find(|(known, _)| same(known)).is_some_and(|(_, stop)| record.offset >= *stop) {
             return false;
         }
         if let Some(stop) = self.stop_at_time_ms {
+            let partition = (record.topic.clone(), record.partition);
             let mut reached = self.reached.lock().expect("reached offsets");
             if reached.get(&partition).is_some_and(|first| record.offset >= *first) {
                 return false;
@@ -289,7 +292,7 @@ impl Worker {
                 return false;
             }
         }
-        epoch == self.epochs.get(&partition).copied().unwrap_or(0)
+        epoch == self.epochs.iter().find(|(known, _)| same(known)).map_or(0, |(_, epoch)| *epoch)
             && state.checkpoint.is_none_or(|next| record.offset >= next)
     }
 
@@ -425,14 +428,23 @@ impl Worker {
 
     /// Where each partition of `records` moves: from its expected checkpoint to past its last record.
     fn moves_of(&self, records: &[Record]) -> Vec<Move> {
-        let mut moves: BTreeMap<TopicPartition, (Option<i64>, i64)> = BTreeMap::new();
+        // A lane holds a few partitions: found by a scan, the topic copied once per partition.
+        let mut moves: Vec<Move> = Vec::new();
         for record in records {
-            let partition = (record.topic.clone(), record.partition);
-            let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
-            let entry = moves.entry(partition).or_insert((from, record.offset + 1));
-            entry.1 = entry.1.max(record.offset + 1);
+            let found = moves
+                .iter_mut()
+                .find(|((topic, partition), _, _)| *partition == record.partition && *topic == record.topic);
+            match found {
+                Some((_, _, to)) => *to = (*to).max(record.offset + 1),
+                None => {
+                    let partition = (record.topic.clone(), record.partition);
+                    let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
+                    moves.push((partition, from, record.offset + 1));
+                }
+            }
         }
-        moves.into_iter().map(|(partition, (from, to))| (partition, from, to)).collect()
+        moves.sort_by(|a, b| a.0.cmp(&b.0));
+        moves
     }
 
     /// Records a committed lane: checkpoint gauges, metrics, and the advisory Kafka commit. (The

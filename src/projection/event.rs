@@ -270,16 +270,24 @@ fn version_of(read: Option<Read<'_>>) -> Result<Option<i64>, DecodeError> {
     let digits = |text: &str| {
         (!text.is_empty() && text.bytes().all(|c| c.is_ascii_digit())).then(|| text.parse::<i64>().ok()).flatten()
     };
-    let (version, got) = match raw {
-        Raw::Json(Json::Number(n)) => (n.parse::<i64>().ok().filter(|v| *v >= 0), n.to_string()),
-        Raw::Json(Json::String(text)) => (digits(&text), shown(&Value::String(text.into_owned()))),
-        Raw::Json(other) => (None, shown_json(&other)),
-        Raw::Text(text) => (digits(&text), format!("{text:?}")),
-        Raw::Millis(ms) => (Some(ms).filter(|v| *v >= 0), ms.to_string()),
+    let version = match &raw {
+        Raw::Json(Json::Number(n)) => n.parse::<i64>().ok().filter(|v| *v >= 0),
+        Raw::Json(Json::String(text)) => digits(text),
+        Raw::Json(_) => None,
+        Raw::Text(text) => digits(text),
+        Raw::Millis(ms) => Some(*ms).filter(|v| *v >= 0),
+    };
+    // What the error shows is built only for an error.
+    let got = || match raw {
+        Raw::Json(Json::Number(n)) => n.to_string(),
+        Raw::Json(Json::String(text)) => shown(&Value::String(text.into_owned())),
+        Raw::Json(other) => shown_json(&other),
+        Raw::Text(text) => format!("{text:?}"),
+        Raw::Millis(ms) => ms.to_string(),
     };
     match version {
         Some(version) => Ok(Some(version)),
-        None => Err(DecodeError::BadVersion { from: source.to_string(), got }),
+        None => Err(DecodeError::BadVersion { from: source.to_string(), got: got() }),
     }
 }
 
@@ -298,20 +306,22 @@ fn time_of(read: Option<Read<'_>>) -> Result<Option<DateTime<Utc>>, DecodeError>
     let Some(Read { raw, source }) = read else {
         return Ok(None);
     };
-    let (time, got) = match raw {
-        Raw::Json(json) => (parse_time(&json), shown_json(&json)),
-        Raw::Text(text) => {
-            let time = match text.parse::<i64>() {
-                Ok(ms) => DateTime::from_timestamp_millis(ms),
-                Err(_) => DateTime::parse_from_rfc3339(&text).ok().map(|t| t.with_timezone(&Utc)),
-            };
-            (time, format!("{text:?}"))
-        }
-        Raw::Millis(ms) => (DateTime::from_timestamp_millis(ms), ms.to_string()),
+    let time = match &raw {
+        Raw::Json(json) => parse_time(json),
+        Raw::Text(text) => match text.parse::<i64>() {
+            Ok(ms) => DateTime::from_timestamp_millis(ms),
+            Err(_) => DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc)),
+        },
+        Raw::Millis(ms) => DateTime::from_timestamp_millis(*ms),
+    };
+    let got = || match raw {
+        Raw::Json(json) => shown_json(&json),
+        Raw::Text(text) => format!("{text:?}"),
+        Raw::Millis(ms) => ms.to_string(),
     };
     match time {
         Some(time) => Ok(Some(time)),
-        None => Err(DecodeError::BadOccurredAt { from: source.to_string(), got }),
+        None => Err(DecodeError::BadOccurredAt { from: source.to_string(), got: got() }),
     }
 }
 

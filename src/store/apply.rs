@@ -64,7 +64,14 @@ pub struct BatchReport {
 
 impl BatchReport {
     pub(super) fn count(&mut self, label: &str, outcome: Outcome) {
-        *self.outcomes.entry((label.to_string(), outcome)).or_default() += 1;
+        // Once per event: the label is copied only the first time a batch counts it.
+        let counted = self.outcomes.iter_mut().find(|((known, of), _)| *of == outcome && known == label);
+        match counted {
+            Some((_, count)) => *count += 1,
+            None => {
+                self.outcomes.insert((label.to_string(), outcome), 1);
+            }
+        }
     }
 
     pub fn total(&self, outcome: Outcome) -> u64 {

@@ -223,7 +223,8 @@ fn set_based_waves<'a, 'p>(projection: &Projection, applied: Vec<&'a Planned<'p>
         return None;
     }
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
-    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(applied.len());
+    // Hashed once per event: foldhash, not SipHash.
+    let mut seen: foldhash::HashMap<&str, usize> = HashMap::with_capacity_and_hasher(applied.len(), Default::default());
     let mut forms: Vec<(&crate::projection::Statement, Arc<SetBased>)> = Vec::new();
     for planned in applied {
         let [source] = planned.sources else {
@@ -296,7 +297,7 @@ async fn apply_guarded(
         pipeline.try_collect().await.map_err(|error| fast_error(&error))?;
     let mut applied = vec![false; events.len()];
     for (rows, group) in &results {
-        let changed: HashSet<&str> = rows.iter().map(|row| row.get::<_, &str>(0)).collect();
+        let changed: foldhash::HashSet<&str> = rows.iter().map(|row| row.get::<_, &str>(0)).collect();
         for planned in &group.events {
             applied[planned.index] = planned.key.as_deref().is_some_and(|key| changed.contains(key));
         }
@@ -304,7 +305,7 @@ async fn apply_guarded(
 
     let mut outcomes = vec![Outcome::Applied; events.len()];
     // The events of each key with a refused event, in batch order.
-    let mut refused: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut refused: foldhash::HashMap<&str, Vec<usize>> = HashMap::default();
     for (index, (event, _, _)) in events.iter().enumerate() {
         if let Some(key) = event.key.as_deref() {
             if !applied[index] || refused.contains_key(key) {

@@ -85,6 +85,27 @@ pub fn target(url: &str) -> Result<Target, StoreError> {
         mode = SslMode::VerifyCa;
     }
 
+    // Building a connector reads the system's certificates (tens of milliseconds): once per
+    // process for each mode and root certificate, not once per connection pool or client.
+    static CONNECTORS: std::sync::OnceLock<
+        std::sync::Mutex<Vec<((SslMode, Option<String>), native_tls::TlsConnector)>>,
+    > = std::sync::OnceLock::new();
+    let connectors = CONNECTORS.get_or_init(Default::default);
+    let key = (mode, root_cert.clone());
+    let known = connectors.lock().expect("TLS connectors").iter().find(|(k, _)| *k == key).map(|(_, c)| c.clone());
+    let connector = match known {
+        Some(connector) => connector,
+        None => {
+            let connector = connector(mode, root_cert.as_deref()).map_err(invalid)?;
+            connectors.lock().expect("TLS connectors").push((key, connector.clone()));
+            connector
+        }
+    };
+    Ok(Target { config, tls: MakeTlsConnector::new(connector), mode })
+}
+
+/// A TLS connector checking the server's certificate as `mode` says.
+fn connector(mode: SslMode, root_cert: Option<&str>) -> Result<native_tls::TlsConnector, String> {
     let mut builder = native_tls::TlsConnector::builder();
     match mode {
         SslMode::Disable | SslMode::Prefer | SslMode::Require => {
@@ -95,14 +116,14 @@ pub fn target(url: &str) -> Result<Target, StoreError> {
         }
         SslMode::VerifyFull => {}
     }
-    if let Some(path) = &root_cert {
-        let pem = std::fs::read(path).map_err(|error| invalid(format!("sslrootcert `{path}`: {error}")))?;
+    if let Some(path) = root_cert {
+        let pem = std::fs::read(path).map_err(|error| format!("sslrootcert `{path}`: {error}"))?;
         let certificate = native_tls::Certificate::from_pem(&pem)
-            .map_err(|error| invalid(format!("sslrootcert `{path}` is not a PEM certificate: {error}")))?;
+            .map_err(|error| format!("sslrootcert `{path}` is not a PEM certificate: {error}"))?;
         builder.add_root_certificate(certificate);
     }
-    let connector = builder.build().map_err(|error| invalid(format!("TLS: {error}")))?;
-    Ok(Target { config, tls: MakeTlsConnector::new(connector), mode })
+    let connector = builder.build().map_err(|error| format!("TLS: {error}"))?;
+    Ok(connector)
 }
 
 #[cfg(test)]
