@@ -1,13 +1,20 @@
-//! The fast path of a batch: predict every event's outcome from one read of the rows' current
-//! versions (or of the processed event ids), then send only the statements that will apply,
-//! pipelined on the connection in batch order (tokio-postgres sends concurrently polled queries
-//! back to back; Postgres runs them in that order).
+//! The fast path of a batch, in one of two ways:
 //!
-//! It is exact, not optimistic: when an outcome cannot be predicted (a gap, a value that does not
-//! bind, an event without key or id) it declines before writing anything, and the batch takes the
-//! careful path, event by event. A guarded statement that then changes no row, which the
-//! prediction says it must, fails the batch with [`ApplyError::Mispredicted`]: it rolls back and
-//! is retried on the careful path.
+//! - **Guarded waves** (versioned projections whose handlers are each one exactly guarded statement
+//!   with a set-based form): every event runs, a key's *k*-th event in wave *k*, as one
+//!   statement per wave and event type over arrays, each returning the keys it changed. The guards
+//!   decide; then only the keys of refused events are read, to tell duplicates (the row at or
+//!   past the event's version) from anything else, which rolls the batch back
+//!   ([`ApplyError::Mispredicted`]) to be retried event by event.
+//! - **Predicted outcomes** (everything else): one read of the rows' current versions (or of the
+//!   processed event ids) predicts every event's outcome, then only the statements that will
+//!   apply are sent, pipelined on the connection in batch order (tokio-postgres sends
+//!   concurrently polled queries back to back; Postgres runs them in that order). It is exact:
+//!   when an outcome cannot be predicted (a gap, a value that does not bind, an event without key
+//!   or id) it declines before writing anything, and the batch takes the careful path, event by
+//!   event. A guarded statement that then changes no row, which the prediction says it must,
+//!   fails the batch with [`ApplyError::Mispredicted`]: it rolls back and is retried on the
+//!   careful path.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
