@@ -6,8 +6,10 @@
 //! - `support`: databases, topics, settings, an engine that stops gracefully or crashes.
 //! - `model`: the shop's events as typed facts, and the read models they fold to.
 //! - `scenarios`: one test per promise (duplicates, crash between commits, replay, gaps, ids).
+//! - `guarded`: the fast path's guarded waves, batch by batch, without Kafka.
 //! - `properties`: the same promises over random histories, restarts and crashes.
 
+mod guarded;
 mod model;
 mod properties;
 mod scenarios;

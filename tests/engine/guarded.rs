@@ -1,0 +1,120 @@
+//! The fast path's guarded waves, batch by batch against real Postgres (no Kafka): a batch's
+//! events run as set-based statements, a key's `k`-th event in wave `k`; refused events are
+//! duplicates when their row is already at or past them, and anything else (a gap) rolls the
+//! batch back so that it is retried event by event.
+
+use projector::demo::shop_event;
+use projector::projection::{Projection, Record};
+use projector::store::apply::{apply_batch, ApplyError, Batch, BatchReport, Outcome};
+use serde_json::json;
+
+use crate::support::{self, TestDb};
+
+const TOPIC: &str = "guarded";
+
+/// Records of partition 0 from `offset` on, one per `(order, version, type)`.
+fn records(offset: i64, events: &[(&str, i64, &str)]) -> Vec<Record> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, (order, version, event_type))| {
+            let data = match *event_type {
+                "OrderPlaced" => json!({"customer_id": "c-1", "total": "10.00"}),
+                "OrderPaid" => json!({"amount": "10.00"}),
+                _ => json!({"carrier": "post"}),
+            };
+            let event = shop_event(order, *version, event_type, data);
+            Record {
+                topic: TOPIC.into(),
+                partition: 0,
+                offset: offset + i as i64,
+                key: Some(order.as_bytes().to_vec()),
+                value: Some(serde_json::to_vec(&event.value).expect("json")),
+                headers: Vec::new(),
+                timestamp_ms: None,
+            }
+        })
+        .collect()
+}
+
+async fn apply(
+    pool: &deadpool_postgres::Pool,
+    projection: &Projection,
+    records: &[Record],
+    from: Option<i64>,
+    isolate: bool,
+) -> Result<BatchReport, ApplyError> {
+    let mut client = pool.get().await.expect("connection");
+    let to = records.last().expect("records").offset + 1;
+    let batch = Batch { records, moves: vec![((TOPIC.to_string(), 0), from, to)] };
+    apply_batch(&mut client, projection, &batch, None, isolate).await
+}
+
+fn counts(report: &BatchReport) -> (u64, u64, u64) {
+    (report.total(Outcome::Applied), report.total(Outcome::Duplicate), report.total(Outcome::Gap))
+}
+
+#[tokio::test]
+async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
+    let db = TestDb::create().await;
+    projector::store::migrate(&db.url).await.expect("migrations");
+    let pool = projector::store::connect(&db.url, 2).await.expect("pool");
+    let projection = support::example_projection(TOPIC, "order_summary").remove(0);
+    let (a, b, c) = (
+        "00000000-0000-0000-0000-00000000000a",
+        "00000000-0000-0000-0000-00000000000b",
+        "00000000-0000-0000-0000-00000000000c",
+    );
+
+    // a: created and moved on in one batch, with copies of earlier events in between and after;
+    // b, c: created.
+    let first = records(
+        0,
+        &[
+            (a, 1, "OrderPlaced"),
+            (b, 1, "OrderPlaced"),
+            (a, 2, "OrderPaid"),
+            (a, 1, "OrderPlaced"),
+            (c, 1, "OrderPlaced"),
+            (a, 3, "OrderShipped"),
+            (a, 2, "OrderPaid"),
+        ],
+    );
+    let report = apply(&pool, &projection, &first, None, false).await.expect("first batch");
+    assert!(report.fast, "the guarded waves applied it");
+    assert_eq!(counts(&report), (5, 2, 0), "applied, duplicates, gaps");
+
+    // b: an old copy first, then its next two versions; a: a copy of its latest.
+    let second =
+        records(7, &[(b, 1, "OrderPlaced"), (b, 2, "OrderPaid"), (a, 3, "OrderShipped"), (b, 3, "OrderShipped")]);
+    let report = apply(&pool, &projection, &second, Some(7), false).await.expect("second batch");
+    assert!(report.fast);
+    assert_eq!(counts(&report), (2, 2, 0));
+
+    // c: version 3 while the row is at 1: a gap. The guarded waves roll back and say so; event by
+    // event, it is held, and the rest of the batch applies.
+    let third = records(11, &[(b, 4, "OrderShipped"), (c, 3, "OrderShipped")]);
+    let refused = apply(&pool, &projection, &third, Some(11), false).await;
+    assert!(matches!(refused, Err(ApplyError::Mispredicted(_))), "{refused:?}");
+    let report = apply(&pool, &projection, &third, Some(11), true).await.expect("third batch, event by event");
+    assert!(!report.fast);
+    assert_eq!(counts(&report), (1, 0, 1));
+
+    let client = db.client().await;
+    let versions: Vec<(String, i64)> = client
+        .query("SELECT order_id::text, version FROM order_summary ORDER BY order_id", &[])
+        .await
+        .expect("versions")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(versions, [(a.to_string(), 3), (b.to_string(), 4), (c.to_string(), 1)]);
+    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 1);
+    assert_eq!(
+        support::count(&client, "SELECT next_offset FROM projector.checkpoints WHERE topic = 'guarded'").await,
+        13
+    );
+    drop(client);
+    drop(pool);
+    db.drop().await;
+}
