@@ -40,7 +40,7 @@ use uuid::Uuid;
 
 use projector::metrics::Metrics;
 use projector::projection::{compile_file, Projection};
-use projector::settings::Settings;
+use projector::settings::{property_variable, Settings};
 use projector::store::apply::Outcome;
 
 const PROJECTION: &str = "order_summary";
@@ -1167,9 +1167,7 @@ impl Engine {
                     .env("PROJECTOR_BATCH__SET_BASED", settings.batch.set_based.to_string())
                     .env("PROJECTOR_BATCH__LANES", settings.batch.lanes.to_string())
                     .env("PROJECTOR_DATABASE__POOL_SIZE", settings.database.pool_size.to_string())
-                    .envs(settings.kafka.properties.iter().map(|(name, value)| {
-                        (format!("PROJECTOR_KAFKA__PROPERTIES__{}", name.replace('.', "_").to_uppercase()), value)
-                    }))
+                    .envs(settings.kafka.properties.iter().map(|(name, value)| (property_variable(name), value)))
                     .env("RUST_LOG", "warn")
                     .current_dir(dir)
                     .stdin(Stdio::null())

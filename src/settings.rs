@@ -150,6 +150,12 @@ fn property_values<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<
 #[error("invalid settings: {0}")]
 pub struct SettingsError(String);
 
+/// The environment variable that sets the librdkafka property `name` (`sasl.password`:
+/// `PROJECTOR_KAFKA__PROPERTIES__SASL_PASSWORD`); `Settings::load` maps it back.
+pub fn property_variable(name: &str) -> String {
+    format!("PROJECTOR_KAFKA__PROPERTIES__{}", name.replace('.', "_").to_uppercase())
+}
+
 impl Settings {
     /// Defaults, then the file (if it exists, or fails when it was named explicitly), then the
     /// environment.
@@ -170,6 +176,7 @@ impl Settings {
         }
         let mut settings: Settings =
             figment.extract().map_err(|error| SettingsError(redact_text(&error.to_string())))?;
+        // The environment's names (`SASL_PASSWORD`, lowercased by figment) back to the property's.
         settings.kafka.properties = std::mem::take(&mut settings.kafka.properties)
             .into_iter()
             .map(|(name, value)| (name.replace('_', "."), value))
@@ -287,7 +294,8 @@ mod tests {
     #[test]
     fn numeric_properties_from_the_environment_are_text() {
         figment::Jail::expect_with(|jail| {
-            jail.set_env("PROJECTOR_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000");
+            assert_eq!(property_variable("session.timeout.ms"), "PROJECTOR_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS");
+            jail.set_env(property_variable("session.timeout.ms"), "6000");
             jail.set_env("PROJECTOR_KAFKA__PROPERTIES__ENABLE_SSL_CERTIFICATE_VERIFICATION", "false");
             let settings = Settings::load(None).map_err(|error| error.to_string())?;
             assert_eq!(settings.kafka.properties.get("session.timeout.ms").map(String::as_str), Some("6000"));

@@ -17,6 +17,7 @@ use toml::Spanned;
 use super::definition::{DedupeKind, DefinitionFile, Entries, EnvelopeDef, HandlerDef, RebuildDef, SqlDef, TableDef};
 use super::fields::Fields;
 use super::params::compile_named;
+use super::set_based::SetBased;
 use super::{
     Dedupe, Envelope, Handler, Origin, ParamRef, ParamSource, Projection, RebuildChecks, Source, Statement,
     StatementKind, VersionedTable,
@@ -120,7 +121,7 @@ fn assign_fields(projection: &mut Projection) {
     for statement in statements.chain(lookup) {
         for param in &mut statement.params {
             if let ParamSource::Path(path) = &mut param.source {
-                path.slot = fields.add(&path.segments);
+                path.slot = Some(fields.add(&path.segments));
             }
         }
     }
@@ -347,6 +348,7 @@ impl Context<'_> {
                 kind: StatementKind::Other,
                 origin: Origin { file: self.file.clone(), line: self.line(&table.span()) },
                 writes: None,
+                set_based: None,
             },
             table: name,
             key_column,
@@ -501,7 +503,13 @@ impl Context<'_> {
         };
         let origin = Origin { file: self.file.clone(), line: self.line(&span) };
         let writes = written_table(parsed);
-        Some(Statement { sql: compiled.sql, params: compiled.params, kind, origin, writes })
+        let set_based = match kind {
+            StatementKind::Create | StatementKind::Update | StatementKind::UpdateIfNewer => {
+                SetBased::from_sql(&compiled.sql, compiled.params.len())
+            }
+            StatementKind::Other => None,
+        };
+        Some(Statement { sql: compiled.sql, params: compiled.params, kind, origin, writes, set_based })
     }
 }
 

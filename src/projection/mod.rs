@@ -121,6 +121,8 @@ pub struct Statement {
     /// The table it writes (`INSERT INTO`, `UPDATE`, `DELETE FROM`, `MERGE INTO`), lowercased, as
     /// written (maybe schema-qualified); `None` for statements that write no table.
     pub writes: Option<String>,
+    /// Its form applying many events at once, for guarded statements that have one.
+    pub set_based: Option<set_based::SetBased>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,13 +184,13 @@ pub enum ParamSource {
 #[derive(Clone)]
 pub struct JsonPath {
     pub segments: Vec<String>,
-    /// `usize::MAX` until the projection is compiled.
-    pub slot: usize,
+    /// `None` until the projection is compiled.
+    pub slot: Option<usize>,
 }
 
 impl JsonPath {
     pub fn new(segments: Vec<String>) -> JsonPath {
-        JsonPath { segments, slot: usize::MAX }
+        JsonPath { segments, slot: None }
     }
 }
 

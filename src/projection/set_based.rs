@@ -21,7 +21,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 /// A statement's set-based form: the statement's text around its `unnest(…)` arguments.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetBased {
     before: String,
     after: String,

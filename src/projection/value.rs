@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::event::{parse_time, shown_json, Event, Record};
-use super::fields::{Fields, Json};
+use super::fields::Json;
 use super::{ParamRef, ParamSource, Statement};
 
 /// A value ready to bind.
@@ -31,12 +31,6 @@ pub enum BindError {
     HeaderNotUtf8 { name: String, header: String },
     #[error("statement has {params} parameters but {types} types were given")]
     Count { params: usize, types: usize },
-}
-
-/// The JSON value of `param` for this event; `None` when missing. A header that is not valid
-/// UTF-8 is `None` here (and a [`BindError::HeaderNotUtf8`] in [`bind`]).
-pub fn resolve(param: &ParamRef, event: &Event, record: &Record) -> Option<Value> {
-    lookup(param, event, record).ok().flatten().and_then(|json| json.to_value().ok())
 }
 
 fn lookup<'a>(param: &'a ParamRef, event: &'a Event, record: &'a Record) -> Result<Option<Json<'a>>, BindError> {
@@ -60,16 +54,8 @@ fn lookup<'a>(param: &'a ParamRef, event: &'a Event, record: &'a Record) -> Resu
         ParamSource::WholeValue => Some(json_at(param, value_text(record), None)?),
         ParamSource::Path(path) => {
             let whole = value_text(record);
-            let span = match event.spans.get(path.slot) {
-                Some(span) => *span,
-                // A parameter its projection did not compile (tests): find it alone.
-                None => {
-                    let mut fields = Fields::default();
-                    fields.add(path);
-                    fields.find(whole).ok().and_then(|spans| spans[0])
-                }
-            };
-            match span {
+            // Every path of a compiled projection has its slot.
+            match path.slot.and_then(|slot| event.spans.get(slot).copied().flatten()) {
                 Some((start, end)) => Some(json_at(param, whole, Some((start as usize, end as usize)))?),
                 None => None,
             }
@@ -251,6 +237,7 @@ fn decimal(text: &str) -> Result<Decimal, rust_decimal::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::projection::fields::Fields;
     use crate::projection::params::source_of;
     use bytes_of::to_text;
 
@@ -295,17 +282,38 @@ mod tests {
         ParamRef { name: name.into(), source: source_of(name), optional }
     }
 
+    /// The parameter `name` compiled alone, and `event` decoded for it: its path's field, if it
+    /// reads one, is slot 0.
+    fn compiled(name: &str, event: &mut Event, record: &Record) -> ParamRef {
+        let mut param = param(name);
+        if let ParamSource::Path(path) = &mut param.source {
+            let mut fields = Fields::default();
+            path.slot = Some(fields.add(&path.segments));
+            event.spans = fields.find(value_text(record)).unwrap();
+        }
+        param
+    }
+
+    /// The JSON value of `name` for this event; `None` when missing. A header that is not valid
+    /// UTF-8 is `None` here (and a [`BindError::HeaderNotUtf8`] in [`bind`]).
+    fn resolve(name: &str, event: &Event, record: &Record) -> Option<Value> {
+        let mut event = event.clone();
+        let param = compiled(name, &mut event, record);
+        lookup(&param, &event, record).ok().flatten().and_then(|json| json.to_value().ok())
+    }
+
     fn bound(name: &str, ty: Type) -> Result<Option<Vec<u8>>, String> {
-        let (event, record) = event(serde_json::from_str(
+        let (mut event, record) = event(serde_json::from_str(
             r#"{"data":{"total":"12.50","n":40000,"big":1e2,"exact":0.1000000000000000000000000001,"s":"abc","u":"67e55044-10b1-426f-9247-bb680e5fe0c8","t":"2024-05-01T10:00:00Z","d":"2024-05-01","b":true,"nil":null,"items":[{"sku":"A"}]}}"#,
         ).unwrap());
-        bind(&param(name), &event, &record, &ty).map(|v| to_text(&v, &ty)).map_err(|e| e.to_string())
+        let param = compiled(name, &mut event, &record);
+        bind(&param, &event, &record, &ty).map(|v| to_text(&v, &ty)).map_err(|e| e.to_string())
     }
 
     #[test]
     fn resolves_sources() {
         let (event, record) = event(serde_json::json!({"data": {"items": [{"sku": "A"}]}}));
-        let get = |name: &str| resolve(&param(name), &event, &record);
+        let get = |name: &str| resolve(name, &event, &record);
         assert_eq!(get("key"), Some(Value::from("o-1")));
         assert_eq!(get("version"), Some(Value::from(3)));
         assert_eq!(get("occurred_at"), Some(Value::from("2023-11-14T22:13:20Z")));
@@ -366,14 +374,16 @@ mod tests {
         );
         assert_eq!(bound("data.s", Type::POINT).unwrap_err(), "parameter `:data.s` needs unsupported type `point`");
         assert!(bound("header.bad", Type::TEXT).unwrap_err().contains("is not valid UTF-8"));
-        let (event, record) =
+        let (mut event, record) =
             event(serde_json::json!({"n": 99999999999999999999999u128.to_string().parse::<Value>().unwrap()}));
-        let error = bind(&param("n"), &event, &record, &Type::INT8).err().unwrap().to_string();
+        let n = compiled("n", &mut event, &record);
+        let error = bind(&n, &event, &record, &Type::INT8).err().unwrap().to_string();
         assert!(error.ends_with("out of range"), "{error}");
-        let error = bind(&param("n"), &event, &record, &Type::NUMERIC).err().map(|e| e.to_string());
+        let error = bind(&n, &event, &record, &Type::NUMERIC).err().map(|e| e.to_string());
         assert!(error.is_none(), "{error:?}");
-        let (event, record) = event_with_huge();
-        let error = bind(&param("n"), &event, &record, &Type::NUMERIC).err().unwrap().to_string();
+        let (mut event, record) = event_with_huge();
+        let n = compiled("n", &mut event, &record);
+        let error = bind(&n, &event, &record, &Type::NUMERIC).err().unwrap().to_string();
         assert!(error.contains("does not fit `numeric`"), "{error}");
     }
 
@@ -390,6 +400,7 @@ mod tests {
             kind: crate::projection::StatementKind::Other,
             origin: crate::projection::Origin { file: "f".into(), line: 1 },
             writes: None,
+            set_based: None,
         };
         assert_eq!(bind_all(&statement, &[Type::TEXT, Type::INT8], &event, &record).unwrap().len(), 2);
         assert!(bind_all(&statement, &[Type::TEXT], &event, &record).is_err());

@@ -17,7 +17,7 @@
 //!   careful path.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use bytes::BytesMut;
 use deadpool_postgres::Transaction;
@@ -93,12 +93,8 @@ pub async fn try_apply(
     let mut applied: Vec<Planned> = Vec::new();
     match &projection.dedupe {
         Dedupe::Version(table) => {
-            let mut keys: Vec<&str> = Vec::new();
-            for (event, _, _) in &events {
-                match (&event.key, event.version) {
-                    (Some(key), Some(_)) => keys.push(key),
-                    _ => return Ok(declined(projection, "an event has no key or version")),
-                }
+            if events.iter().any(|(event, _, _)| event.key.is_none() || event.version.is_none()) {
+                return Ok(declined(projection, "an event has no key or version"));
             }
             // Hash and merge joins are off (`apply_batch`): each row is found through the key's
             // index, in the look-up as in the set-based statements.
@@ -110,6 +106,7 @@ pub async fn try_apply(
                 report.fast = true;
                 return Ok(Fast::Done(report));
             }
+            let keys: Vec<&str> = events.iter().filter_map(|(event, _, _)| event.key.as_deref()).collect();
             let mut current = current_versions(tx, table, &keys).await?;
             for (event, handler, planned) in events {
                 let key = event.key.as_deref().expect("checked above");
@@ -214,7 +211,7 @@ pub fn set_based_enabled(enabled: bool) {
 
 /// Events of one statement applied by one set-based statement: no two share a key.
 struct Group<'a, 'p> {
-    set: Arc<SetBased>,
+    set: &'p SetBased,
     events: Vec<&'a Planned<'p>>,
 }
 
@@ -232,26 +229,18 @@ fn set_based_waves<'a, 'p>(projection: &Projection, applied: Vec<&'a Planned<'p>
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
     // Hashed once per event: foldhash, not SipHash.
     let mut seen: foldhash::HashMap<&str, usize> = HashMap::with_capacity_and_hasher(applied.len(), Default::default());
-    let mut forms: Vec<(&crate::projection::Statement, Arc<SetBased>)> = Vec::new();
     for planned in applied {
         let [source] = planned.sources else {
             return None;
         };
-        let set = match forms.iter().find(|(known, _)| std::ptr::eq(*known, source)) {
-            Some((_, set)) => set.clone(),
-            None => {
-                let set = set_based(source)?;
-                forms.push((source, set.clone()));
-                set
-            }
-        };
+        let set = source.set_based.as_ref()?;
         let wave = seen.entry(planned.key.as_deref()?).or_insert(0);
         if *wave == waves.len() {
             waves.push(Vec::new());
         }
         let groups = &mut waves[*wave];
         *wave += 1;
-        match groups.iter_mut().find(|group| Arc::ptr_eq(&group.set, &set)) {
+        match groups.iter_mut().find(|group| std::ptr::eq(group.set, set)) {
             Some(group) => group.events.push(planned),
             None => groups.push(Group { set, events: vec![planned] }),
         }
@@ -377,19 +366,6 @@ fn columns<'a>(group: &Group<'a, '_>, width: usize) -> Vec<Column<'a>> {
             Column(group.events.iter().map(|planned| &*planned.statements[0].1[j] as &(dyn ToSql + Sync)).collect())
         })
         .collect()
-}
-
-/// The set-based form of `statement`, computed once per statement text.
-fn set_based(statement: &crate::projection::Statement) -> Option<Arc<SetBased>> {
-    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<SetBased>>>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Default::default).lock().expect("set-based cache");
-    // Looked up by reference: called for every applied event, the statement text is copied once.
-    if let Some(set) = cache.get(&statement.sql) {
-        return set.clone();
-    }
-    let set = SetBased::from_sql(&statement.sql, statement.params.len()).map(Arc::new);
-    cache.insert(statement.sql.clone(), set.clone());
-    set
 }
 
 /// Runs the waves' groups in order, pipelined, each as one statement over arrays. Each must change
