@@ -91,6 +91,11 @@ struct Args {
     /// An extra librdkafka property for the engine's consumer, `name=value` (repeatable).
     #[arg(long = "kafka-property", value_parser = parse_property)]
     kafka_properties: Vec<(String, String)>,
+    /// The engine's `fetch.wait.max.ms` against Tansu (0: librdkafka's default, 500). Tansu holds
+    /// every fetch for up to that long, or half of it when that is 250 ms or more, even when it
+    /// has records to return; a `--kafka-property` of the same name wins.
+    #[arg(long, default_value_t = 10)]
+    tansu_fetch_wait_ms: u64,
     /// Give up waiting for the engine to clear the backlog after this long.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
@@ -1054,12 +1059,15 @@ fn same_transport_as_the_bench(url: &str) -> String {
     }
 }
 
-fn engine_settings(url: &str, bootstrap: &str, group_prefix: &str, args: &Args) -> Settings {
+fn engine_settings(url: &str, bootstrap: &str, kind: Kind, args: &Args) -> Settings {
     let mut settings = Settings::default();
     settings.database.url = same_transport_as_the_bench(url);
     settings.kafka.bootstrap_servers = bootstrap.to_string();
-    settings.kafka.group_prefix = group_prefix.to_string();
+    settings.kafka.group_prefix = format!("bench-{}", kind.label());
     settings.kafka.properties.clear();
+    if kind == Kind::Tansu && args.tansu_fetch_wait_ms > 0 {
+        settings.kafka.properties.insert("fetch.wait.max.ms".into(), args.tansu_fetch_wait_ms.to_string());
+    }
     settings.http.listen = "127.0.0.1:0".into();
     settings.batch.max_events = args.batch_max_events;
     settings.batch.set_based = args.set_based;
@@ -1080,6 +1088,15 @@ enum Kind {
     Mock,
     /// A Tansu broker, and `projector run`, each in a process of its own.
     Tansu,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Mock => "mock",
+            Kind::Tansu => "tansu",
+        }
+    }
 }
 
 enum Broker {
@@ -1254,10 +1271,7 @@ async fn broker_mode(
     workload: &mut Workload,
     steps: Steps,
 ) -> anyhow::Result<Value> {
-    let label = match kind {
-        Kind::Mock => "mock",
-        Kind::Tansu => "tansu",
-    };
+    let label = kind.label();
     let broker = match kind {
         Kind::Mock => {
             let cluster = projector::kafka::mock::MockKafka::start(1)?;
@@ -1294,7 +1308,10 @@ async fn broker_mode(
     let url = dbs.create(label).await?;
     prepare_schema(&url).await?;
     let projection = bench_projection(&workload.topic)?;
-    let settings = engine_settings(&url, &bootstrap, &format!("bench-{label}"), args);
+    let settings = engine_settings(&url, &bootstrap, kind, args);
+    if !settings.kafka.properties.is_empty() {
+        eprintln!("  consumer properties: {:?}", settings.kafka.properties);
+    }
     let client = connect(&url).await?;
     let dir = tempfile::tempdir()?;
     let mut per_partition = workload.per_partition();
@@ -1317,6 +1334,7 @@ async fn broker_mode(
         "events_per_s_wall": round(cleared.wall_rate, 0),
         "check": check,
         "cpu": cpu_split(&before, &after, ("engine_process_cpu_s", "broker_process_cpu_s")),
+        "kafka_properties": settings.kafka.properties,
     });
     match &engine {
         Engine::InProcess { metrics, .. } => {
