@@ -91,11 +91,14 @@ struct Args {
     /// An extra librdkafka property for the engine's consumer, `name=value` (repeatable).
     #[arg(long = "kafka-property", value_parser = parse_property)]
     kafka_properties: Vec<(String, String)>,
-    /// The engine's `fetch.wait.max.ms` against Tansu (0: librdkafka's default, 500). Tansu holds
-    /// every fetch for up to that long, or half of it when that is 250 ms or more, even when it
-    /// has records to return; a `--kafka-property` of the same name wins.
-    #[arg(long, default_value_t = 10)]
-    tansu_fetch_wait_ms: u64,
+    /// librdkafka properties for the engine's consumer against Tansu only, `name=value`
+    /// (repeatable; given once, it replaces all the defaults; `--kafka-property` wins). Tansu 0.6
+    /// holds every fetch for about half of `fetch.wait.max.ms` even when it has records to
+    /// return, and fills a fetch up to `fetch.max.bytes` (capped at 5 MB) from its first
+    /// partitions, ignoring `max.partition.fetch.bytes`: see BENCHMARKS.md.
+    #[arg(long = "tansu-property", value_parser = parse_property,
+          default_values = ["fetch.wait.max.ms=10", "fetch.max.bytes=1048576"])]
+    tansu_properties: Vec<(String, String)>,
     /// Give up waiting for the engine to clear the backlog after this long.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
@@ -648,6 +651,8 @@ struct Cleared {
     /// From the first checkpoint seen to the last: the events after the first commit, over that time.
     steady_rate: f64,
     wall_rate: f64,
+    /// Records applied in each half second from the first checkpoint, per second.
+    rates: Vec<f64>,
 }
 
 /// Polls the checkpoints until they sum to `target` (every record of every partition applied).
@@ -662,18 +667,28 @@ async fn wait_cleared(
 ) -> anyhow::Result<Cleared> {
     let mut first: Option<(Instant, i64)> = None;
     let mut last_report = Instant::now();
+    let mut rates = Vec::new();
+    let mut mark: Option<(Instant, i64)> = None;
     loop {
         let sum = checkpoint_sum(client, topic).await?;
         let now = Instant::now();
         if sum > 0 && first.is_none() {
             first = Some((now, sum));
+            mark = first;
+        }
+        if let Some((at, done)) = mark {
+            let elapsed = now.duration_since(at).as_secs_f64();
+            if elapsed >= 0.5 || sum >= target {
+                rates.push(((sum - done) as f64 / elapsed).round());
+                mark = Some((now, sum));
+            }
         }
         if sum >= target {
             let wall_s = now.duration_since(started).as_secs_f64();
             let (t0, done0) = first.expect("set above");
             let steady = now.duration_since(t0).as_secs_f64();
             let steady_rate = if steady > 0.0 { (target - done0) as f64 / steady } else { target as f64 / wall_s };
-            return Ok(Cleared { wall_s, steady_rate, wall_rate: target as f64 / wall_s });
+            return Ok(Cleared { wall_s, steady_rate, wall_rate: target as f64 / wall_s, rates });
         }
         alive()?;
         if started.elapsed() > timeout {
@@ -1065,8 +1080,8 @@ fn engine_settings(url: &str, bootstrap: &str, kind: Kind, args: &Args) -> Setti
     settings.kafka.bootstrap_servers = bootstrap.to_string();
     settings.kafka.group_prefix = format!("bench-{}", kind.label());
     settings.kafka.properties.clear();
-    if kind == Kind::Tansu && args.tansu_fetch_wait_ms > 0 {
-        settings.kafka.properties.insert("fetch.wait.max.ms".into(), args.tansu_fetch_wait_ms.to_string());
+    if kind == Kind::Tansu {
+        settings.kafka.properties.extend(args.tansu_properties.iter().cloned());
     }
     settings.http.listen = "127.0.0.1:0".into();
     settings.batch.max_events = args.batch_max_events;
@@ -1332,6 +1347,7 @@ async fn broker_mode(
         "wall_s": round(cleared.wall_s, 2),
         "events_per_s_steady": round(cleared.steady_rate, 0),
         "events_per_s_wall": round(cleared.wall_rate, 0),
+        "events_per_s_each_half_second": cleared.rates,
         "check": check,
         "cpu": cpu_split(&before, &after, ("engine_process_cpu_s", "broker_process_cpu_s")),
         "kafka_properties": settings.kafka.properties,

@@ -139,6 +139,11 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         // librdkafka prefetches up to 64 MB per consumer by default; the worker reads ahead two
         // batches of its own, so 16 MB keeps the broker far ahead without that much memory.
         .set("queued.max.messages.kbytes", "16384")
+        // When that queue is full, librdkafka waits `fetch.queue.backoff.ms` (default 1 s) before
+        // fetching again: the worker empties 16 MB long before that, and then it stalls. While
+        // clearing a backlog from Tansu, 1 s cut the rate from 221,000 to 158,000 events/s,
+        // with whole half-seconds at 3,000.
+        .set("fetch.queue.backoff.ms", "10")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (name, value) in &settings.properties {
         config.set(name, value);
