@@ -114,7 +114,7 @@ impl Default for Settings {
             },
             database: DatabaseSettings { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8 },
             projections_dir: PathBuf::from("projections"),
-            batch: BatchSettings { max_events: 2000, max_wait_ms: 100, set_based: true, lanes: 4 },
+            batch: BatchSettings { max_events: 4000, max_wait_ms: 100, set_based: true, lanes: 4 },
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
             parking: ParkingSettings { gap_timeout_secs: 600 },
         }
