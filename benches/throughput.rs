@@ -912,6 +912,7 @@ async fn ceiling_run(url: &str, workload: &Workload, per_wave: bool) -> anyhow::
         let statements = (client.prepare(PLACED).await?, client.prepare(PAID).await?, client.prepare(NOTED).await?);
         connections.push((client, statements));
     }
+    let before = cpu_snapshot(None, None);
     let started = Instant::now();
     let mut changed = 0u64;
     for wave in &waves {
@@ -943,8 +944,10 @@ async fn ceiling_run(url: &str, workload: &Workload, per_wave: bool) -> anyhow::
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let after = cpu_snapshot(None, None);
     let check = verify(&setup, "ceiling_order_summary", workload.entities, workload.version_sum()).await?;
     Ok(json!({
+        "cpu": cpu_split(&before, &after, ("engine_process_cpu_s", "broker_process_cpu_s")),
         "rows_changed": changed,
         "seconds": round(secs, 2),
         "rows_per_s": round(changed as f64 / secs, 0),
