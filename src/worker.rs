@@ -274,7 +274,7 @@ impl Worker {
     fn accepts(&self, record: &Record, epoch: u64) -> bool {
         // Once per record: the maps (a few partitions each) are scanned, not hashed with a copy
         // of the topic.
-        let same = |(topic, partition): &TopicPartition| *partition == record.partition && *topic == record.topic;
+        let same = |(topic, partition): &TopicPartition| *partition == record.partition && **topic == *record.topic;
         let Some(state) = self.partitions.iter().find(|(known, _)| same(known)).map(|(_, state)| state) else {
             return false;
         };
@@ -282,7 +282,7 @@ impl Worker {
             return false;
         }
         if let Some(stop) = self.stop_at_time_ms {
-            let partition = (record.topic.clone(), record.partition);
+            let partition = (record.topic.to_string(), record.partition);
             let mut reached = self.reached.lock().expect("reached offsets");
             if reached.get(&partition).is_some_and(|first| record.offset >= *first) {
                 return false;
@@ -391,10 +391,9 @@ impl Worker {
                 if done.generation == self.chains[done.lane].generation && !*self.shutdown.borrow() {
                     self.chains[done.lane].generation += 1;
                     batch.retain(|record| {
-                        !done
-                            .moves
-                            .iter()
-                            .any(|((topic, partition), _, _)| *partition == record.partition && *topic == record.topic)
+                        !done.moves.iter().any(|((topic, partition), _, _)| {
+                            *partition == record.partition && **topic == *record.topic
+                        })
                     });
                     self.resync(&done.moves).await?;
                 }
@@ -433,11 +432,11 @@ impl Worker {
         for record in records {
             let found = moves
                 .iter_mut()
-                .find(|((topic, partition), _, _)| *partition == record.partition && *topic == record.topic);
+                .find(|((topic, partition), _, _)| *partition == record.partition && **topic == *record.topic);
             match found {
                 Some((_, _, to)) => *to = (*to).max(record.offset + 1),
                 None => {
-                    let partition = (record.topic.clone(), record.partition);
+                    let partition = (record.topic.to_string(), record.partition);
                     let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
                     moves.push((partition, from, record.offset + 1));
                 }

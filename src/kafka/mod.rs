@@ -223,6 +223,8 @@ fn poll_loop(
 ) {
     // Seek epochs by topic, then partition (looked up for every record without copying its topic).
     let mut epochs: HashMap<String, HashMap<i32, u64>> = HashMap::new();
+    // Each topic's name, shared by its records.
+    let mut names: Vec<std::sync::Arc<str>> = Vec::new();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) && !inputs.is_closed() {
         while let Ok(command) = commands.try_recv() {
             run_command(&projection, &consumer, command, &mut epochs, start_from);
@@ -238,8 +240,15 @@ fn poll_loop(
                 }
             }
             Some(Ok(message)) => {
+                let topic = match names.iter().find(|name| ***name == *message.topic()) {
+                    Some(name) => name.clone(),
+                    None => {
+                        names.push(message.topic().into());
+                        names[names.len() - 1].clone()
+                    }
+                };
                 let record = Record {
-                    topic: message.topic().to_string(),
+                    topic,
                     partition: message.partition(),
                     offset: message.offset(),
                     key: message.key().map(<[u8]>::to_vec),
@@ -253,7 +262,7 @@ fn poll_loop(
                     timestamp_ms: message.timestamp().to_millis(),
                 };
                 drop(message);
-                let epoch = epochs.get(&record.topic).and_then(|of| of.get(&record.partition)).copied().unwrap_or(0);
+                let epoch = epochs.get(&*record.topic).and_then(|of| of.get(&record.partition)).copied().unwrap_or(0);
                 let full = {
                     let mut pending = consumer.context().pending.lock().expect("pending records");
                     pending.push((record, epoch));

@@ -11,7 +11,7 @@ use super::{Dedupe, Handler, Projection, Source};
 /// A Kafka record as the consumer hands it over.
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub topic: String,
+    pub topic: std::sync::Arc<str>,
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,

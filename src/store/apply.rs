@@ -440,7 +440,7 @@ async fn hold(
                 &key,
                 &version,
                 &found,
-                &record.topic,
+                &&*record.topic,
                 &record.partition,
                 &record.offset,
                 &record.key,
@@ -552,7 +552,7 @@ pub(super) async fn try_event(
             ErrorClass::Poison if isolate => describe(&error),
             ErrorClass::Poison => {
                 return Err(ApplyError::EventFailed {
-                    topic: record.topic.clone(),
+                    topic: record.topic.to_string(),
                     partition: record.partition,
                     offset: record.offset,
                     message: describe(&error),
@@ -643,7 +643,7 @@ pub(super) fn record_at(row: &tokio_postgres::Row, first: usize) -> Record {
     let names: Vec<String> = row.get(first + 5);
     let values: Vec<Option<Vec<u8>>> = row.get(first + 6);
     Record {
-        topic: row.get(first),
+        topic: row.get::<_, &str>(first).into(),
         partition: row.get(first + 1),
         offset: row.get(first + 2),
         key: row.get(first + 3),
@@ -687,7 +687,7 @@ pub(super) async fn park(
          ON CONFLICT (projection, topic, partition, \"offset\") DO NOTHING",
         &[
             &projection.name,
-            &record.topic,
+            &&*record.topic,
             &record.partition,
             &record.offset,
             &key,

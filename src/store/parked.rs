@@ -95,7 +95,7 @@ fn parked_of(row: &Row) -> Parked {
         resolution: row.get(13),
         definition_hash: row.get(14),
         record: Record {
-            topic: row.get(4),
+            topic: row.get::<_, &str>(4).into(),
             partition: row.get(5),
             offset: row.get(6),
             key: row.get(15),
