@@ -1415,7 +1415,12 @@ async fn broker_mode(
         )
         .await?;
         let after = cpu_snapshot(None, broker.pid());
-        let steady = if steady.is_finished() { steady.await.ok().flatten() } else { None };
+        let steady = if steady.is_finished() {
+            steady.await.ok().flatten()
+        } else {
+            steady.abort();
+            None
+        };
         steady
             .is_none()
             .then(|| eprintln!("  (the rebuild's checkpoints were not seen to empty and fill: no steady rate)"));

@@ -240,11 +240,12 @@ fn poll_loop(
                 }
             }
             Some(Ok(message)) => {
-                let topic = match names.iter().find(|name| ***name == *message.topic()) {
-                    Some(name) => name.clone(),
+                let topic = match names.iter().position(|name| **name == *message.topic()) {
+                    Some(at) => names[at].clone(),
                     None => {
-                        names.push(message.topic().into());
-                        names[names.len() - 1].clone()
+                        let name: std::sync::Arc<str> = message.topic().into();
+                        names.push(name.clone());
+                        name
                     }
                 };
                 let record = Record {
