@@ -431,16 +431,34 @@ pub fn projector_command(database_url: &str, bootstrap: &str, group_prefix: &str
 pub struct Projector {
     child: std::sync::Mutex<Child>,
     pub log: PathBuf,
+    /// The line written to `log` before this run's output.
+    marker: String,
 }
 
 impl Projector {
     /// Spawns `command` (see [`projector_command`]), first writing a marker line to `log`.
     pub fn spawn(mut command: Command, log: &Path, label: &str) -> Projector {
+        let marker = format!("===== test: starting projector ({label}) =====");
         if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(file, "===== test: starting projector ({label}) =====");
+            let _ = writeln!(file, "{marker}");
         }
         let child = command.spawn().expect("starting the projector binary");
-        Projector { child: std::sync::Mutex::new(child), log: log.to_path_buf() }
+        Projector { child: std::sync::Mutex::new(child), log: log.to_path_buf(), marker }
+    }
+
+    /// Waits (up to `timeout`) until this run has started its projections, as its log says after
+    /// its marker line. Its SIGTERM and SIGINT handlers are installed by then: before, a signal
+    /// ends the process as the default action does.
+    pub async fn wait_started(&self, timeout: Duration) {
+        wait_for("the projector to start its projections", timeout, || async {
+            self.assert_running();
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            match log.rsplit_once(&self.marker) {
+                Some((_, output)) if output.contains("projection starting") => Ok(()),
+                _ => Err("no `projection starting` in its log yet".to_string()),
+            }
+        })
+        .await;
     }
 
     pub fn id(&self) -> u32 {

@@ -191,8 +191,8 @@ pub async fn caught_up(
 }
 
 /// Waits (up to `timeout`) until both read models equal the fold of `records` and the checkpoints
-/// cover `positions` exactly; checks nothing is held or parked; stops `projector` with SIGTERM
-/// (it must exit 0) and checks nothing moved after.
+/// cover `positions` exactly; checks nothing is held or parked; once `projector` has started,
+/// stops it with SIGTERM (it must exit 0) and checks nothing moved after.
 pub async fn converges_then_stops(
     client: &Client,
     projector: &Projector,
@@ -209,6 +209,9 @@ pub async fn converges_then_stops(
     .await;
     assert_eq!(query_i64(client, "SELECT count(*) FROM projector.held_events").await, 0, "held events remain");
     assert_eq!(query_i64(client, "SELECT count(*) FROM projector.dead_letters").await, 0, "events were parked");
+    // The read models may equal the fold before this run has even started (the runs before it
+    // applied everything): a graceful stop needs its signal handlers in place.
+    projector.wait_started(timeout).await;
     let status = projector.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status} on SIGTERM");
     assert_eq!(read_models(client).await.expect("read models"), expected, "nothing moved after the last check");
