@@ -661,13 +661,19 @@ fn rebuild_steady_rate(client: Client, topic: String, target: i64) -> tokio::tas
             if emptied && sum > 0 && first.is_none() {
                 first = Some((now, sum));
             }
-            if let Some((t0, done0)) = first.filter(|_| sum >= target) {
-                let seconds = now.duration_since(t0).as_secs_f64();
-                return (seconds > 0.0).then(|| (target - done0) as f64 / seconds);
+            if let Some(first) = first.filter(|_| sum >= target) {
+                return rate_since(first, now, target);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
+}
+
+/// Records per second from the first checkpoint seen (`first`: when, and the checkpoints' sum
+/// then) to `now`, when the checkpoints sum to `target`.
+fn rate_since((at, done): (Instant, i64), now: Instant, target: i64) -> Option<f64> {
+    let seconds = now.duration_since(at).as_secs_f64();
+    (seconds > 0.0).then(|| (target - done) as f64 / seconds)
 }
 
 struct Cleared {
@@ -710,9 +716,7 @@ async fn wait_cleared(
         }
         if sum >= target {
             let wall_s = now.duration_since(started).as_secs_f64();
-            let (t0, done0) = first.expect("set above");
-            let steady = now.duration_since(t0).as_secs_f64();
-            let steady_rate = if steady > 0.0 { (target - done0) as f64 / steady } else { target as f64 / wall_s };
+            let steady_rate = rate_since(first.expect("set above"), now, target).unwrap_or(target as f64 / wall_s);
             return Ok(Cleared { wall_s, steady_rate, wall_rate: target as f64 / wall_s, rates });
         }
         alive()?;

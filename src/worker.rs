@@ -274,7 +274,7 @@ impl Worker {
     fn accepts(&self, record: &Record, epoch: u64) -> bool {
         // Once per record: the maps (a few partitions each) are scanned, not hashed with a copy
         // of the topic.
-        let same = |(topic, partition): &TopicPartition| *partition == record.partition && **topic == *record.topic;
+        let same = |known: &TopicPartition| is_of(record, known);
         let Some(state) = self.partitions.iter().find(|(known, _)| same(known)).map(|(_, state)| state) else {
             return false;
         };
@@ -390,11 +390,7 @@ impl Worker {
             Lane::Fenced | Lane::Skipped => {
                 if done.generation == self.chains[done.lane].generation && !*self.shutdown.borrow() {
                     self.chains[done.lane].generation += 1;
-                    batch.retain(|record| {
-                        !done.moves.iter().any(|((topic, partition), _, _)| {
-                            *partition == record.partition && **topic == *record.topic
-                        })
-                    });
+                    batch.retain(|record| !done.moves.iter().any(|(partition, _, _)| is_of(record, partition)));
                     self.resync(&done.moves).await?;
                 }
             }
@@ -430,9 +426,7 @@ impl Worker {
         // A lane holds a few partitions: found by a scan, the topic copied once per partition.
         let mut moves: Vec<Move> = Vec::new();
         for record in records {
-            let found = moves
-                .iter_mut()
-                .find(|((topic, partition), _, _)| *partition == record.partition && **topic == *record.topic);
+            let found = moves.iter_mut().find(|(partition, _, _)| is_of(record, partition));
             match found {
                 Some((_, _, to)) => *to = (*to).max(record.offset + 1),
                 None => {
@@ -522,6 +516,11 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Whether `record` is of `partition`, compared without copying its topic.
+fn is_of(record: &Record, (topic, partition): &TopicPartition) -> bool {
+    *partition == record.partition && **topic == *record.topic
 }
 
 /// One lane's part of a batch, with what it needs to run on a task of its own.
