@@ -50,21 +50,42 @@ pub async fn list(settings: &Settings, filter: &Filter, json: bool) -> Result<St
     Ok(format!("{table}\n{} event(s)\n", events.len()))
 }
 
-/// A value shown to a person: its text when it is UTF-8, else hex; cut at 4 KiB.
-fn shown_bytes(bytes: Option<&[u8]>) -> String {
+/// Bytes shown to a person, faithfully: UTF-8 text as it is, with control characters (a NUL, an
+/// escape sequence) written as escapes; anything else in hex. Cut at 4 KiB, saying how long it was.
+pub fn shown_bytes(bytes: Option<&[u8]>) -> String {
     const LIMIT: usize = 4096;
     let Some(bytes) = bytes else {
         return "(none)".into();
     };
     let part = &bytes[..bytes.len().min(LIMIT)];
-    let mut text = match std::str::from_utf8(part) {
-        Ok(text) => text.to_string(),
-        Err(_) => format!("(not UTF-8) 0x{}", part.iter().map(|byte| format!("{byte:02x}")).collect::<String>()),
+    // A cut through a character is still text: the bytes after the last whole one are dropped.
+    let text = match std::str::from_utf8(part) {
+        Ok(text) => Some(text),
+        Err(error) if bytes.len() > LIMIT && error.error_len().is_none() => {
+            std::str::from_utf8(&part[..error.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    let mut shown = match text {
+        Some(text) if text.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t')) => {
+            let escaped: String = text
+                .chars()
+                .map(|c| match c {
+                    '\n' | '\t' => c.to_string(),
+                    c if c.is_control() => c.escape_unicode().to_string(),
+                    '\\' => "\\\\".to_string(),
+                    c => c.to_string(),
+                })
+                .collect();
+            format!("(escaped) {escaped}")
+        }
+        Some(text) => text.to_string(),
+        None => format!("(not UTF-8) 0x{}", part.iter().map(|byte| format!("{byte:02x}")).collect::<String>()),
     };
     if bytes.len() > LIMIT {
-        text.push_str(&format!("… ({} bytes in all)", bytes.len()));
+        shown.push_str(&format!("… ({} bytes in all)", bytes.len()));
     }
-    text
+    shown
 }
 
 pub async fn show(settings: &Settings, id: i64, json: bool) -> Result<Option<String>, StoreError> {
@@ -77,7 +98,7 @@ pub async fn show(settings: &Settings, id: i64, json: bool) -> Result<Option<Str
             "event": event,
             "record_key": event.record.key.as_deref().map(|key| shown_bytes(Some(key))),
             "record_value": shown_bytes(event.record.value.as_deref()),
-            "headers": event.record.headers.iter().map(|(name, value)| (name.clone(), shown_bytes(value.as_deref()))).collect::<Vec<_>>(),
+            "headers": event.record.headers.iter().map(|(name, value)| (shown_bytes(Some(name)), shown_bytes(value.as_deref()))).collect::<Vec<_>>(),
             "timestamp_ms": event.record.timestamp_ms,
             "actions": actions,
         });
@@ -102,7 +123,7 @@ pub async fn show(settings: &Settings, id: i64, json: bool) -> Result<Option<Str
     }
     line("record key", shown_bytes(record.key.as_deref()));
     for (name, value) in &record.headers {
-        line("header", format!("{name} = {}", shown_bytes(value.as_deref())));
+        line("header", format!("{} = {}", shown_bytes(Some(name)), shown_bytes(value.as_deref())));
     }
     line("value", shown_bytes(record.value.as_deref()));
     for action in &actions {

@@ -15,7 +15,7 @@ use crate::kafka::{Command, ConsumerThread, Input};
 use crate::metrics::Metrics;
 use crate::projection::{Projection, Record};
 use crate::settings::Settings;
-use crate::store::apply::{apply_batch, park_expired_gaps, ApplyError, Batch, BatchReport};
+use crate::store::apply::{apply_batch, park_expired_gaps, ApplyError, Batch, BatchReport, ErrorClass};
 use crate::store::checkpoint::{self, TopicPartition};
 use crate::store::StoreError;
 
@@ -473,7 +473,7 @@ impl Worker {
         }
         let result = match self.pool.get().await {
             Ok(mut client) => park_expired_gaps(&mut client, &self.projection, &owned, timeout.as_secs()).await,
-            Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
+            Err(error) => Err(ApplyError::Pool(error.to_string())),
         };
         match result {
             Ok(0) => {}
@@ -490,8 +490,8 @@ impl Worker {
                     .collect();
                 self.resync(&moves).await?;
             }
-            Err(ApplyError::Fatal(message)) => {
-                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message })
+            Err(error) if error.class() == ErrorClass::Fatal => {
+                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message: error.to_string() })
             }
             Err(error) => {
                 tracing::warn!(projection = %self.projection.name, %error, "cannot check held events for their timeout; trying again later")
@@ -579,38 +579,45 @@ async fn apply_lane<'p>(
                 let batch = Batch { records, moves: moves.to_vec() };
                 apply_batch(&mut client, projection, &batch, decoded.take(), isolate).await
             }
-            Err(error) => Err(ApplyError::Transient(format!("cannot get a connection: {error}"))),
+            Err(error) => Err(ApplyError::Pool(error.to_string())),
         };
-        match result {
+        let error = match result {
             Ok(report) => return Lane::Committed { report, seconds: started.elapsed().as_secs_f64() },
-            Err(ApplyError::Mispredicted(message)) => {
+            Err(error) => error,
+        };
+        match error {
+            ApplyError::Mispredicted(message) => {
                 tracing::debug!(projection = %projection.name, %message, "fast path declined: retrying the batch event by event");
                 isolate = true;
             }
-            Err(ApplyError::EventFailed { topic, partition, offset, message }) => {
-                tracing::info!(projection = %projection.name, %topic, partition, offset, %message,
+            ApplyError::Isolate(message) => {
+                tracing::info!(projection = %projection.name, %message,
                     "a statement failed on an event's data: retrying the batch event by event");
                 isolate = true;
             }
-            Err(ApplyError::Fenced { partition }) => {
+            ApplyError::Fenced { partition } => {
                 tracing::warn!(projection = %projection.name, topic = %partition.0, partition = partition.1,
                     "checkpoint moved by another instance: batch rolled back, re-reading from the stored checkpoint");
                 return Lane::Fenced;
             }
-            Err(ApplyError::Transient(message)) => {
+            ApplyError::DefinitionChanged { .. } => {
+                tracing::error!(projection = %projection.name, %error, "batch rolled back");
+                return Lane::Fatal(error.to_string());
+            }
+            error if error.class() == ErrorClass::Fatal => {
+                tracing::error!(projection = %projection.name, %error, "batch failed and cannot be retried");
+                return Lane::Fatal(error.to_string());
+            }
+            error => {
                 attempt += 1;
                 let stopping = *shutdown.borrow();
                 if stopping && attempt > 3 {
-                    tracing::warn!(projection = %projection.name, %message, "giving up the batch in flight at shutdown: it was rolled back and will be read again");
+                    tracing::warn!(projection = %projection.name, %error, "giving up the batch in flight at shutdown: it was rolled back and will be read again");
                     return Lane::GaveUp;
                 }
                 let wait = backoff(attempt);
-                tracing::warn!(projection = %projection.name, %message, attempt, ?wait, "batch failed, retrying");
+                tracing::warn!(projection = %projection.name, %error, class = error.class().as_str(), attempt, ?wait, "batch failed, retrying");
                 tokio::time::sleep(wait).await;
-            }
-            Err(ApplyError::Fatal(message)) => {
-                tracing::error!(projection = %projection.name, %message, "batch failed and cannot be retried");
-                return Lane::Fatal(message);
             }
         }
     }

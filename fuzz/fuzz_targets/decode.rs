@@ -16,7 +16,7 @@ use projector::projection::{compile_file, Decoded, Projection, Record};
 struct Input {
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
+    headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     timestamp_ms: Option<i64>,
     /// Which projection decodes it.
     which: bool,

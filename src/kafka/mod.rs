@@ -17,7 +17,7 @@ use std::time::Duration;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
@@ -254,12 +254,7 @@ fn poll_loop(
                     offset: message.offset(),
                     key: message.key().map(<[u8]>::to_vec),
                     value: message.payload().map(<[u8]>::to_vec),
-                    headers: message
-                        .headers()
-                        .map(|headers| {
-                            headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect()
-                        })
-                        .unwrap_or_default(),
+                    headers: headers_of(&message),
                     timestamp_ms: message.timestamp().to_millis(),
                 };
                 drop(message);
@@ -281,6 +276,38 @@ fn poll_loop(
     // Leaving the group revokes our partitions through the callback, which the worker answers.
     consumer.unsubscribe();
     drop(consumer);
+}
+
+/// A message's headers, names and values as the producer wrote them. rdkafka's own iterator
+/// panics on a name that is not UTF-8 (`CStr::to_str().unwrap()`), so they are read here through
+/// librdkafka directly. A name ends at its first NUL: librdkafka keeps names as C strings.
+fn headers_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    use rdkafka::bindings as rdsys;
+    use rdkafka::error::IsError;
+    let mut headers: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: the message is alive for this call; librdkafka owns `headers`, which lives as long
+    // as the message, and every name and value is copied before it returns.
+    unsafe {
+        if rdsys::rd_kafka_message_headers(message.ptr(), &mut headers).is_error() || headers.is_null() {
+            return Vec::new();
+        }
+        let count = rdsys::rd_kafka_header_cnt(headers);
+        let mut all = Vec::with_capacity(count);
+        for index in 0..count {
+            let mut name: *const std::os::raw::c_char = std::ptr::null();
+            let mut value: *const std::os::raw::c_void = std::ptr::null();
+            let mut size: usize = 0;
+            if rdsys::rd_kafka_header_get_all(headers, index, &mut name, &mut value, &mut size).is_error()
+                || name.is_null()
+            {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(name).to_bytes().to_vec();
+            let value = (!value.is_null()).then(|| std::slice::from_raw_parts(value as *const u8, size).to_vec());
+            all.push((name, value));
+        }
+        all
+    }
 }
 
 fn run_command(

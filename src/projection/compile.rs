@@ -343,7 +343,8 @@ impl Context<'_> {
         }
         valid.then(|| VersionedTable {
             version_lookup: Statement {
-                sql: format!("SELECT {version_column} FROM {name} WHERE {key_column} = $1"),
+                // Read as bigint whatever integer type the column has.
+                sql: format!("SELECT {version_column}::bigint FROM {name} WHERE {key_column} = $1"),
                 params: vec![ParamRef { name: "key".into(), source: ParamSource::Key, optional: false }],
                 kind: StatementKind::Other,
                 origin: Origin { file: self.file.clone(), line: self.line(&table.span()) },
@@ -799,7 +800,7 @@ mod tests {
         );
         assert_eq!(shipped.kind, StatementKind::Update);
         let Dedupe::Version(table) = &projection.dedupe else { panic!("version dedupe") };
-        assert_eq!(table.version_lookup.sql, "SELECT version FROM order_summary WHERE order_id = $1");
+        assert_eq!(table.version_lookup.sql, "SELECT version::bigint FROM order_summary WHERE order_id = $1");
         assert_eq!(projection.hash.len(), 64);
     }
 

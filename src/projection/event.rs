@@ -16,8 +16,18 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Each header's name and value, as the producer wrote them (any bytes; a name ends at its
+    /// first NUL, as librdkafka keeps names as C strings).
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     pub timestamp_ms: Option<i64>,
+}
+
+impl Record {
+    /// The value of the last header called `name` (`None`: no such header, or one without a
+    /// value).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().rev().find(|(header, _)| header == name.as_bytes()).and_then(|(_, value)| value.as_deref())
+    }
 }
 
 /// The envelope fields of an event, and where the projection's other fields are in its record.
@@ -161,7 +171,17 @@ impl Projection {
                     .flatten()
             }
         };
-        from_envelope.or_else(|| record.key.as_deref().map(|key| String::from_utf8_lossy(key).into_owned()))
+        from_envelope.or_else(|| record.key.as_deref().map(kafka_key_text))
+    }
+}
+
+/// A Kafka record key as a parking key: its text when it is UTF-8, else `0x` and its bytes in hex
+/// (binary keys stay apart from one another; one that looks like text starting `0x` can only be
+/// parked behind one of them, never let through).
+pub fn kafka_key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.to_string(),
+        Err(_) => format!("0x{}", key.iter().map(|byte| format!("{byte:02x}")).collect::<String>()),
     }
 }
 
@@ -203,10 +223,7 @@ fn read<'v>(
             },
             None => None,
         },
-        Source::Header(name) => match record.headers.iter().rev().find(|(header, _)| header == name) {
-            Some((_, Some(bytes))) => Some(Raw::Text(utf8(bytes)?)),
-            _ => None,
-        },
+        Source::Header(name) => record.header(name).map(utf8).transpose()?.map(Raw::Text),
         Source::KafkaKey => record.key.as_deref().map(utf8).transpose()?.map(Raw::Text),
         Source::KafkaTimestamp => record.timestamp_ms.map(Raw::Millis),
     };
@@ -345,7 +362,7 @@ mod tests {
             offset: 7,
             key: Some(b"k-1".to_vec()),
             value: Some(value.to_vec()),
-            headers: vec![("ce_type".into(), Some(b"Placed".to_vec())), ("bad".into(), Some(vec![0xff]))],
+            headers: vec![(b"ce_type".to_vec(), Some(b"Placed".to_vec())), (b"bad".to_vec(), Some(vec![0xff]))],
             timestamp_ms: Some(1_700_000_000_000),
         }
     }

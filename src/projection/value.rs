@@ -44,12 +44,12 @@ fn lookup<'a>(param: &'a ParamRef, event: &'a Event, record: &'a Record) -> Resu
         ParamSource::Topic => Some(text(&record.topic)),
         ParamSource::Partition => Some(Json::Int(record.partition.into())),
         ParamSource::Offset => Some(Json::Int(record.offset)),
-        ParamSource::Header(header) => match record.headers.iter().rev().find(|(name, _)| name == header) {
-            Some((_, Some(bytes))) => Some(text(
+        ParamSource::Header(header) => match record.header(header) {
+            Some(bytes) => Some(text(
                 std::str::from_utf8(bytes)
                     .map_err(|_| BindError::HeaderNotUtf8 { name: param.name.clone(), header: header.clone() })?,
             )),
-            _ => None,
+            None => None,
         },
         ParamSource::WholeValue => Some(json_at(param, value_text(record), None)?),
         ParamSource::Path(path) => {
@@ -212,17 +212,44 @@ fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, Bi
                 NaiveDate::parse_from_str(&text, "%Y-%m-%d").ok().or_else(|| parse_time(value).map(|t| t.date_naive()));
             Box::new(date.ok_or_else(|| misfit("not a date like `2024-05-01`"))?)
         }
-        Type::JSON | Type::JSONB => Box::new(json()?),
-        _ if is_text(ty) => Box::new(match value {
-            Json::String(text) => text.to_string(),
-            Json::Number(n) => n.to_string(),
-            Json::Int(n) => n.to_string(),
-            Json::Bool(b) => b.to_string(),
-            Json::Time(_) => string()?,
-            other => other.to_value().map_err(|error| misfit(&error.to_string()))?.to_string(),
-        }),
+        Type::JSON => Box::new(json()?),
+        // `jsonb` refuses a NUL in a string or a key (`\u0000`), where `json` keeps it as written.
+        Type::JSONB => {
+            let value = json()?;
+            if holds_nul(&value) {
+                return Err(misfit(NUL));
+            }
+            Box::new(value)
+        }
+        _ if is_text(ty) => {
+            let text = match value {
+                Json::String(text) => text.to_string(),
+                Json::Number(n) => n.to_string(),
+                Json::Int(n) => n.to_string(),
+                Json::Bool(b) => b.to_string(),
+                Json::Time(_) => string()?,
+                other => other.to_value().map_err(|error| misfit(&error.to_string()))?.to_string(),
+            };
+            if text.contains('\0') {
+                return Err(misfit(NUL));
+            }
+            Box::new(text)
+        }
         _ => return Err(unsupported(param, ty)),
     })
+}
+
+/// Why a text with a NUL does not fit: Postgres' `text` and `jsonb` cannot hold one.
+const NUL: &str = "contains a NUL character (0x00), which Postgres text cannot hold";
+
+/// Whether a string or an object key anywhere in `value` holds a NUL.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(key, item)| key.contains('\0') || holds_nul(item)),
+        _ => false,
+    }
 }
 
 /// A decimal from its text, plain or scientific.
@@ -268,7 +295,7 @@ mod tests {
             offset: 9,
             key: None,
             value: Some(value.to_string().into_bytes()),
-            headers: vec![("trace".into(), Some(b"abc".to_vec())), ("bad".into(), Some(vec![0xff]))],
+            headers: vec![(b"trace".to_vec(), Some(b"abc".to_vec())), (b"bad".to_vec(), Some(vec![0xff]))],
             timestamp_ms: None,
         };
         (event, record)

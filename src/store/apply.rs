@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use deadpool_postgres::Transaction;
 use postgres_types::ToSql;
-use tokio_postgres::error::SqlState;
 
 use super::checkpoint::{self, TopicPartition};
-use super::describe;
+pub use super::error::{class_of, ApplyError, ErrorClass};
 use super::fast::{self, Fast};
+use super::{describe, stored};
 use crate::projection::value::{bind_all, SqlValue};
 use crate::projection::{Decoded, Dedupe, Event, Handler, Projection, Record, StatementKind};
 
@@ -79,75 +79,23 @@ impl BatchReport {
     }
 }
 
-/// Why a batch did not commit. The transaction is rolled back in every case.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// A checkpoint was not where the batch started: another instance owns the partition now.
-    #[error("checkpoint of `{}` partition {} moved under us: another instance owns it", .partition.0, .partition.1)]
-    Fenced { partition: TopicPartition },
-    /// Worth retrying as is (connection lost, serialization failure, deadlock, …).
-    #[error("transient: {0}")]
-    Transient(String),
-    /// An event's data made a statement fail; retry with each event isolated to park it alone.
-    #[error("event at `{topic}` partition {partition} offset {offset} failed: {message}")]
-    EventFailed { topic: String, partition: i32, offset: i64, message: String },
-    /// Retrying cannot help (missing table or column, no permission, …).
-    #[error("{0}")]
-    Fatal(String),
-    /// The fast path's prediction did not hold; retry on the careful path.
-    #[error("fast path declined after writing: {0}")]
-    Mispredicted(String),
-}
-
-/// How a database error is handled.
-enum ErrorClass {
-    Transient,
-    /// Caused by the event's values (data exceptions, constraint violations).
-    Poison,
-    Fatal,
-}
-
-fn classify(error: &tokio_postgres::Error) -> ErrorClass {
-    let Some(db) = error.as_db_error() else {
-        return ErrorClass::Transient;
-    };
-    let code = db.code();
-    if code == &SqlState::T_R_SERIALIZATION_FAILURE
-        || code == &SqlState::T_R_DEADLOCK_DETECTED
-        || code == &SqlState::LOCK_NOT_AVAILABLE
-        || code == &SqlState::QUERY_CANCELED
-    {
-        return ErrorClass::Transient;
-    }
-    match &code.code()[..2] {
-        "08" | "53" | "57" | "58" => ErrorClass::Transient,
-        "22" | "23" => ErrorClass::Poison,
-        _ => ErrorClass::Fatal,
-    }
-}
-
-pub(super) fn fail(error: &tokio_postgres::Error) -> ApplyError {
-    match classify(error) {
-        ErrorClass::Transient | ErrorClass::Poison => ApplyError::Transient(describe(error)),
-        ErrorClass::Fatal => ApplyError::Fatal(describe(error)),
-    }
-}
-
 /// Why one event was not applied or held.
 enum EventError {
     /// Park it with this message.
     Poison(String),
-    Db(tokio_postgres::Error),
+    /// A database error while doing what is named; its class decides.
+    Db(&'static str, tokio_postgres::Error),
 }
 
-impl From<tokio_postgres::Error> for EventError {
-    fn from(error: tokio_postgres::Error) -> Self {
-        EventError::Db(error)
-    }
+/// `map_err` for database calls made for one event.
+fn event_db(during: &'static str) -> impl Fn(tokio_postgres::Error) -> EventError {
+    move |error| EventError::Db(during, error)
 }
 
 /// Applies `batch` in one transaction and commits it. With `isolate`, each event runs inside its
 /// own savepoint, so that a statement failing on one event's data parks that event alone.
+/// Without, any failure caused by data ([`ErrorClass::Poison`]) rolls the batch back as
+/// [`ApplyError::Isolate`], to be retried isolated.
 /// `decoded`, when given, holds the batch's records already decoded (in record order), so that
 /// decoding can overlap with the previous batch's transaction; a retry decodes them again.
 pub async fn apply_batch<'p>(
@@ -157,29 +105,44 @@ pub async fn apply_batch<'p>(
     decoded: Option<Vec<Decoded<'p>>>,
     isolate: bool,
 ) -> Result<BatchReport, ApplyError> {
-    let mut report = BatchReport::default();
-    // Each record is decoded once, here. Keys of this batch with held events: after one of them
-    // applies, its successors are released at once, so later events of the key in this same
-    // batch find the row where they expect it. Keys with parked events: every later event of
-    // the key is parked behind them, to keep the key's order.
     let decoded: Vec<Decoded<'_>> = match decoded {
         Some(decoded) if decoded.len() == batch.records.len() => decoded,
         _ => batch.records.iter().map(|record| projection.decode(record)).collect(),
     };
+    match apply_decoded(client, projection, batch, &decoded, isolate).await {
+        Err(error @ ApplyError::Database { class: ErrorClass::Poison, .. }) if !isolate => {
+            Err(ApplyError::Isolate(error.to_string()))
+        }
+        result => result,
+    }
+}
+
+async fn apply_decoded(
+    client: &mut deadpool_postgres::Object,
+    projection: &Projection,
+    batch: &Batch<'_>,
+    decoded: &[Decoded<'_>],
+    isolate: bool,
+) -> Result<BatchReport, ApplyError> {
+    let mut report = BatchReport::default();
+    // The key each event is parked under, as stored. Keys of this batch with held events: after
+    // one of them applies, its successors are released at once, so later events of the key in
+    // this same batch find the row where they expect it. Keys with parked events: every later
+    // event of the key is parked behind them, to keep the key's order.
     let keys: Vec<Option<String>> = batch
         .records
         .iter()
-        .zip(&decoded)
+        .zip(decoded)
         .map(|(record, decoded)| match decoded {
             Decoded::Tombstone | Decoded::Ignored { .. } => None,
-            _ => projection.parking_key(record, decoded),
+            _ => projection.parking_key(record, decoded).map(|key| stored::key(&key).into_owned()),
         })
         .collect();
 
-    let tx = client.transaction().await.map_err(|error| fail(&error))?;
+    let tx = client.transaction().await.map_err(ApplyError::during("beginning the batch"))?;
     // The set-based statements of the fast path find each row through the key's index: a plan
     // made while the table was small (a hash join over a sequential scan) would otherwise be
-    // cached and kept as the table grows (seen: 15-25 ms per statement at 100,000 rows).
+    // cached and kept as the table grows.
     let planner_off = !isolate && matches!(projection.dedupe, Dedupe::Version(_));
     // One round trip: the checkpoints' compare-and-sets, the keys' states and the planner's
     // settings, pipelined.
@@ -193,59 +156,65 @@ pub async fn apply_batch<'p>(
         }
     };
     let (moved, states, planner) = tokio::join!(moves, key_states(&tx, projection, &keys), planner);
-    let moved = moved.map_err(|error| fail(&error))?;
+    let moved = moved.map_err(ApplyError::during("moving the checkpoints"))?;
     if let Some(((partition, _, _), _)) = batch.moves.iter().zip(moved).find(|(_, moved)| !moved) {
         return Err(ApplyError::Fenced { partition: partition.clone() });
     }
     let KeyStates { mut held, mut parked } = states?;
-    planner.map_err(|error| fail(&error))?;
+    planner.map_err(ApplyError::during("setting the planner"))?;
     if !isolate && held.is_empty() && parked.is_empty() {
-        if let Fast::Done(report) = fast::try_apply(&tx, projection, batch.records, &decoded).await? {
-            tx.commit().await.map_err(|error| fail(&error))?;
+        if let Fast::Done(report) = fast::try_apply(&tx, projection, batch.records, decoded).await? {
+            tx.commit().await.map_err(ApplyError::during("committing"))?;
             return Ok(report);
         }
     }
     // Event by event, with the planner's settings as the user left them.
     if planner_off {
-        tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin").await.map_err(|error| fail(&error))?;
+        tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin")
+            .await
+            .map_err(ApplyError::during("resetting the planner"))?;
     }
     for ((record, decoded), key) in batch.records.iter().zip(decoded).zip(keys) {
         if let Some(key) = key.as_deref().filter(|key| parked.contains(*key)) {
-            let message = format!("parked behind an earlier parked event of key `{key}`, to keep the key's order");
-            park(&tx, projection, record, Some(key), ParkClass::Blocked, &message)
-                .await
-                .map_err(|error| fail(&error))?;
-            report.count(&label_of(projection, record), Outcome::Parked);
+            let message = format!(
+                "parked behind an earlier parked event of key `{}`, to keep the key's order",
+                stored::shown_key(key)
+            );
+            park(&tx, projection, record, event_type_of(decoded), Some(key), ParkClass::Blocked, &message).await?;
+            report.count(&label_of_decoded(projection, decoded), Outcome::Parked);
             continue;
         }
         let processed = run_isolated(&tx, projection, record, decoded, Source::Kafka, key.as_deref(), isolate).await?;
         let Some(Processed { label, outcome, key: entity_key }) = processed else {
-            report.count(&label_of(projection, record), Outcome::Parked);
+            report.count(&label_of_decoded(projection, decoded), Outcome::Parked);
             if let Some(key) = key {
                 parked.insert(key);
             }
             continue;
         };
         report.count(&label, outcome);
-        match (outcome, entity_key) {
-            (Outcome::Gap, Some(key)) => {
-                held.insert(key);
+        let Some(entity_key) = entity_key.map(|key| stored::key(&key).into_owned()) else {
+            continue;
+        };
+        match outcome {
+            Outcome::Gap => {
+                held.insert(entity_key);
             }
-            (Outcome::Applied, Some(key)) if held.contains(&key) => {
-                match release_key(&tx, projection, &key, &mut report, isolate).await? {
+            Outcome::Applied if held.contains(&entity_key) => {
+                match release_key(&tx, projection, &entity_key, &mut report, isolate).await? {
                     Released::All => {
-                        held.remove(&key);
+                        held.remove(&entity_key);
                     }
                     Released::Partly => {}
                     Released::Parked => {
-                        parked.insert(key);
+                        parked.insert(entity_key);
                     }
                 }
             }
             _ => {}
         }
     }
-    tx.commit().await.map_err(|error| fail(&error))?;
+    tx.commit().await.map_err(ApplyError::during("committing"))?;
     Ok(report)
 }
 
@@ -281,13 +250,28 @@ pub(super) enum Source {
 /// The outcome label of a record: its type when the projection handles it, else `other` (or
 /// `invalid` when it cannot be decoded). Bounded by the definition, whatever the events say.
 pub(super) fn label_of(projection: &Projection, record: &Record) -> String {
-    match projection.decode(record) {
-        Decoded::Handled { event, .. } => event.event_type,
-        Decoded::Poison { event_type: Some(event_type), .. } if projection.handlers.contains_key(&event_type) => {
-            event_type
+    label_of_decoded(projection, &projection.decode(record))
+}
+
+/// [`label_of`] of a record already decoded.
+fn label_of_decoded(projection: &Projection, decoded: &Decoded<'_>) -> String {
+    match decoded {
+        Decoded::Handled { event, .. } => event.event_type.clone(),
+        Decoded::Poison { event_type: Some(event_type), .. } if projection.handlers.contains_key(event_type) => {
+            event_type.clone()
         }
         Decoded::Poison { .. } => "invalid".into(),
         Decoded::Ignored { .. } | Decoded::Tombstone => "other".into(),
+    }
+}
+
+/// The event type a decoded record says it is, when it could be read.
+fn event_type_of<'d>(decoded: &'d Decoded<'_>) -> Option<&'d str> {
+    match decoded {
+        Decoded::Handled { event, .. } => Some(&event.event_type),
+        Decoded::Poison { event_type, .. } => event_type.as_deref(),
+        Decoded::Ignored { event_type } => Some(event_type),
+        Decoded::Tombstone => None,
     }
 }
 
@@ -300,12 +284,12 @@ pub(super) struct Processed {
     pub key: Option<String>,
 }
 
-/// Decodes and applies one record.
+/// Applies one decoded record.
 async fn process(
     tx: &Transaction<'_>,
     projection: &Projection,
     record: &Record,
-    decoded: Decoded<'_>,
+    decoded: &Decoded<'_>,
     source: Source,
 ) -> Result<Processed, EventError> {
     let (event, handler) = match decoded {
@@ -313,13 +297,13 @@ async fn process(
             return Ok(Processed { label: "other".into(), outcome: Outcome::Ignored, key: None })
         }
         Decoded::Poison { error, .. } => return Err(EventError::Poison(error.to_string())),
-        Decoded::Handled { event, handler } => (event, handler),
+        Decoded::Handled { event, handler } => (event, *handler),
     };
     let outcome = match &projection.dedupe {
-        Dedupe::EventId => apply_deduped_by_id(tx, projection, &event, handler, record).await?,
-        Dedupe::Version(_) => apply_versioned(tx, projection, &event, handler, record, source).await?,
+        Dedupe::EventId => apply_deduped_by_id(tx, projection, event, handler, record).await?,
+        Dedupe::Version(_) => apply_versioned(tx, projection, event, handler, record, source).await?,
     };
-    Ok(Processed { label: event.event_type, outcome, key: event.key })
+    Ok(Processed { label: event.event_type.clone(), outcome, key: event.key.clone() })
 }
 
 /// Prepares each statement (cached per connection) and binds the event's values to the types
@@ -332,7 +316,7 @@ async fn bind_handler(
 ) -> Result<Vec<(tokio_postgres::Statement, Vec<SqlValue>)>, EventError> {
     let mut bound = Vec::with_capacity(handler.statements.len());
     for statement in &handler.statements {
-        let prepared = tx.prepare_cached(&statement.sql).await?;
+        let prepared = tx.prepare_cached(&statement.sql).await.map_err(event_db("preparing a statement"))?;
         let values = bind_all(statement, prepared.params(), event, record)
             .map_err(|error| EventError::Poison(format!("{} (statement at {})", error, statement.origin)))?;
         bound.push((prepared, values));
@@ -357,12 +341,14 @@ async fn apply_deduped_by_id(
         .prepare_cached(
             "INSERT INTO projector.processed_events (projection, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
-        .await?;
-    if tx.execute(&mark, &[&projection.name, &event_id]).await? == 0 {
+        .await
+        .map_err(event_db("recording the event id"))?;
+    let stored_id = stored::key(event_id);
+    if tx.execute(&mark, &[&projection.name, &stored_id]).await.map_err(event_db("recording the event id"))? == 0 {
         return Ok(Outcome::Duplicate);
     }
     for (statement, values) in &bound {
-        tx.execute(statement, &as_params(values)).await?;
+        tx.execute(statement, &as_params(values)).await.map_err(event_db(STATEMENT))?;
     }
     Ok(Outcome::Applied)
 }
@@ -383,31 +369,51 @@ async fn apply_versioned(
     };
     let bound = bind_handler(tx, handler, event, record).await?;
     let (guard, guard_values) = &bound[0];
-    if tx.execute(guard, &as_params(guard_values)).await? > 0 {
+    if tx.execute(guard, &as_params(guard_values)).await.map_err(event_db(STATEMENT))? > 0 {
         for (statement, values) in &bound[1..] {
-            tx.execute(statement, &as_params(values)).await?;
+            tx.execute(statement, &as_params(values)).await.map_err(event_db(STATEMENT))?;
         }
         return Ok(Outcome::Applied);
     }
 
     // Nothing changed: tell a duplicate from a gap by the row's current version.
-    let lookup = tx.prepare_cached(&table.version_lookup.sql).await?;
+    let lookup = tx.prepare_cached(&table.version_lookup.sql).await.map_err(event_db("looking up the version"))?;
     let key_value = bind_all(&table.version_lookup, lookup.params(), event, record)
         .map_err(|error| EventError::Poison(error.to_string()))?;
-    let found: Option<i64> = tx.query_opt(&lookup, &as_params(&key_value)).await?.map(|row| row.get(0));
+    let row = tx.query_opt(&lookup, &as_params(&key_value)).await.map_err(event_db("looking up the version"))?;
+    let found = match row {
+        Some(row) => match row.try_get::<_, Option<i64>>(0) {
+            Ok(Some(version)) => Some(version),
+            Ok(None) => {
+                return Err(EventError::Poison(format!(
+                    "the row of key `{}` has no version (NULL in `{}`)",
+                    stored::shown_key(key),
+                    table.version_column
+                )))
+            }
+            Err(error) => {
+                return Err(EventError::Poison(format!(
+                    "the version column `{}` does not read as a bigint: {error}",
+                    table.version_column
+                )))
+            }
+        },
+        None => None,
+    };
+    let shown = stored::shown_key(key);
     let guard_kind = handler.statements[0].kind;
     match (guard_kind, found) {
         (_, Some(current)) if current >= version => Ok(Outcome::Duplicate),
         (StatementKind::Create, Some(current)) => Err(EventError::Poison(format!(
-            "`{}` creates key `{key}` at version {version}, but the row exists at version {current}",
+            "`{}` creates key `{shown}` at version {version}, but the row exists at version {current}",
             event.event_type
         ))),
         (StatementKind::Create, None) => Err(EventError::Poison(format!(
-            "`{}` for key `{key}` inserted no row although none exists",
+            "`{}` for key `{shown}` inserted no row although none exists",
             event.event_type
         ))),
         (_, Some(current)) if current == version - 1 => Err(EventError::Poison(format!(
-            "`{}` for key `{key}` changed no row although the row is at version {current}: the statement's other conditions did not match",
+            "`{}` for key `{shown}` changed no row although the row is at version {current}: the statement's other conditions did not match",
             event.event_type
         ))),
         (_, found) => {
@@ -419,6 +425,8 @@ async fn apply_versioned(
     }
 }
 
+/// Holds `record`, an event of `key` whose predecessor has not been applied, in
+/// `projector.held_events`.
 async fn hold(
     tx: &Transaction<'_>,
     projection: &Projection,
@@ -437,7 +445,7 @@ async fn hold(
              ON CONFLICT DO NOTHING",
             &[
                 &projection.name,
-                &key,
+                &stored::key(key),
                 &version,
                 &found,
                 &&*record.topic,
@@ -450,11 +458,12 @@ async fn hold(
                 &record.timestamp_ms,
             ],
         )
-        .await?;
+        .await
+        .map_err(event_db("holding the event"))?;
     let shown = found.map_or("none".to_string(), |found| found.to_string());
     tracing::warn!(
         projection = %projection.name,
-        key,
+        key = %stored::shown_key(key),
         row_version = %shown,
         event_version = version,
         topic = %record.topic,
@@ -466,8 +475,10 @@ async fn hold(
     Ok(())
 }
 
-fn split_headers(record: &Record) -> (Vec<&str>, Vec<Option<&[u8]>>) {
-    record.headers.iter().map(|(name, value)| (name.as_str(), value.as_deref())).unzip()
+/// A record's headers as the two arrays `held_events` and `dead_letters` keep them: names and
+/// values, both as bytes.
+pub(super) fn split_headers(record: &Record) -> (Vec<&[u8]>, Vec<Option<&[u8]>>) {
+    record.headers.iter().map(|(name, value)| (name.as_slice(), value.as_deref())).unzip()
 }
 
 /// Which of a batch's keys have held events, and which have parked ones.
@@ -476,8 +487,8 @@ struct KeyStates {
     parked: BTreeSet<String>,
 }
 
-/// One round trip: the keys among `keys` with held events (versioned projections only hold) and
-/// those with parked events.
+/// One round trip: the keys among `keys` (as stored) with held events (versioned projections
+/// only hold) and those with parked events.
 async fn key_states(
     tx: &Transaction<'_>,
     projection: &Projection,
@@ -498,8 +509,11 @@ async fn key_states(
               WHERE projection = $1 AND state = 'parked' AND entity_key = ANY($2)",
         )
         .await
-        .map_err(|error| fail(&error))?;
-    let rows = tx.query(&statement, &[&projection.name, &keys]).await.map_err(|error| fail(&error))?;
+        .map_err(ApplyError::during("reading the keys' states"))?;
+    let rows = tx
+        .query(&statement, &[&projection.name, &keys])
+        .await
+        .map_err(ApplyError::during("reading the keys' states"))?;
     for row in rows {
         let set = if row.get::<_, bool>(0) { &mut states.held } else { &mut states.parked };
         set.insert(row.get(1));
@@ -508,12 +522,12 @@ async fn key_states(
 }
 
 /// Runs one record, inside a savepoint when `isolate`. `Ok(None)`: it was parked (poison), under
-/// `key`.
+/// `key` (as stored).
 async fn run_isolated(
     tx: &Transaction<'_>,
     projection: &Projection,
     record: &Record,
-    decoded: Decoded<'_>,
+    decoded: &Decoded<'_>,
     source: Source,
     key: Option<&str>,
     isolate: bool,
@@ -521,50 +535,59 @@ async fn run_isolated(
     match try_event(tx, projection, record, decoded, source, isolate).await? {
         Ok(processed) => Ok(Some(processed)),
         Err(message) => {
-            park(tx, projection, record, key, ParkClass::Poison, &message).await.map_err(|error| fail(&error))?;
+            park(tx, projection, record, event_type_of(decoded), key, ParkClass::Poison, &message).await?;
             Ok(None)
         }
     }
 }
 
+/// What a failed statement is called in an event's error.
+const STATEMENT: &str = "statement";
+
 /// Runs one record, inside a savepoint when `isolate`. `Ok(Err(message))`: it is poison, and
-/// (isolated) left no trace.
+/// (isolated) left no trace. A database error of class [`ErrorClass::Poison`] while it runs is
+/// that event's: isolated, it rolls back to the savepoint and the event is poison; not isolated,
+/// the batch must be retried isolated ([`ApplyError::Isolate`]).
 pub(super) async fn try_event(
     tx: &Transaction<'_>,
     projection: &Projection,
     record: &Record,
-    decoded: Decoded<'_>,
+    decoded: &Decoded<'_>,
     source: Source,
     isolate: bool,
 ) -> Result<Result<Processed, String>, ApplyError> {
     if isolate {
-        tx.batch_execute("SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
+        tx.batch_execute("SAVEPOINT projector_event").await.map_err(ApplyError::during("opening a savepoint"))?;
     }
     let message = match process(tx, projection, record, decoded, source).await {
         Ok(processed) => {
             if isolate {
-                tx.batch_execute("RELEASE SAVEPOINT projector_event").await.map_err(|error| fail(&error))?;
+                tx.batch_execute("RELEASE SAVEPOINT projector_event")
+                    .await
+                    .map_err(ApplyError::during("releasing a savepoint"))?;
             }
             return Ok(Ok(processed));
         }
         Err(EventError::Poison(message)) => message,
-        Err(EventError::Db(error)) => match classify(&error) {
-            ErrorClass::Poison if isolate => describe(&error),
+        Err(EventError::Db(during, error)) => match class_of(&error) {
             ErrorClass::Poison => {
-                return Err(ApplyError::EventFailed {
-                    topic: record.topic.to_string(),
-                    partition: record.partition,
-                    offset: record.offset,
-                    message: describe(&error),
-                })
+                let message =
+                    if during == STATEMENT { describe(&error) } else { format!("{during}: {}", describe(&error)) };
+                if !isolate {
+                    return Err(ApplyError::Isolate(format!(
+                        "`{}` partition {} offset {}: {message}",
+                        record.topic, record.partition, record.offset
+                    )));
+                }
+                message
             }
-            _ => return Err(fail(&error)),
+            _ => return Err(ApplyError::database(during, error)),
         },
     };
     if isolate {
         tx.batch_execute("ROLLBACK TO SAVEPOINT projector_event; RELEASE SAVEPOINT projector_event")
             .await
-            .map_err(|error| fail(&error))?;
+            .map_err(ApplyError::during("rolling back to a savepoint"))?;
     }
     Ok(Err(message))
 }
@@ -579,8 +602,7 @@ pub(super) enum Released {
     Parked,
 }
 
-/// Applies the held events of `key` in version order, as far as they follow on. Returns true
-/// when none is left held.
+/// Applies the held events of `key` (as stored) in version order, as far as they follow on.
 pub(super) async fn release_key(
     tx: &Transaction<'_>,
     projection: &Projection,
@@ -598,27 +620,27 @@ pub(super) async fn release_key(
             &[&projection.name, &key],
         )
         .await
-        .map_err(|error| fail(&error))?;
+        .map_err(ApplyError::during("reading held events"))?;
     let mut result = Released::All;
     for row in rows {
         let version: i64 = row.get(0);
         let record = record_at(&row, 1);
         let decoded = projection.decode(&record);
-        match run_isolated(tx, projection, &record, decoded, Source::Held, Some(key), isolate).await? {
+        match run_isolated(tx, projection, &record, &decoded, Source::Held, Some(key), isolate).await? {
             // Its predecessor is still missing: it and its successors stay held.
             Some(Processed { outcome: Outcome::Gap, .. }) => {
                 result = Released::Partly;
                 break;
             }
             Some(Processed { label, outcome: Outcome::Applied, .. }) => {
-                tracing::info!(projection = %projection.name, key, version, "held event applied: its predecessor arrived");
+                tracing::info!(projection = %projection.name, key = %stored::shown_key(key), version, "held event applied: its predecessor arrived");
                 report.released += 1;
                 report.count(&label, Outcome::Applied);
             }
             // Already reflected (a redelivered copy applied first), or no longer handled.
             Some(_) => {}
             None => {
-                report.count(&label_of(projection, &record), Outcome::Parked);
+                report.count(&label_of_decoded(projection, &decoded), Outcome::Parked);
                 result = Released::Parked;
             }
         }
@@ -627,7 +649,7 @@ pub(super) async fn release_key(
             &[&projection.name, &key, &version],
         )
         .await
-        .map_err(|error| fail(&error))?;
+        .map_err(ApplyError::during("releasing held events"))?;
         if matches!(result, Released::Parked) {
             // Its successors stay held; they are parked behind it when they time out, or applied
             // after it by `projector parked retry`.
@@ -640,7 +662,7 @@ pub(super) async fn release_key(
 /// The record stored in `row` from column `first` on: topic, partition, offset, key, value,
 /// header names, header values, timestamp (as `held_events` and `dead_letters` keep them).
 pub(super) fn record_at(row: &tokio_postgres::Row, first: usize) -> Record {
-    let names: Vec<String> = row.get(first + 5);
+    let names: Vec<Vec<u8>> = row.get(first + 5);
     let values: Vec<Option<Vec<u8>>> = row.get(first + 6);
     Record {
         topic: row.get::<_, &str>(first).into(),
@@ -653,30 +675,29 @@ pub(super) fn record_at(row: &tokio_postgres::Row, first: usize) -> Record {
     }
 }
 
-/// Parks `record` under `key` (see [`Projection::parking_key`]).
+/// Parks `record` under `key` (see [`Projection::parking_key`]; stored as [`stored::key`] stores
+/// it), with its raw bytes as they came, whatever they hold.
 pub(super) async fn park(
     tx: &Transaction<'_>,
     projection: &Projection,
     record: &Record,
+    event_type: Option<&str>,
     key: Option<&str>,
     class: ParkClass,
     message: &str,
-) -> Result<(), tokio_postgres::Error> {
-    let event_type = match projection.decode(record) {
-        Decoded::Handled { event, .. } => Some(event.event_type),
-        Decoded::Poison { event_type, .. } => event_type,
-        Decoded::Ignored { event_type } => Some(event_type),
-        Decoded::Tombstone => None,
-    };
+) -> Result<(), ApplyError> {
+    let key = key.map(stored::key);
+    let event_type = event_type.map(stored::message);
+    let message = stored::message(message);
     let (names, values) = split_headers(record);
     tracing::warn!(
         projection = %projection.name,
         topic = %record.topic,
         partition = record.partition,
         offset = record.offset,
-        key = key.unwrap_or(""),
+        key = %key.as_deref().map(stored::shown_key).unwrap_or_default(),
         class = class.as_str(),
-        error = message,
+        error = %message,
         "event parked"
     );
     tx.execute(
@@ -702,7 +723,8 @@ pub(super) async fn park(
             &projection.hash,
         ],
     )
-    .await?;
+    .await
+    .map_err(ApplyError::during("parking"))?;
     Ok(())
 }
 
@@ -720,7 +742,7 @@ pub async fn park_expired_gaps(
     if partitions.is_empty() {
         return Ok(0);
     }
-    let tx = client.transaction().await.map_err(|error| fail(&error))?;
+    let tx = client.transaction().await.map_err(ApplyError::during("beginning the gap sweep"))?;
     let topics: Vec<&str> = partitions.iter().map(|((topic, _), _)| topic.as_str()).collect();
     let numbers: Vec<i32> = partitions.iter().map(|((_, partition), _)| *partition).collect();
     // Cheap when nothing is expired: one indexed read, no locks.
@@ -732,7 +754,7 @@ pub async fn park_expired_gaps(
             &[&projection.name, &topics, &numbers, &(after_secs as f64)],
         )
         .await
-        .map_err(|error| fail(&error))?
+        .map_err(ApplyError::during("counting expired gaps"))?
         .get(0);
     if expired == 0 {
         return Ok(0);
@@ -747,7 +769,7 @@ pub async fn park_expired_gaps(
             &projection.hash,
         )
         .await
-        .map_err(|error| fail(&error))?;
+        .map_err(ApplyError::during("moving the checkpoints"))?;
         if !kept {
             return Err(ApplyError::Fenced { partition: partition.clone() });
         }
@@ -764,20 +786,20 @@ pub async fn park_expired_gaps(
             &[&projection.name, &topics, &numbers, &(after_secs as f64)],
         )
         .await
-        .map_err(|error| fail(&error))?;
+        .map_err(ApplyError::during("taking expired gaps"))?;
     let mut expired: Vec<(String, i64, Option<i64>, String, Record)> =
         rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(11), record_at(&row, 3))).collect();
     expired.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
     for (key, version, found, held_at, record) in &expired {
         let row = found.map_or("no row".to_string(), |found| format!("the row at version {found}"));
         let message = format!(
-            "held since {held_at} for the predecessor of version {version} of key `{key}` ({row}), which did not \
-             arrive within {after_secs} s"
+            "held since {held_at} for the predecessor of version {version} of key `{}` ({row}), which did not \
+             arrive within {after_secs} s",
+            stored::shown_key(key)
         );
-        park(&tx, projection, record, Some(key), ParkClass::GapTimeout, &message)
-            .await
-            .map_err(|error| fail(&error))?;
+        let decoded = projection.decode(record);
+        park(&tx, projection, record, event_type_of(&decoded), Some(key), ParkClass::GapTimeout, &message).await?;
     }
-    tx.commit().await.map_err(|error| fail(&error))?;
+    tx.commit().await.map_err(ApplyError::during("committing the gap sweep"))?;
     Ok(expired.len() as u64)
 }

@@ -25,8 +25,8 @@ use futures::stream::{FuturesOrdered, TryStreamExt};
 use postgres_protocol::types::ArrayDimension;
 use postgres_types::{IsNull, Kind, ToSql, Type};
 
-use super::apply::{ApplyError, BatchReport, Outcome};
-use super::describe;
+use super::apply::{ApplyError, BatchReport, ErrorClass, Outcome};
+use super::{describe, stored};
 use crate::projection::set_based::SetBased;
 use crate::projection::value::{bind_all, SqlValue};
 use crate::projection::{Decoded, Dedupe, Event, Handler, Projection, Record, StatementKind, VersionedTable};
@@ -36,10 +36,6 @@ pub enum Fast {
     Done(BatchReport),
     /// Nothing was written: take the careful path.
     Declined,
-}
-
-fn failed(error: &tokio_postgres::Error) -> ApplyError {
-    super::apply::fail(error)
 }
 
 /// One event the fast path will apply: its statements, bound, as compiled and as prepared.
@@ -73,7 +69,10 @@ pub async fn try_apply(
                     let prepared = match prepared_for.iter().find(|(known, _)| std::ptr::eq(*known, statement)) {
                         Some((_, prepared)) => prepared.clone(),
                         None => {
-                            let prepared = tx.prepare_cached(&statement.sql).await.map_err(|error| failed(&error))?;
+                            let prepared = tx
+                                .prepare_cached(&statement.sql)
+                                .await
+                                .map_err(ApplyError::during("preparing a statement"))?;
                             prepared_for.push((statement, prepared.clone()));
                             prepared
                         }
@@ -130,10 +129,11 @@ pub async fn try_apply(
             }
         }
         Dedupe::EventId => {
-            let mut ids: Vec<&str> = Vec::new();
+            // Ids as `processed_events` stores them.
+            let mut ids: Vec<std::borrow::Cow<'_, str>> = Vec::new();
             for (event, _, _) in &events {
                 match &event.event_id {
-                    Some(id) => ids.push(id),
+                    Some(id) => ids.push(stored::key(id)),
                     None => return Ok(declined(projection, "an event has no id")),
                 }
             }
@@ -143,11 +143,11 @@ pub async fn try_apply(
                     &[&projection.name, &ids],
                 )
                 .await
-                .map_err(|error| failed(&error))?;
+                .map_err(ApplyError::during("reading processed event ids"))?;
             let mut seen: HashSet<String> = seen.into_iter().map(|row| row.get(0)).collect();
             let mut new_ids: Vec<String> = Vec::new();
-            for (event, _, planned) in events {
-                let id = event.event_id.clone().expect("checked above");
+            for ((event, _, planned), id) in events.into_iter().zip(ids) {
+                let id = id.into_owned();
                 if seen.insert(id.clone()) {
                     new_ids.push(id);
                     applied.push(planned);
@@ -164,7 +164,7 @@ pub async fn try_apply(
                         &[&projection.name, &new_ids],
                     )
                     .await
-                    .map_err(|error| failed(&error))?;
+                    .map_err(ApplyError::during("recording event ids"))?;
                 if inserted as usize != new_ids.len() {
                     return Err(ApplyError::Mispredicted(format!(
                         "{} of {} new event ids were already processed",
@@ -194,7 +194,7 @@ pub async fn try_apply(
             pipeline.push_back(async move { tx.execute(statement, &params).await.map(|rows| (rows, must_change)) });
         }
     }
-    let results: Vec<(u64, bool)> = pipeline.try_collect().await.map_err(|error| fast_error(&error))?;
+    let results: Vec<(u64, bool)> = pipeline.try_collect().await.map_err(fast_error)?;
     if let Some(position) = results.iter().position(|(rows, must_change)| *must_change && *rows == 0) {
         return Err(ApplyError::Mispredicted(format!("guarded statement {position} of the batch changed no row")));
     }
@@ -281,7 +281,7 @@ async fn apply_guarded(
     for group in waves.iter().flatten() {
         let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
         let sql = group.set.sql_returning(&types, &table.key_column);
-        let prepared = tx.prepare_cached(&sql).await.map_err(|error| failed(&error))?;
+        let prepared = tx.prepare_cached(&sql).await.map_err(ApplyError::during("preparing a set-based statement"))?;
         statements.push((prepared, columns(group, types.len()), group));
     }
     let mut pipeline = FuturesOrdered::new();
@@ -289,8 +289,7 @@ async fn apply_guarded(
         let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|column| column as &(dyn ToSql + Sync)).collect();
         pipeline.push_back(async move { tx.query(statement, &params).await.map(|rows| (rows, *group)) });
     }
-    let results: Vec<(Vec<tokio_postgres::Row>, &Group)> =
-        pipeline.try_collect().await.map_err(|error| fast_error(&error))?;
+    let results: Vec<(Vec<tokio_postgres::Row>, &Group)> = pipeline.try_collect().await.map_err(fast_error)?;
     let mut applied = vec![false; events.len()];
     for (rows, group) in &results {
         let changed: foldhash::HashSet<&str> = rows.iter().map(|row| row.get::<_, &str>(0)).collect();
@@ -374,7 +373,10 @@ async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> 
     let mut statements: Vec<(tokio_postgres::Statement, Vec<Column<'_>>, u64)> = Vec::new();
     for group in waves.iter().flatten() {
         let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
-        let prepared = tx.prepare_cached(&group.set.sql(&types)).await.map_err(|error| failed(&error))?;
+        let prepared = tx
+            .prepare_cached(&group.set.sql(&types))
+            .await
+            .map_err(ApplyError::during("preparing a set-based statement"))?;
         statements.push((prepared, columns(group, types.len()), group.events.len() as u64));
     }
     let mut pipeline = FuturesOrdered::new();
@@ -382,7 +384,7 @@ async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> 
         let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|column| column as &(dyn ToSql + Sync)).collect();
         pipeline.push_back(async move { tx.execute(statement, &params).await.map(|rows| (rows, *size)) });
     }
-    let results: Vec<(u64, u64)> = pipeline.try_collect().await.map_err(|error| fast_error(&error))?;
+    let results: Vec<(u64, u64)> = pipeline.try_collect().await.map_err(fast_error)?;
     if let Some((rows, size)) = results.iter().find(|(rows, size)| rows != size) {
         return Err(ApplyError::Mispredicted(format!("a set-based statement for {size} events changed {rows} rows")));
     }
@@ -436,10 +438,10 @@ fn declined(projection: &Projection, why: &str) -> Fast {
 
 /// A statement failing on the fast path: data errors go to the careful path, which parks the
 /// event responsible alone.
-fn fast_error(error: &tokio_postgres::Error) -> ApplyError {
-    match error.as_db_error().map(|db| &db.code().code()[..2]) {
-        Some("22" | "23") => ApplyError::Mispredicted(describe(error)),
-        _ => failed(error),
+fn fast_error(error: tokio_postgres::Error) -> ApplyError {
+    match super::error::class_of(&error) {
+        ErrorClass::Poison => ApplyError::Mispredicted(describe(&error)),
+        _ => ApplyError::database("applying the batch", error),
     }
 }
 
@@ -450,9 +452,13 @@ async fn current_versions(
     keys: &[&str],
 ) -> Result<HashMap<String, Option<i64>>, ApplyError> {
     let sql = lookup_sql(tx, table).await?;
-    let statement = tx.prepare_cached(&sql).await.map_err(|error| failed(&error))?;
-    let rows = tx.query(&statement, &[&keys]).await.map_err(|error| failed(&error))?;
-    Ok(rows.into_iter().map(|row| (row.get::<_, String>(0), Some(row.get::<_, i64>(1)))).collect())
+    let statement = tx.prepare_cached(&sql).await.map_err(ApplyError::during("preparing the version look-up"))?;
+    // A key Postgres cannot read as the key column's type (a NUL, a malformed uuid) fails the
+    // look-up as data: the careful path then parks its event.
+    let rows = tx.query(&statement, &[&keys]).await.map_err(fast_error)?;
+    // A row whose version is NULL reads as no row: the prediction then fails and the careful
+    // path says why.
+    Ok(rows.into_iter().map(|row| (row.get::<_, String>(0), row.get::<_, Option<i64>>(1))).collect())
 }
 
 /// `SELECT key::text, version FROM table WHERE key = ANY($1::text[]::<key type>[])`: the key
@@ -473,14 +479,14 @@ async fn lookup_sql(tx: &Transaction<'_>, table: &VersionedTable) -> Result<Stri
             &[&table.table, &table.key_column],
         )
         .await
-        .map_err(|error| failed(&error))?;
+        .map_err(ApplyError::during("reading the key column's type"))?;
     let key_type: String = row.get(0);
     // A join with `unnest`, run with hash and merge joins off (see `try_apply`): a nested
     // loop probing the key's index once per key. (`= ANY(array)` was planned, with the array's
     // hundreds of keys known, as a sequential scan of the whole table filtering on a hash of the
     // keys: its cost grew with the table.)
     let sql = format!(
-        "SELECT t.{key}::text, t.{version} FROM unnest($1::text[]) AS projector_keys(key)
+        "SELECT t.{key}::text, t.{version}::bigint FROM unnest($1::text[]) AS projector_keys(key)
            JOIN {table} AS t ON t.{key} = projector_keys.key::{key_type}",
         version = table.version_column,
         table = table.table,

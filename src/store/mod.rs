@@ -3,9 +3,11 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod error;
 pub mod fast;
 pub mod parked;
 pub mod rebuild;
+pub mod stored;
 pub mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

@@ -8,10 +8,8 @@
 use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 
-use super::apply::{
-    fail, label_of, release_key, try_event, ApplyError, BatchReport, Outcome, Processed, Released, Source,
-};
-use super::{describe, StoreError};
+use super::apply::{label_of, release_key, try_event, ApplyError, BatchReport, Outcome, Processed, Released, Source};
+use super::{describe, stored, StoreError};
 use crate::projection::{Projection, Record};
 
 /// One parked event.
@@ -76,7 +74,7 @@ const COLUMNS: &str = "id, projection, entity_key, event_type, topic, partition,
     header_names, header_values, timestamp_ms";
 
 fn parked_of(row: &Row) -> Parked {
-    let names: Vec<String> = row.get(17);
+    let names: Vec<Vec<u8>> = row.get(17);
     let values: Vec<Option<Vec<u8>>> = row.get(18);
     Parked {
         id: row.get(0),
@@ -117,8 +115,10 @@ pub async fn list(client: &impl tokio_postgres::GenericClient, filter: &Filter) 
           ORDER BY id
           LIMIT $5"
     );
+    // A key is looked up as it is stored: as given, or by its digest (see `stored::key`).
+    let key = filter.key.as_deref().map(stored::key);
     let rows = client
-        .query(&sql, &[&filter.projection, &filter.key, &filter.error, &filter.all_states, &filter.limit])
+        .query(&sql, &[&filter.projection, &key, &filter.error, &filter.all_states, &filter.limit])
         .await
         .map_err(|error| StoreError::postgres(&error))?;
     Ok(rows.iter().map(parked_of).collect())
@@ -197,7 +197,7 @@ async fn units(
                 .query(
                     "SELECT $2::text, NULL::bigint WHERE EXISTS (SELECT FROM projector.dead_letters
                       WHERE projection = $1 AND entity_key = $2 AND state = 'parked')",
-                    &[&projection, key],
+                    &[&projection, &stored::key(key)],
                 )
                 .await
         }
@@ -274,10 +274,10 @@ async fn record_action(
     tx.execute(
         "INSERT INTO projector.parked_actions (dead_letter_id, projection, entity_key, action, result, reason)
          VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&parked.id, &parked.projection, &parked.entity_key, &action, &result, &reason],
+        &[&parked.id, &parked.projection, &parked.entity_key, &action, &stored::message(result), &reason],
     )
     .await
-    .map_err(|error| fail(&error))?;
+    .map_err(ApplyError::during("recording the action"))?;
     Ok(())
 }
 
@@ -304,7 +304,7 @@ pub async fn retry(
         let mut report = BatchReport::default();
         for parked in parked_of_unit(&tx, &projection.name, &unit).await? {
             let decoded = projection.decode(&parked.record);
-            match try_event(&tx, projection, &parked.record, decoded, Source::Kafka, true).await? {
+            match try_event(&tx, projection, &parked.record, &decoded, Source::Kafka, true).await? {
                 Ok(Processed { outcome, .. }) => {
                     tx.execute(
                         "UPDATE projector.dead_letters
@@ -313,7 +313,7 @@ pub async fn retry(
                         &[&parked.id, &outcome.as_str()],
                     )
                     .await
-                    .map_err(|error| fail(&error))?;
+                    .map_err(ApplyError::during("marking the event retried"))?;
                     record_action(&tx, &parked, "retry", outcome.as_str(), None).await?;
                     retried.done.push((parked.id, outcome.as_str().to_string()));
                     if let (Outcome::Applied, Some(key)) = (outcome, &retried.key) {
@@ -330,10 +330,10 @@ pub async fn retry(
                         "UPDATE projector.dead_letters
                             SET attempts = attempts + 1, error_class = 'poison', error = $2
                           WHERE id = $1",
-                        &[&parked.id, &message],
+                        &[&parked.id, &stored::message(&message)],
                     )
                     .await
-                    .map_err(|error| fail(&error))?;
+                    .map_err(ApplyError::during("parking the event again"))?;
                     record_action(&tx, &parked, "retry", &format!("parked again: {message}"), None).await?;
                     tracing::warn!(projection = %projection.name, id = parked.id, label = %label_of(projection, &parked.record), %message, "retried event parked again");
                     retried.parked_again = Some((parked.id, message));
@@ -342,7 +342,7 @@ pub async fn retry(
             }
         }
         retried.released = report.released;
-        tx.commit().await.map_err(|error| fail(&error))?;
+        tx.commit().await.map_err(ApplyError::during("committing the retry"))?;
         results.push(retried);
     }
     Ok(results)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use projector::kafka::mock::MockKafka;
 use projector::projection::{compile_file, Projection};
 use projector::settings::Settings;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
@@ -90,12 +90,12 @@ pub fn deposited(key: &str, version: i64, amount: i64) -> Value {
     event(key, version, "Deposited", json!({"amount": amount, "note": format!("deposit {version}")}))
 }
 
-/// A record as published: every part optional, any bytes.
+/// A record as published: every part optional, any bytes (header names too).
 #[derive(Debug, Clone, Default)]
 pub struct Raw {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Raw {
@@ -122,9 +122,9 @@ pub async fn publish(bootstrap: &str, topic: &str, records: &[Raw]) {
         .create()
         .expect("producer");
     for record in records {
-        let mut headers = OwnedHeaders::new();
+        let headers = OwnedHeaders::new();
         for (name, value) in &record.headers {
-            headers = headers.insert(Header { key: name, value: Some(value) });
+            add_header(&headers, name, value);
         }
         let mut future: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
         if let Some(key) = &record.key {
@@ -135,6 +135,23 @@ pub async fn publish(bootstrap: &str, topic: &str, records: &[Raw]) {
         }
         producer.send(future, Duration::from_secs(10)).await.map_err(|(error, _)| error).expect("publishing");
     }
+}
+
+/// Adds a header whose name is any bytes (rdkafka's `OwnedHeaders::insert` takes only `&str`).
+fn add_header(headers: &OwnedHeaders, name: &[u8], value: &[u8]) {
+    use rdkafka::bindings as rdsys;
+    let native = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders as *mut rdsys::rd_kafka_headers_t;
+    // SAFETY: `native` is the live header list `headers` owns; librdkafka copies name and value.
+    let error = unsafe {
+        rdsys::rd_kafka_header_add(
+            native,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        )
+    };
+    assert_eq!(error, rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR, "adding a header");
 }
 
 /// `(version, balance as text, note)` of account `key`, `None` without a row.
