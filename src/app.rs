@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -25,6 +26,10 @@ pub enum AppError {
     /// the others committed their batches in flight and stopped too.
     #[error("stopped: {}", .0.join("; "))]
     Fatal(Vec<String>),
+    /// Some projections did not stop within `shutdown_timeout_secs`: their batches in flight were
+    /// rolled back (they are read again by whoever runs the projections next).
+    #[error("projections did not stop within {seconds} s, their batches in flight rolled back: {}", .projections.join(", "))]
+    ShutdownTimeout { seconds: u64, projections: Vec<String> },
 }
 
 /// Runs the engine until `shutdown` completes, then lets every projection commit or roll back
@@ -39,6 +44,9 @@ pub async fn run(
         return Err(AppError::NoProjections(settings.projections_dir.display().to_string()));
     }
     tracing::info!(database = %redact_url(&settings.database.url), kafka = %settings.kafka.bootstrap_servers, "starting");
+    for warning in crate::kafka::property_warnings(&settings.kafka) {
+        tracing::warn!("{warning}");
+    }
     store::fast::set_based_enabled(settings.batch.set_based);
     let pool = store::connect(&settings.database.url, settings.database.pool_size).await?;
     for migration in store::migrate(&settings.database.url).await? {
@@ -79,17 +87,20 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            finished = workers.join_next() => match finished {
+            finished = workers.join_next_with_id() => match finished {
                 None => break,
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(error))) => {
+                Some(Ok((id, Ok(())))) => {
+                    names.remove(&id);
+                }
+                Some(Ok((id, Err(error)))) => {
+                    names.remove(&id);
                     tracing::error!(%error, "projection failed: stopping the engine");
                     failures.push(error.to_string());
                     break;
                 }
                 Some(Err(panic)) => {
-                    if let Some(name) = names.get(&panic.id()) {
-                        metrics.set_state(name, "failed");
+                    if let Some(name) = names.remove(&panic.id()) {
+                        metrics.set_state(&name, "failed");
                     }
                     tracing::error!(%panic, "projection worker panicked: stopping the engine");
                     failures.push(format!("worker panicked: {panic}"));
@@ -100,9 +111,32 @@ pub async fn run(
     }
     tracing::info!("shutting down: committing batches in flight");
     let _ = stop.send(true);
-    while let Some(result) = workers.join_next().await {
-        if let Ok(Err(error)) = result {
-            failures.push(error.to_string());
+    // Each worker commits (or rolls back) its batches in flight and leaves its group, within the
+    // deadline; past it, what is left is aborted: its transactions roll back, nothing is lost.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(settings.shutdown_timeout_secs);
+    loop {
+        match tokio::time::timeout_at(deadline, workers.join_next_with_id()).await {
+            Ok(None) => break,
+            Ok(Some(Ok((id, result)))) => {
+                names.remove(&id);
+                if let Err(error) = result {
+                    failures.push(error.to_string());
+                }
+            }
+            Ok(Some(Err(panic))) => {
+                names.remove(&panic.id());
+                failures.push(format!("worker panicked: {panic}"));
+            }
+            Err(_) => {
+                let mut late: Vec<String> = names.into_values().collect();
+                late.sort();
+                workers.abort_all();
+                while workers.join_next().await.is_some() {}
+                tracing::error!(seconds = settings.shutdown_timeout_secs, projections = ?late,
+                    "shutdown took too long: batches in flight rolled back");
+                pool.close();
+                return Err(AppError::ShutdownTimeout { seconds: settings.shutdown_timeout_secs, projections: late });
+            }
         }
     }
     pool.close();

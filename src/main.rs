@@ -42,6 +42,12 @@ enum Command {
         /// The projection.
         name: String,
     },
+    /// Accept that the broker deleted records a projection had not read (retention): move its
+    /// checkpoints that are below their partition's log start to it, so that it reads on.
+    AcceptDataLoss {
+        /// The projection.
+        name: String,
+    },
     /// Drop the old tables that shadow rebuilds of a projection kept.
     DropRetired {
         /// The projection.
@@ -287,6 +293,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let changed = projector::rebuild::accept(&settings, &projection).await?;
             println!("accepted the current definition of `{name}` ({changed} checkpoint(s) updated)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::AcceptDataLoss { name } => {
+            let projection = match find_projection(&settings, &name)? {
+                Ok(projection) => projection,
+                Err(code) => return Ok(code),
+            };
+            let moved = projector::rebuild::accept_data_loss(&settings, &projection).await?;
+            if moved.is_empty() {
+                println!("no checkpoint of `{name}` is below its partition's log start: nothing to accept");
+            }
+            for ((topic, partition), from, to) in moved {
+                println!(
+                    "`{name}`: `{topic}` partition {partition} moved from {from} to {to} ({} record(s) lost)",
+                    to - from
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::DropRetired { name } => {

@@ -30,6 +30,15 @@ pub struct Metrics {
     /// `projector_gap_timeouts_total{projection}`: held events parked because their predecessor
     /// did not arrive within `parking.gap_timeout_secs` (counted as `gap` when they arrived).
     pub gap_timeouts: IntCounterVec,
+    /// `projector_batch_retries_total{projection}`: failed attempts at a batch that were retried
+    /// (transient failures, and failures no one event can be blamed for).
+    pub batch_retries: IntCounterVec,
+    /// `projector_retry_backoff_seconds{projection}`: the wait before the next attempt of a
+    /// failing batch; 0 once a batch commits.
+    pub retry_backoff: GaugeVec,
+    /// `projector_records_lost_total{projection,topic,partition}`: records the broker no longer
+    /// holds that a projection had not read (retention passed its checkpoint).
+    pub records_lost: IntCounterVec,
     /// `projector_last_commit_timestamp_seconds{projection}`.
     pub last_commit: IntGaugeVec,
     /// `projector_checkpoint_offset{projection,topic,partition}`.
@@ -97,6 +106,30 @@ impl Metrics {
             &["projection"],
         )
         .expect("valid metric");
+        let batch_retries = IntCounterVec::new(
+            Opts::new(
+                "projector_batch_retries_total",
+                "Failed attempts at a batch that were retried (transient failures, or failures no one event can be blamed for)",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric");
+        let retry_backoff = GaugeVec::new(
+            Opts::new(
+                "projector_retry_backoff_seconds",
+                "Wait before the next attempt of a failing batch; 0 once a batch commits",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric");
+        let records_lost = IntCounterVec::new(
+            Opts::new(
+                "projector_records_lost_total",
+                "Records the broker no longer holds (retention) that the projection had not read",
+            ),
+            &PARTITION_LABELS,
+        )
+        .expect("valid metric");
         let last_commit = int_gauge(
             "projector_last_commit_timestamp_seconds",
             "Unix time of the projection's last committed batch",
@@ -138,6 +171,9 @@ impl Metrics {
             Box::new(batch_events.clone()),
             Box::new(batches.clone()),
             Box::new(gap_timeouts.clone()),
+            Box::new(batch_retries.clone()),
+            Box::new(retry_backoff.clone()),
+            Box::new(records_lost.clone()),
             Box::new(last_commit.clone()),
             Box::new(checkpoint.clone()),
             Box::new(state.clone()),
@@ -160,6 +196,9 @@ impl Metrics {
             batch_events,
             batches,
             gap_timeouts,
+            batch_retries,
+            retry_backoff,
+            records_lost,
             last_commit,
             checkpoint,
             state,
@@ -181,6 +220,24 @@ impl Metrics {
             }
         }
         self.gap_timeouts.with_label_values(&[projection]);
+        self.batch_retries.with_label_values(&[projection]);
+        self.retry_backoff.with_label_values(&[projection]);
+    }
+
+    /// A failed attempt at a batch, to be retried after `wait`.
+    pub fn record_retry(&self, projection: &str, wait: std::time::Duration) {
+        self.batch_retries.with_label_values(&[projection]).inc();
+        self.set_retry_backoff(projection, wait);
+    }
+
+    /// `projector_retry_backoff_seconds`: `wait`, or 0 after a commit.
+    pub fn set_retry_backoff(&self, projection: &str, wait: std::time::Duration) {
+        self.retry_backoff.with_label_values(&[projection]).set(wait.as_secs_f64());
+    }
+
+    /// Records of a partition found gone before the projection read them.
+    pub fn record_lost(&self, projection: &str, topic: &str, partition: i32, records: u64) {
+        self.records_lost.with_label_values(&[projection, topic, &partition.to_string()]).inc_by(records);
     }
 
     /// Records a committed batch.

@@ -689,6 +689,22 @@ pub async fn drop_retired(settings: &Settings, name: &str) -> Result<Vec<String>
     Ok(schemas)
 }
 
+/// `projector accept-data-loss NAME`: moves each checkpoint of the projection that is below its
+/// partition's log start (the broker deleted records the projection had not read) to the log
+/// start, so that the projection reads on from there. Returns what moved: (partition, from, to).
+pub async fn accept_data_loss(
+    settings: &Settings,
+    projection: &Projection,
+) -> Result<Vec<(TopicPartition, i64, i64)>, RebuildError> {
+    let low: HashMap<TopicPartition, i64> = watermarks(settings, &projection.topics)
+        .await?
+        .into_iter()
+        .map(|(partition, (low, _))| (partition, low))
+        .collect();
+    let client = store::connect_client(&settings.database.url).await?;
+    Ok(checkpoint::accept_data_loss(&client, &projection.name, &low).await?)
+}
+
 /// `projector accept NAME`: keep the rows, apply the current definition from here on.
 pub async fn accept(settings: &Settings, projection: &Projection) -> Result<u64, RebuildError> {
     let client = store::connect_client(&settings.database.url).await?;

@@ -26,6 +26,48 @@ pub struct Settings {
     pub batch: BatchSettings,
     pub http: HttpSettings,
     pub parking: ParkingSettings,
+    #[serde(default)]
+    pub retry: RetrySettings,
+    /// On SIGINT or SIGTERM, how long the batches in flight may take to commit before they are
+    /// abandoned (rolled back: read again by whoever runs the projection next) and the process
+    /// exits with code 1.
+    #[serde(default = "twenty")]
+    pub shutdown_timeout_secs: u64,
+}
+
+fn twenty() -> u64 {
+    20
+}
+
+/// How batches that fail are retried (`[retry]`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Failed attempts in a row (a lost connection, a deadlock, an error no one event can be
+    /// blamed for) after which the projection is reported `failed`. It keeps retrying, at most
+    /// every `max_backoff_ms`, and is `running` again once a batch commits.
+    pub max_attempts: u32,
+    /// The longest wait between two attempts, in milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings { max_attempts: 10, max_backoff_ms: 30_000 }
+    }
+}
+
+/// What happens when records are gone from the broker before a projection read them (retention
+/// passed its checkpoint, or the topic was created again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDataLoss {
+    /// Count them, hold the partition and report the projection `failed` until an operator
+    /// rebuilds it or accepts the loss (`projector accept-data-loss`).
+    #[default]
+    Fail,
+    /// Count them, log them, and go on from the partition's log start.
+    Skip,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -40,6 +82,10 @@ pub struct KafkaSettings {
     /// Commit offsets to Kafka after each database commit, for outside tools (advisory only:
     /// the engine always resumes from the checkpoints stored in Postgres).
     pub commit_offsets: bool,
+    /// When the broker no longer holds records a projection has not read: `fail` (default) or
+    /// `skip`.
+    #[serde(default)]
+    pub on_data_loss: OnDataLoss,
     /// Extra librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*`, …), passed through as
     /// is. Numbers and booleans are taken as their text (environment values arrive typed).
     #[serde(deserialize_with = "property_values")]
@@ -59,6 +105,10 @@ pub struct DatabaseSettings {
 pub struct BatchSettings {
     /// Most events applied in one transaction.
     pub max_events: usize,
+    /// Most bytes (keys, values, headers) of the records in one batch: with large records, this
+    /// bounds memory (about four batches' worth are held at most) before `max_events` does.
+    #[serde(default = "eight_mib")]
+    pub max_bytes: usize,
     /// Longest a batch waits to fill before it is applied, in milliseconds.
     pub max_wait_ms: u64,
     /// Apply the events of handlers that are one guarded statement set-based (one statement for
@@ -75,6 +125,10 @@ pub struct BatchSettings {
 
 fn four() -> usize {
     4
+}
+
+fn eight_mib() -> usize {
+    8 << 20
 }
 
 fn enabled() -> bool {
@@ -110,13 +164,22 @@ impl Default for Settings {
                 group_prefix: "projector".into(),
                 start_from: "earliest".into(),
                 commit_offsets: true,
+                on_data_loss: OnDataLoss::Fail,
                 properties: BTreeMap::new(),
             },
             database: DatabaseSettings { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8 },
             projections_dir: PathBuf::from("projections"),
-            batch: BatchSettings { max_events: 4000, max_wait_ms: 100, set_based: true, lanes: 4 },
+            batch: BatchSettings {
+                max_events: 4000,
+                max_bytes: eight_mib(),
+                max_wait_ms: 100,
+                set_based: true,
+                lanes: 4,
+            },
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
             parking: ParkingSettings { gap_timeout_secs: 600 },
+            retry: RetrySettings::default(),
+            shutdown_timeout_secs: twenty(),
         }
     }
 }
@@ -188,6 +251,12 @@ impl Settings {
     fn check(&self) -> Result<(), SettingsError> {
         if self.batch.max_events == 0 {
             return Err(SettingsError("`batch.max_events` must be at least 1".into()));
+        }
+        if self.batch.max_bytes == 0 {
+            return Err(SettingsError("`batch.max_bytes` must be at least 1".into()));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(SettingsError("`retry.max_attempts` must be at least 1".into()));
         }
         if self.http.lag_refresh_ms == 0 {
             return Err(SettingsError("`http.lag_refresh_ms` must be at least 1".into()));
@@ -261,17 +330,22 @@ impl fmt::Debug for Settings {
             .field("kafka.group_prefix", &self.kafka.group_prefix)
             .field("kafka.start_from", &self.kafka.start_from)
             .field("kafka.commit_offsets", &self.kafka.commit_offsets)
+            .field("kafka.on_data_loss", &self.kafka.on_data_loss)
             .field("kafka.properties", &properties)
             .field("database.url", &redact_url(&self.database.url))
             .field("database.pool_size", &self.database.pool_size)
             .field("projections_dir", &self.projections_dir)
             .field("batch.max_events", &self.batch.max_events)
+            .field("batch.max_bytes", &self.batch.max_bytes)
             .field("batch.max_wait_ms", &self.batch.max_wait_ms)
             .field("batch.set_based", &self.batch.set_based)
             .field("batch.lanes", &self.batch.lanes)
             .field("http.listen", &self.http.listen)
             .field("http.lag_refresh_ms", &self.http.lag_refresh_ms)
             .field("parking.gap_timeout_secs", &self.parking.gap_timeout_secs)
+            .field("retry.max_attempts", &self.retry.max_attempts)
+            .field("retry.max_backoff_ms", &self.retry.max_backoff_ms)
+            .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
             .finish()
     }
 }

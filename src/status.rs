@@ -2,8 +2,9 @@
 //! Postgres and Kafka directly, so that it works with no engine running. A table, or `--json`.
 //!
 //! Whether an engine is running cannot be known from the data, so the state column says what
-//! the data shows: `caught up` (nothing left to apply), `behind` (records left to apply) or
-//! `not started` (no checkpoint yet, records waiting). A running engine's own state (running,
+//! the data shows: `caught up` (nothing left to apply), `behind` (records left to apply),
+//! `not started` (no checkpoint yet, records waiting) or `records lost` (the checkpoint is below
+//! the partition's log start: the broker deleted records the projection had not read). A running engine's own state (running,
 //! paused, failed) is in its `projector_projection_state` metric and `/health/ready`.
 
 use std::time::Duration;
@@ -35,8 +36,11 @@ pub struct PartitionStatus {
     pub end_offset: i64,
     pub lag_messages: i64,
     pub lag_seconds: Option<f64>,
-    /// `caught up`, `behind` or `not started`.
+    /// `caught up`, `behind`, `not started` or `records lost`.
     pub state: &'static str,
+    /// Records the broker deleted before the projection read them: from the checkpoint to the
+    /// partition's log start (0 when the checkpoint is at or past it).
+    pub records_lost: i64,
     pub last_commit_age_seconds: Option<f64>,
     /// Share of a rebuild under way done on this partition, 0 to 1 (`None`: no rebuild running).
     pub rebuild_progress: Option<f64>,
@@ -143,6 +147,7 @@ pub fn report(measured: &[ProjectionLag], now_unix: f64) -> Report {
                     lag_messages: p.lag_messages,
                     lag_seconds: p.lag_seconds,
                     state: state_of(p),
+                    records_lost: p.checkpoint.map_or(0, |checkpoint| (p.start_offset - checkpoint).max(0)),
                     last_commit_age_seconds: age(p.last_commit_unix),
                     rebuild_progress: None,
                 })
@@ -153,6 +158,9 @@ pub fn report(measured: &[ProjectionLag], now_unix: f64) -> Report {
 }
 
 fn state_of(partition: &PartitionLag) -> &'static str {
+    if partition.checkpoint.is_some_and(|checkpoint| checkpoint < partition.start_offset) {
+        return "records lost";
+    }
     match (partition.lag_messages, partition.checkpoint) {
         (0, _) => "caught up",
         (_, None) => "not started",
@@ -254,16 +262,19 @@ mod tests {
                 partition(Some(10), 0, Some(900.0)),
                 partition(Some(7), 3, Some(950.0)),
                 partition(None, 10, None),
+                PartitionLag { start_offset: 4, ..partition(Some(2), 6, Some(960.0)) },
             ],
         }];
         let report = report(&measured, 1000.0);
         let projection = &report.projections[0];
-        assert_eq!(projection.lag_messages, 13);
-        assert_eq!(projection.last_commit_age_seconds, Some(50.0));
+        assert_eq!(projection.lag_messages, 19);
+        assert_eq!(projection.last_commit_age_seconds, Some(40.0));
         let states: Vec<&str> = projection.partitions.iter().map(|p| p.state).collect();
-        assert_eq!(states, ["caught up", "behind", "not started"]);
+        assert_eq!(states, ["caught up", "behind", "not started", "records lost"]);
+        let lost: Vec<i64> = projection.partitions.iter().map(|p| p.records_lost).collect();
+        assert_eq!(lost, [0, 0, 0, 2]);
         let table = render_table(&report);
-        assert!(table.contains("order_summary: lag 13 message(s), last commit 50s ago"), "{table}");
+        assert!(table.contains("order_summary: lag 19 message(s), last commit 40s ago"), "{table}");
         assert!(table.contains("1m40s ago"), "{table}");
     }
 

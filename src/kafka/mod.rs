@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -37,6 +37,15 @@ pub enum Input {
     Assigned { partitions: Vec<TopicPartition>, reply: oneshot::Sender<HashMap<TopicPartition, i64>> },
     /// Partitions are being revoked: reply once no batch touching them is in flight.
     Revoked { partitions: Vec<TopicPartition>, reply: oneshot::Sender<()> },
+    /// The broker refused to serve a partition from where it was to be read (`auto.offset.reset`
+    /// is `error`: nothing is skipped silently), and its fetching stopped. Which partition the
+    /// error was for is not told: these are the low and high watermarks of every partition
+    /// assigned, for the worker to compare with its checkpoints.
+    OutOfRange { watermarks: Vec<(TopicPartition, i64, i64)> },
+    /// Where the consumer stands, with nothing more fetched: the next offset of each partition
+    /// after everything it delivered, transaction markers and aborted records included, with the
+    /// partition's seek epoch. Sent when it changed.
+    Positions(Vec<(TopicPartition, i64, u64)>),
 }
 
 /// What the worker asks of the consumer thread.
@@ -53,20 +62,34 @@ pub struct ProjectorContext {
     projection: String,
     inputs: mpsc::Sender<Input>,
     start_from: Offset,
-    /// Records polled and not yet sent: sent before anything a rebalance callback sends, so the
-    /// worker sees everything in poll order.
-    pending: std::sync::Mutex<Vec<(Record, u64)>>,
+    /// Records polled and not yet sent, and their bytes: sent before anything a rebalance
+    /// callback sends, so the worker sees everything in poll order.
+    pending: std::sync::Mutex<(Vec<(Record, u64)>, usize)>,
+    /// Where each partition was last started (assigned or sought), for a partition that must
+    /// be assigned again before it has delivered anything.
+    started: std::sync::Mutex<HashMap<TopicPartition, Offset>>,
 }
 
 impl ProjectorContext {
     /// Sends the pending records; false when the worker is gone.
     fn send_pending(&self) -> bool {
-        let records = std::mem::take(&mut *self.pending.lock().expect("pending records"));
+        let (records, _) = std::mem::take(&mut *self.pending.lock().expect("pending records"));
         records.is_empty() || self.inputs.blocking_send(Input::Records(records)).is_ok()
     }
 }
 
-impl ClientContext for ProjectorContext {}
+impl ClientContext for ProjectorContext {
+    /// librdkafka's errors, logged; an offset out of range is the worker's to report (it says
+    /// what was lost, with its partition), so it is only a warning here.
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                tracing::warn!(projection = %self.projection, "librdkafka: {error}: {reason}")
+            }
+            _ => tracing::error!(projection = %self.projection, "librdkafka: {error}: {reason}"),
+        }
+    }
+}
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
     list.elements().iter().map(|element| (element.topic().to_string(), element.partition())).collect()
@@ -90,13 +113,16 @@ impl ConsumerContext for ProjectorContext {
                     let _ = consumer.assign(&TopicPartitionList::new());
                     return;
                 };
+                let mut started = self.started.lock().expect("start offsets");
                 for (topic, partition) in &partitions {
                     let offset =
                         offsets.get(&(topic.clone(), *partition)).map_or(self.start_from, |next| Offset::Offset(*next));
                     if let Err(error) = list.set_partition_offset(topic, *partition, offset) {
                         tracing::error!(projection = %self.projection, %error, "cannot set start offset");
                     }
+                    started.insert((topic.clone(), *partition), offset);
                 }
+                drop(started);
                 if let Err(error) = consumer.assign(list) {
                     tracing::error!(projection = %self.projection, %error, "assign failed");
                 }
@@ -129,7 +155,11 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", if settings.start_from == "latest" { "latest" } else { "earliest" })
+        // Every partition starts at its checkpoint, or where `start_from` says when it has none
+        // (set on assignment); a position the broker no longer holds is an error for the worker
+        // to count and report, never a silent jump (librdkafka's `earliest` or `latest` would
+        // skip what retention deleted, or everything up to the end).
+        .set("auto.offset.reset", "error")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
         // A killed instance's partitions move to a live one after 10 s rather than librdkafka's
@@ -149,6 +179,23 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         config.set(name, value);
     }
     config
+}
+
+/// Warnings about properties that weaken what the engine promises (logged once at start).
+pub fn property_warnings(settings: &KafkaSettings) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(level) = settings.properties.get("isolation.level").filter(|level| *level != "read_committed") {
+        warnings.push(format!(
+            "`isolation.level` = `{level}`: records of aborted (and still open) transactions will be applied"
+        ));
+    }
+    if let Some(reset) = settings.properties.get("auto.offset.reset").filter(|reset| *reset != "error") {
+        warnings.push(format!(
+            "`auto.offset.reset` = `{reset}`: records that retention deletes before they are read are skipped \
+             without being counted (`kafka.on_data_loss` cannot see them)"
+        ));
+    }
+    warnings
 }
 
 /// A running consumer thread.
@@ -172,7 +219,8 @@ impl ConsumerThread {
             projection: projection.to_string(),
             inputs: inputs.clone(),
             start_from,
-            pending: std::sync::Mutex::new(Vec::new()),
+            pending: std::sync::Mutex::new((Vec::new(), 0)),
+            started: std::sync::Mutex::new(HashMap::new()),
         };
         let consumer: BaseConsumer<ProjectorContext> =
             consumer_config(settings, &group).create_with_context(context)?;
@@ -194,11 +242,18 @@ impl ConsumerThread {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Waits for the thread to end (call after the input channel closed).
-    pub fn join(mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    /// Waits for the thread to end (call after the input channel closed). Returns what it
+    /// panicked with, if it did.
+    pub fn join(mut self) -> Option<String> {
+        let thread = self.thread.take()?;
+        let panic = thread.join().err()?;
+        Some(match panic.downcast::<String>() {
+            Ok(message) => format!("panicked: {message}"),
+            Err(panic) => match panic.downcast::<&str>() {
+                Ok(message) => format!("panicked: {message}"),
+                Err(_) => "panicked".to_string(),
+            },
+        })
     }
 }
 
@@ -211,7 +266,15 @@ impl Drop for ConsumerThread {
 }
 
 /// Records sent to the worker at once, at most.
-const CHUNK: usize = 256;
+pub const CHUNK: usize = 256;
+
+/// Bytes (keys, values, headers) after which the records polled are sent, even fewer than
+/// [`CHUNK`]: the channel to the worker holds a bounded number of chunks, so this bounds what it
+/// holds in bytes too.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// How often, at most, an idle consumer reports its positions.
+const POSITIONS_EVERY: Duration = Duration::from_millis(200);
 
 fn poll_loop(
     projection: String,
@@ -225,18 +288,30 @@ fn poll_loop(
     let mut epochs: HashMap<String, HashMap<i32, u64>> = HashMap::new();
     // Each topic's name, shared by its records.
     let mut names: Vec<std::sync::Arc<str>> = Vec::new();
+    // The positions last reported, and when.
+    let mut reported: HashMap<TopicPartition, i64> = HashMap::new();
+    let mut reported_at = std::time::Instant::now();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) && !inputs.is_closed() {
         while let Ok(command) = commands.try_recv() {
+            if let Command::Seek { partition, .. } = &command {
+                reported.remove(partition);
+            }
             run_command(&projection, &consumer, command, &mut epochs, start_from);
         }
         // Wait for records only when none are pending; otherwise take what is already fetched
         // and send the chunk as soon as nothing more is.
-        let pending = consumer.context().pending.lock().expect("pending records").len();
+        let pending = consumer.context().pending.lock().expect("pending records").0.len();
         let wait = if pending == 0 { Duration::from_millis(100) } else { Duration::ZERO };
         match consumer.poll(wait) {
             None => {
                 if !consumer.context().send_pending() {
                     break;
+                }
+                if reported_at.elapsed() >= POSITIONS_EVERY {
+                    reported_at = std::time::Instant::now();
+                    if !report_positions(&consumer, &inputs, &epochs, &mut reported) {
+                        break;
+                    }
                 }
             }
             Some(Ok(message)) => {
@@ -258,13 +333,27 @@ fn poll_loop(
                     timestamp_ms: message.timestamp().to_millis(),
                 };
                 drop(message);
+                let bytes = record_bytes(&record);
                 let epoch = epochs.get(&*record.topic).and_then(|of| of.get(&record.partition)).copied().unwrap_or(0);
                 let full = {
                     let mut pending = consumer.context().pending.lock().expect("pending records");
-                    pending.push((record, epoch));
-                    pending.len() >= CHUNK
+                    pending.0.push((record, epoch));
+                    pending.1 += bytes;
+                    pending.0.len() >= CHUNK || pending.1 >= CHUNK_BYTES
                 };
                 if full && !consumer.context().send_pending() {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::MessageConsumption(code)))
+                if matches!(code, RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) =>
+            {
+                tracing::warn!(projection = %projection, error = %code, "a partition cannot be read from its position: comparing checkpoints with the broker's offsets");
+                if !consumer.context().send_pending() {
+                    break;
+                }
+                let watermarks = assigned_watermarks(&consumer);
+                if consumer.context().inputs.blocking_send(Input::OutOfRange { watermarks }).is_err() {
                     break;
                 }
             }
@@ -276,6 +365,56 @@ fn poll_loop(
     // Leaving the group revokes our partitions through the callback, which the worker answers.
     consumer.unsubscribe();
     drop(consumer);
+}
+
+/// The bytes a record holds: key, value, header names and values.
+pub fn record_bytes(record: &Record) -> usize {
+    record.key.as_ref().map_or(0, Vec::len)
+        + record.value.as_ref().map_or(0, Vec::len)
+        + record.headers.iter().map(|(name, value)| name.len() + value.as_ref().map_or(0, Vec::len)).sum::<usize>()
+}
+
+/// Sends the positions of the assigned partitions that changed since last reported; false when
+/// the worker is gone.
+fn report_positions(
+    consumer: &BaseConsumer<ProjectorContext>,
+    inputs: &mpsc::Sender<Input>,
+    epochs: &HashMap<String, HashMap<i32, u64>>,
+    reported: &mut HashMap<TopicPartition, i64>,
+) -> bool {
+    let Ok(positions) = consumer.position() else {
+        return true;
+    };
+    let mut changed = Vec::new();
+    for element in positions.elements() {
+        let Offset::Offset(offset) = element.offset() else {
+            continue;
+        };
+        let partition = (element.topic().to_string(), element.partition());
+        if reported.get(&partition) == Some(&offset) {
+            continue;
+        }
+        let epoch = epochs.get(element.topic()).and_then(|of| of.get(&element.partition())).copied().unwrap_or(0);
+        reported.insert(partition.clone(), offset);
+        changed.push((partition, offset, epoch));
+    }
+    changed.is_empty() || inputs.blocking_send(Input::Positions(changed)).is_ok()
+}
+
+/// The low and high watermarks of every partition assigned (those the broker answers for).
+fn assigned_watermarks(consumer: &BaseConsumer<ProjectorContext>) -> Vec<(TopicPartition, i64, i64)> {
+    let Ok(assignment) = consumer.assignment() else {
+        return Vec::new();
+    };
+    assignment
+        .elements()
+        .iter()
+        .filter_map(|element| {
+            let (low, high) =
+                consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(5)).ok()?;
+            Some(((element.topic().to_string(), element.partition()), low, high))
+        })
+        .collect()
 }
 
 /// A message's headers, names and values as the producer wrote them. rdkafka's own iterator
@@ -329,12 +468,41 @@ fn run_command(
         }
         Command::Seek { partition, offset, epoch } => {
             let target = offset.map_or(start_from, Offset::Offset);
-            if let Err(error) = consumer.seek(&partition.0, partition.1, target, Duration::from_secs(10)) {
-                tracing::warn!(projection, topic = %partition.0, partition = partition.1, %error, "seek failed");
+            if consumer.seek(&partition.0, partition.1, target, Duration::from_secs(10)).is_err() {
+                // A partition whose fetching stopped (its offset was out of range) cannot be
+                // sought: the assignment is set again, this partition at `target`, the others
+                // where they stand.
+                if let Err(error) = reassign(consumer, &partition, target) {
+                    tracing::warn!(projection, topic = %partition.0, partition = partition.1, %error, "seek failed");
+                }
             }
+            consumer.context().started.lock().expect("start offsets").insert(partition.clone(), target);
             epochs.entry(partition.0).or_default().insert(partition.1, epoch);
         }
     }
+}
+
+/// Assigns the consumer's partitions again: `partition` from `target`, every other one from the
+/// position after what it delivered (or where it was last started, when it delivered nothing
+/// since). Records fetched and not yet delivered are fetched again; none is delivered twice.
+fn reassign(consumer: &BaseConsumer<ProjectorContext>, partition: &TopicPartition, target: Offset) -> KafkaResult<()> {
+    let assignment = consumer.assignment()?;
+    let positions = consumer.position()?;
+    let started = consumer.context().started.lock().expect("start offsets").clone();
+    let mut list = TopicPartitionList::new();
+    for element in assignment.elements() {
+        let current = (element.topic().to_string(), element.partition());
+        let offset = if current == *partition {
+            target
+        } else {
+            match positions.find_partition(element.topic(), element.partition()).map(|found| found.offset()) {
+                Some(Offset::Offset(next)) => Offset::Offset(next),
+                _ => started.get(&current).copied().unwrap_or(Offset::Stored),
+            }
+        };
+        list.add_partition_offset(element.topic(), element.partition(), offset)?;
+    }
+    consumer.assign(&list)
 }
 
 /// Low and high watermarks of every partition of `topics`, from a short-lived client.

@@ -157,11 +157,16 @@ async fn apply_decoded(
     };
     let (moved, states, planner) = tokio::join!(moves, key_states(&tx, projection, &keys), planner);
     let moved = moved.map_err(ApplyError::during("moving the checkpoints"))?;
-    if let Some(((partition, _, _), _)) = batch.moves.iter().zip(moved).find(|(_, moved)| !moved) {
-        return Err(ApplyError::Fenced { partition: partition.clone() });
+    for ((partition, _, _), cas) in batch.moves.iter().zip(moved) {
+        refused(projection, partition, cas)?;
     }
     let KeyStates { mut held, mut parked } = states?;
     planner.map_err(ApplyError::during("setting the planner"))?;
+    if batch.records.is_empty() {
+        // Only checkpoints move (past transaction markers).
+        tx.commit().await.map_err(ApplyError::during("committing"))?;
+        return Ok(report);
+    }
     if !isolate && held.is_empty() && parked.is_empty() {
         if let Fast::Done(report) = fast::try_apply(&tx, projection, batch.records, decoded).await? {
             tx.commit().await.map_err(ApplyError::during("committing"))?;
@@ -216,6 +221,19 @@ async fn apply_decoded(
     }
     tx.commit().await.map_err(ApplyError::during("committing"))?;
     Ok(report)
+}
+
+/// A checkpoint compare-and-set that did not move it, as the batch's error.
+fn refused(projection: &Projection, partition: &TopicPartition, cas: checkpoint::Cas) -> Result<(), ApplyError> {
+    match cas {
+        checkpoint::Cas::Moved => Ok(()),
+        checkpoint::Cas::Fenced => Err(ApplyError::Fenced { partition: partition.clone() }),
+        checkpoint::Cas::OtherDefinition(stored) => Err(ApplyError::DefinitionChanged {
+            partition: partition.clone(),
+            stored,
+            running: projection.hash.clone(),
+        }),
+    }
 }
 
 /// Why an event is in `projector.dead_letters`.
@@ -770,9 +788,7 @@ pub async fn park_expired_gaps(
         )
         .await
         .map_err(ApplyError::during("moving the checkpoints"))?;
-        if !kept {
-            return Err(ApplyError::Fenced { partition: partition.clone() });
-        }
+        refused(projection, partition, kept)?;
     }
     let rows = tx
         .query(

@@ -294,7 +294,8 @@ pub async fn retry(
     for unit in units {
         let tx = client.transaction().await.map_err(|error| StoreError::postgres(&error))?;
         let hashes = lock_checkpoints(&tx, &projection.name).await?;
-        if hashes.iter().any(|hash| *hash != projection.hash) {
+        let legacy = crate::projection::compile::legacy_hash(projection);
+        if hashes.iter().any(|hash| *hash != projection.hash && *hash != legacy) {
             return Err(ParkedError::DefinitionChanged { projection: projection.name.clone() });
         }
         let mut retried = Retried { key: None, ..Retried::default() };

@@ -10,6 +10,7 @@
 //! - `parking`: per-key parking, `parked retry` after a fix, `parked skip`, gap timeouts.
 //! - `hostile`: every hostile record parked or ignored with its reason, other keys unharmed.
 //! - `outage`: Postgres unreachable mid-stream and back: nothing lost, nothing applied twice.
+//! - `retention`: records the broker deleted before they were read: counted, held or skipped.
 //! - `security`: Postgres TLS by `sslmode`; no password in errors.
 
 #[path = "../engine/model.rs"]
@@ -23,4 +24,5 @@ mod hostile;
 mod outage;
 mod parking;
 mod raw;
+mod retention;
 mod security;

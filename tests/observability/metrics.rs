@@ -216,6 +216,7 @@ fn deploy_files_use_only_exported_metrics() {
     metrics.batch_duration.with_label_values(&["p"]).observe(0.1);
     metrics.batch_events.with_label_values(&["p"]).observe(1.0);
     metrics.last_commit.with_label_values(&["p"]).set(1);
+    metrics.record_lost("p", "t", 0, 1);
     metrics.record_lag(&projector::metrics::LagSample {
         projection: "p",
         topic: "t",

@@ -1,0 +1,662 @@
+//! One projection's worker: gathers records into batches, applies each batch with its checkpoint
+//! moves in one transaction (per lane), and answers the consumer's rebalance callbacks. Failures
+//! are handled by their class (see [`lane`]); nothing is skipped: records the broker no longer
+//! holds are counted and reported ([`lost`]), a consumer thread that dies is replaced, and a
+//! checkpoint written by another definition stops the projection ([`gate`]).
+//!
+//! # Layout
+//! - [`condition`]: `running`, or `failed` while any problem is present, each named in the log.
+//! - [`gate`]: the definition gate, before the consumer starts and after a change is seen.
+//! - [`lane`]: a lane's batch on a task of its own; the retry policy.
+//! - [`lost`]: partitions whose checkpoint the broker no longer holds (`kafka.on_data_loss`).
+
+pub mod condition;
+mod gate;
+pub mod lane;
+mod lost;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures::stream::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::condition::{Condition, Problem};
+use self::lane::{Chain, InFlight, Lane, LaneJob, Pending, RetryPolicy};
+use crate::kafka::{Command, ConsumerThread, Input};
+use crate::metrics::Metrics;
+use crate::projection::{Projection, Record};
+use crate::settings::{OnDataLoss, Settings};
+use crate::store::apply::{park_expired_gaps, ApplyError, BatchReport, ErrorClass};
+use crate::store::checkpoint::{self, TopicPartition};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("projection `{projection}`: kafka: {message}")]
+    Kafka { projection: String, message: String },
+    #[error("projection `{projection}` stopped: {message}")]
+    Fatal { projection: String, message: String },
+}
+
+/// A checkpoint move: the partition, its stored checkpoint (the compare-and-set's expected value),
+/// and the next offset after the batch.
+pub type Move = (TopicPartition, Option<i64>, i64);
+
+/// Where a partition stands, as this worker knows it.
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// The stored checkpoint (`None`: never checkpointed): the compare-and-set's expected value.
+    checkpoint: Option<i64>,
+    /// Where the consumer stands past the last record it delivered (transaction markers,
+    /// aborted records): the checkpoint moves there with the next batch.
+    advance: Option<i64>,
+    /// The broker no longer holds this partition from the checkpoint on: not read until an
+    /// operator moves the checkpoint (`kafka.on_data_loss = "fail"`).
+    lost: Option<lost::Lost>,
+}
+
+/// How [`Worker::consume`] ended.
+enum Ended {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The consumer thread went away without being asked to.
+    ConsumerGone,
+    /// A checkpoint was written by another definition.
+    DefinitionChanged(String),
+}
+
+/// How a worker runs beyond its projection and settings.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOptions {
+    /// Apply nothing at or past these offsets (a rebuild "as of" given offsets).
+    pub stop_offsets: Option<HashMap<TopicPartition, i64>>,
+    /// Apply nothing from the first record stamped at or after this time (milliseconds since the
+    /// epoch) on, per partition: a rebuild "as of" a point in time. The offset of that first
+    /// record is put in `reached`.
+    pub stop_at_time_ms: Option<i64>,
+    pub reached: Option<Arc<std::sync::Mutex<HashMap<TopicPartition, i64>>>>,
+    /// Report the state `rebuilding` instead of `running`.
+    pub rebuilding: bool,
+}
+
+struct Worker {
+    projection: Arc<Projection>,
+    pool: Pool,
+    metrics: Metrics,
+    condition: Arc<Condition>,
+    retry: RetryPolicy,
+    on_data_loss: OnDataLoss,
+    max_events: usize,
+    /// A batch is applied once its records hold this many bytes (`batch.max_bytes`).
+    max_bytes: usize,
+    max_wait: Duration,
+    /// Parts a batch is split into by partition, applied concurrently (`batch.lanes`).
+    lanes: usize,
+    commit_offsets: bool,
+    /// Held gaps older than this are parked (`None`: never).
+    gap_timeout: Option<Duration>,
+    partitions: HashMap<TopicPartition, PartitionState>,
+    /// The latest seek epoch of each partition (kept across revocations, as the consumer thread
+    /// keeps it): records polled before that seek carry an older epoch and are dropped.
+    epochs: HashMap<TopicPartition, u64>,
+    next_epoch: u64,
+    /// Records at or past these offsets are not applied.
+    stop_offsets: HashMap<TopicPartition, i64>,
+    stop_at_time_ms: Option<i64>,
+    reached: Arc<std::sync::Mutex<HashMap<TopicPartition, i64>>>,
+    commands: std::sync::mpsc::Sender<Command>,
+    shutdown: watch::Receiver<bool>,
+    /// Partition number to (topic, lane): see [`Worker::deal_lanes`].
+    lane_map: HashMap<i32, Vec<(String, usize)>>,
+    /// One per lane.
+    chains: Vec<Chain>,
+    /// The bytes of the records in the batch being gathered, and of the batches in flight.
+    batch_bytes: usize,
+    in_flight_bytes: usize,
+    /// Records found lost, counted once per partition and checkpoint (see [`lost`]).
+    counted_lost: HashMap<(TopicPartition, i64), i64>,
+    /// Set when a settled batch ends the consumption.
+    ended: Option<Ended>,
+    /// When a partition last could not be read although every checkpoint was in range.
+    unexplained_at: Option<std::time::Instant>,
+}
+
+/// Runs one projection until `shutdown` turns true, then commits the batch in flight and leaves
+/// the consumer group.
+pub async fn run(
+    projection: Arc<Projection>,
+    pool: Pool,
+    settings: &Settings,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    run_with(projection, pool, settings, metrics, shutdown, WorkerOptions::default()).await
+}
+
+/// [`run`], with options.
+pub async fn run_with(
+    projection: Arc<Projection>,
+    pool: Pool,
+    settings: &Settings,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+    options: WorkerOptions,
+) -> Result<(), WorkerError> {
+    let condition = Arc::new(Condition::new(&projection.name, metrics.clone(), options.rebuilding));
+    let retry = RetryPolicy {
+        max_attempts: settings.retry.max_attempts.max(1),
+        max_backoff: Duration::from_millis(settings.retry.max_backoff_ms.max(1)),
+    };
+    let mut restarts = 0;
+    loop {
+        if !gate::wait_for_matching_definition(&projection, &pool, &condition, shutdown.clone()).await {
+            return Ok(());
+        }
+        // The channel holds a bounded number of chunks, each of at most `kafka::CHUNK` records or
+        // a little over `kafka::CHUNK_BYTES`: about two batches, by count and by bytes.
+        let by_count = (settings.batch.max_events.max(crate::kafka::CHUNK) * 2).div_ceil(crate::kafka::CHUNK);
+        let by_bytes = (settings.batch.max_bytes.max(1) * 2).div_ceil(crate::kafka::CHUNK_BYTES);
+        let (inputs_tx, mut inputs) = mpsc::channel(by_count.min(by_bytes).max(2));
+        let consumer = ConsumerThread::start(&settings.kafka, &projection.name, &projection.topics, inputs_tx)
+            .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
+        condition.publish();
+        let lanes = settings.batch.lanes.clamp(1, settings.database.pool_size.max(1));
+        let mut worker = Worker {
+            projection: projection.clone(),
+            pool: pool.clone(),
+            metrics: metrics.clone(),
+            condition: condition.clone(),
+            retry,
+            on_data_loss: settings.kafka.on_data_loss,
+            max_events: settings.batch.max_events,
+            max_bytes: settings.batch.max_bytes.max(1),
+            max_wait: Duration::from_millis(settings.batch.max_wait_ms),
+            lanes,
+            commit_offsets: settings.kafka.commit_offsets,
+            gap_timeout: (settings.parking.gap_timeout_secs > 0)
+                .then(|| Duration::from_secs(settings.parking.gap_timeout_secs)),
+            partitions: HashMap::new(),
+            epochs: HashMap::new(),
+            next_epoch: 1,
+            stop_offsets: options.stop_offsets.clone().unwrap_or_default(),
+            stop_at_time_ms: options.stop_at_time_ms,
+            reached: options.reached.clone().unwrap_or_default(),
+            commands: consumer.commands.clone(),
+            shutdown: shutdown.clone(),
+            lane_map: HashMap::new(),
+            chains: (0..lanes).map(|_| Chain::default()).collect(),
+            batch_bytes: 0,
+            in_flight_bytes: 0,
+            counted_lost: HashMap::new(),
+            ended: None,
+            unexplained_at: None,
+        };
+        let mut pending = Pending::new();
+        let result = worker.consume(&mut inputs, &mut pending).await;
+        // Batches still in flight after a failure end (commit or roll back) before the group is left.
+        while pending.next().await.is_some() {}
+
+        // Leave the group: keep answering the consumer thread until it has closed.
+        consumer.stop();
+        while let Some(input) = inputs.recv().await {
+            if let Input::Revoked { reply, .. } = input {
+                let _ = reply.send(());
+            }
+        }
+        let died = tokio::task::spawn_blocking(move || consumer.join()).await.ok().flatten();
+        match result {
+            Err(error) => {
+                metrics.set_state(&projection.name, "failed");
+                return Err(error);
+            }
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::DefinitionChanged(message)) => {
+                condition.set(Problem::Definition, format!("{message}: stopped; waiting for the definition to match"));
+            }
+            Ok(Ended::ConsumerGone) => {
+                restarts += 1;
+                let why = died.unwrap_or_else(|| "it ended without a word".to_string());
+                condition
+                    .set(Problem::Consumer, format!("the Kafka consumer thread ended ({why}); starting a new one"));
+                let wait = retry.backoff(restarts.min(8));
+                let mut stopping_rx = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopping(&mut stopping_rx) => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl Worker {
+    async fn consume(
+        &mut self,
+        inputs: &mut mpsc::Receiver<Input>,
+        pending: &mut Pending,
+    ) -> Result<Ended, WorkerError> {
+        let mut batch: Vec<Record> = Vec::with_capacity(self.max_events);
+        let mut deadline = tokio::time::Instant::now();
+        let mut shutdown = self.shutdown.clone();
+        // Held gaps are checked for their timeout twice per timeout, at most every 10 s.
+        let sweep_every = self.gap_timeout.map_or(Duration::from_secs(3600), |timeout| {
+            (timeout / 2).clamp(Duration::from_millis(200), Duration::from_secs(10))
+        });
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Partitions held for lost records are looked at again every few seconds.
+        let mut recheck = tokio::time::interval(Duration::from_secs(2));
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ended = loop {
+            if let Some(ended) = self.ended.take() {
+                break ended;
+            }
+            tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => break Ended::Shutdown,
+                Some(done) = pending.next(), if !pending.is_empty() => {
+                    self.settle(done, &mut batch).await?;
+                }
+                _ = sweep.tick(), if self.gap_timeout.is_some() => {
+                    self.flush(&mut batch, pending).await?;
+                    self.drain(&mut batch, pending).await?;
+                    self.park_expired_gaps().await?;
+                }
+                _ = recheck.tick(), if self.partitions.values().any(|state| state.lost.is_some()) => {
+                    self.recheck_lost().await?;
+                }
+                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
+                    self.flush(&mut batch, pending).await?;
+                }
+                input = inputs.recv() => match input {
+                    None => {
+                        let ended = if *self.shutdown.borrow() { Ended::Shutdown } else { Ended::ConsumerGone };
+                        break ended;
+                    }
+                    Some(Input::Records(records)) => {
+                        for (record, epoch) in records {
+                            if self.accepts(&record, epoch) {
+                                if batch.is_empty() {
+                                    deadline = tokio::time::Instant::now() + self.max_wait;
+                                }
+                                self.batch_bytes += crate::kafka::record_bytes(&record);
+                                batch.push(record);
+                                if batch.len() >= self.max_events || self.batch_bytes >= self.max_bytes {
+                                    self.flush(&mut batch, pending).await?;
+                                }
+                            }
+                        }
+                    }
+                    Some(Input::Assigned { partitions, reply }) => {
+                        self.flush(&mut batch, pending).await?;
+                        self.drain(&mut batch, pending).await?;
+                        let Some(stored) = self.load_checkpoints(&partitions).await else {
+                            break Ended::Shutdown;
+                        };
+                        for partition in partitions {
+                            let checkpoint = stored.get(&partition).copied();
+                            self.metrics.checkpoint.with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
+                                .set(checkpoint.unwrap_or(0));
+                            self.partitions.insert(partition, PartitionState { checkpoint, ..PartitionState::default() });
+                        }
+                        self.deal_lanes();
+                        self.condition.clear(&Problem::Consumer);
+                        let _ = reply.send(stored);
+                    }
+                    Some(Input::Revoked { partitions, reply }) => {
+                        self.flush(&mut batch, pending).await?;
+                        self.drain(&mut batch, pending).await?;
+                        for partition in &partitions {
+                            self.partitions.remove(partition);
+                            self.condition.clear(&Problem::DataLoss(partition.clone()));
+                        }
+                        self.deal_lanes();
+                        let _ = reply.send(());
+                    }
+                    Some(Input::OutOfRange { watermarks }) => {
+                        self.flush(&mut batch, pending).await?;
+                        self.drain(&mut batch, pending).await?;
+                        self.out_of_range(&watermarks).await?;
+                    }
+                    Some(Input::Positions(positions)) => {
+                        if self.positions(positions) && batch.is_empty() {
+                            self.flush(&mut batch, pending).await?;
+                        }
+                    }
+                },
+            }
+        };
+        self.flush(&mut batch, pending).await?;
+        self.drain(&mut batch, pending).await?;
+        Ok(self.ended.take().unwrap_or(ended))
+    }
+
+    /// Drops records of partitions we do not own, polled before a seek, or already checkpointed.
+    fn accepts(&self, record: &Record, epoch: u64) -> bool {
+        // Once per record: the maps (a few partitions each) are scanned, not hashed with a copy
+        // of the topic.
+        let same = |known: &TopicPartition| is_of(record, known);
+        let Some(state) = self.partitions.iter().find(|(known, _)| same(known)).map(|(_, state)| state) else {
+            return false;
+        };
+        if self.stop_offsets.iter().find(|(known, _)| same(known)).is_some_and(|(_, stop)| record.offset >= *stop) {
+            return false;
+        }
+        if let Some(stop) = self.stop_at_time_ms {
+            let partition = (record.topic.to_string(), record.partition);
+            let mut reached = self.reached.lock().expect("reached offsets");
+            if reached.get(&partition).is_some_and(|first| record.offset >= *first) {
+                return false;
+            }
+            if record.timestamp_ms.is_none_or(|timestamp| timestamp >= stop) {
+                reached.insert(partition, record.offset);
+                return false;
+            }
+        }
+        epoch == self.epochs.iter().find(|(known, _)| same(known)).map_or(0, |(_, epoch)| *epoch)
+            && state.lost.is_none()
+            && state.checkpoint.is_none_or(|next| record.offset >= next)
+    }
+
+    /// Takes the consumer's positions: a partition whose consumer stands past its checkpoint with
+    /// no record left to deliver (transaction markers, aborted records) moves there with the next
+    /// batch. Returns whether any will move.
+    fn positions(&mut self, positions: Vec<(TopicPartition, i64, u64)>) -> bool {
+        let mut any = false;
+        for (partition, position, epoch) in positions {
+            if self.epochs.get(&partition).copied().unwrap_or(0) != epoch {
+                continue;
+            }
+            let mut to = position;
+            if let Some(stop) = self.stop_offsets.get(&partition) {
+                to = to.min(*stop);
+            }
+            if self.stop_at_time_ms.is_some() {
+                if let Some(reached) = self.reached.lock().expect("reached offsets").get(&partition) {
+                    to = to.min(*reached);
+                }
+            }
+            let Some(state) = self.partitions.get_mut(&partition) else { continue };
+            if state.lost.is_none() && state.checkpoint.is_none_or(|checkpoint| to > checkpoint) {
+                state.advance = Some(state.advance.map_or(to, |advance| advance.max(to)));
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// The stored checkpoints of `partitions`, retried until they are read; `None` when shutdown
+    /// came first.
+    async fn load_checkpoints(&self, partitions: &[TopicPartition]) -> Option<HashMap<TopicPartition, i64>> {
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                let client = self.pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+                checkpoint::load(&**client, &self.projection.name, partitions).await
+            }
+            .await;
+            match result {
+                Ok(stored) => return Some(stored),
+                Err(error) => {
+                    attempt += 1;
+                    tracing::warn!(projection = %self.projection.name, %error, attempt, "cannot load checkpoints, retrying");
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.retry.backoff(attempt)) => {}
+                        _ = stopping(&mut shutdown) => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts applying `batch` (then empties it), with the partitions' pending advances. The
+    /// batch is split by partition into up to `lanes` parts, each applied by a task of its own, in
+    /// a transaction of its own on a connection of its own: a key's events are all in one
+    /// partition, so in one lane, in order. Each lane's part waits for the lane's previous batch to
+    /// commit; at most two batches per lane, and about two batches' bytes, are in flight. The
+    /// checkpoints this worker expects are moved at once; a lane that does not commit has its
+    /// partitions re-read from the stored checkpoints when it is settled.
+    async fn flush(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
+        // Settling may re-read partitions: their records in `batch` are then dropped.
+        while pending.len() >= 2 * self.lanes || (!pending.is_empty() && self.in_flight_bytes >= 2 * self.max_bytes) {
+            let Some(done) = pending.next().await else { break };
+            self.settle(done, batch).await?;
+        }
+        let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
+        for record in batch.drain(..) {
+            let lane = self.lane_of(&record.topic, record.partition);
+            lanes[lane].push(record);
+        }
+        self.batch_bytes = 0;
+        let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| self.moves_of(records)).collect();
+        let advances: Vec<(TopicPartition, i64)> = self
+            .partitions
+            .iter_mut()
+            .filter_map(|(partition, state)| state.advance.take().map(|to| (partition.clone(), to)))
+            .collect();
+        for (partition, to) in advances {
+            let moves = &mut lane_moves[self.lane_of(&partition.0, partition.1)];
+            match moves.iter_mut().find(|(known, _, _)| *known == partition) {
+                Some((_, _, at)) => *at = (*at).max(to),
+                None => {
+                    let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
+                    if from.is_none_or(|from| to > from) {
+                        moves.push((partition, from, to));
+                    }
+                }
+            }
+        }
+        for (lane, (records, moves)) in lanes.into_iter().zip(lane_moves).enumerate() {
+            if moves.is_empty() {
+                continue;
+            }
+            for (partition, _, to) in &moves {
+                if let Some(state) = self.partitions.get_mut(partition) {
+                    state.checkpoint = Some(*to);
+                }
+            }
+            self.in_flight_bytes += records.iter().map(crate::kafka::record_bytes).sum::<usize>();
+            let (done, next) = oneshot::channel();
+            let job = LaneJob {
+                projection: self.projection.clone(),
+                pool: self.pool.clone(),
+                shutdown: self.shutdown.clone(),
+                condition: self.condition.clone(),
+                metrics: self.metrics.clone(),
+                retry: self.retry,
+                lane,
+                generation: self.chains[lane].generation,
+                records,
+                moves,
+                previous: self.chains[lane].latest.replace(next),
+                done,
+            };
+            pending.push_back(tokio::spawn(job.run()));
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch in flight and settles it.
+    async fn drain(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
+        while let Some(done) = pending.next().await {
+            self.settle(done, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Records how a lane's batch ended: metrics and the advisory Kafka commit when it committed;
+    /// when it did not, its partitions are re-read from the stored checkpoints (once per failure:
+    /// batches built on the failed one are skipped and need nothing more).
+    async fn settle(
+        &mut self,
+        done: Result<InFlight, tokio::task::JoinError>,
+        batch: &mut Vec<Record>,
+    ) -> Result<(), WorkerError> {
+        let done = done.map_err(|error| WorkerError::Fatal {
+            projection: self.projection.name.clone(),
+            message: format!("a batch task failed: {error}"),
+        })?;
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
+        match done.outcome {
+            Lane::Committed { report, seconds } => self.committed(&done.moves, &report, done.events, seconds),
+            Lane::Fenced | Lane::Skipped => {
+                if done.generation == self.chains[done.lane].generation && !*self.shutdown.borrow() {
+                    self.chains[done.lane].generation += 1;
+                    batch.retain(|record| !done.moves.iter().any(|(partition, _, _)| is_of(record, partition)));
+                    self.resync(&done.moves).await;
+                }
+            }
+            Lane::DefinitionChanged(message) => {
+                if self.ended.is_none() {
+                    self.ended = Some(Ended::DefinitionChanged(message));
+                }
+            }
+            Lane::GaveUp => {}
+            Lane::Fatal(message) => {
+                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message })
+            }
+        }
+        Ok(())
+    }
+
+    /// The lane of a partition: the same one until the assignment changes (with nothing in
+    /// flight).
+    fn lane_of(&self, topic: &str, partition: i32) -> usize {
+        self.lane_map
+            .get(&partition)
+            .and_then(|topics| topics.iter().find(|(name, _)| name == topic))
+            .map_or(0, |(_, lane)| *lane)
+    }
+
+    /// Deals the owned partitions out to the lanes in turn, so that lanes get equal shares.
+    fn deal_lanes(&mut self) {
+        let mut owned: Vec<&TopicPartition> = self.partitions.keys().collect();
+        owned.sort();
+        self.lane_map.clear();
+        for (index, (topic, partition)) in owned.into_iter().enumerate() {
+            self.lane_map.entry(*partition).or_default().push((topic.clone(), index % self.lanes));
+        }
+    }
+
+    /// Where each partition of `records` moves: from its expected checkpoint to past its last record.
+    fn moves_of(&self, records: &[Record]) -> Vec<Move> {
+        // A lane holds a few partitions: found by a scan, the topic copied once per partition.
+        let mut moves: Vec<Move> = Vec::new();
+        for record in records {
+            let found = moves.iter_mut().find(|(partition, _, _)| is_of(record, partition));
+            match found {
+                Some((_, _, to)) => *to = (*to).max(record.offset + 1),
+                None => {
+                    let partition = (record.topic.to_string(), record.partition);
+                    let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
+                    moves.push((partition, from, record.offset + 1));
+                }
+            }
+        }
+        moves.sort_by(|a, b| a.0.cmp(&b.0));
+        moves
+    }
+
+    /// Records a committed lane: checkpoint gauges, metrics, and the advisory Kafka commit. (The
+    /// expected checkpoints moved when the batch started.)
+    fn committed(&mut self, moves: &[Move], report: &BatchReport, events: usize, seconds: f64) {
+        let mut committed = Vec::with_capacity(moves.len());
+        for (partition, _, to) in moves {
+            self.metrics
+                .checkpoint
+                .with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
+                .set(*to);
+            committed.push((partition.clone(), *to));
+        }
+        self.metrics.record_batch(&self.projection.name, report, events, seconds);
+        tracing::debug!(projection = %self.projection.name, events, ?report, "batch committed");
+        if self.commit_offsets {
+            let _ = self.commands.send(Command::Commit(committed));
+        }
+    }
+
+    /// Parks the held gaps of our partitions that waited past `parking.gap_timeout_secs`.
+    async fn park_expired_gaps(&mut self) -> Result<(), WorkerError> {
+        let Some(timeout) = self.gap_timeout else {
+            return Ok(());
+        };
+        let owned: Vec<(TopicPartition, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|(partition, state)| state.checkpoint.map(|checkpoint| (partition.clone(), checkpoint)))
+            .collect();
+        if owned.is_empty() {
+            return Ok(());
+        }
+        let result = match self.pool.get().await {
+            Ok(mut client) => park_expired_gaps(&mut client, &self.projection, &owned, timeout.as_secs()).await,
+            Err(error) => Err(ApplyError::Pool(error.to_string())),
+        };
+        match result {
+            Ok(0) => {}
+            Ok(parked) => {
+                tracing::warn!(projection = %self.projection.name, parked, "held events parked: their predecessors did not arrive in time");
+                self.metrics.gap_timeouts.with_label_values(&[&self.projection.name]).inc_by(parked);
+            }
+            Err(ApplyError::Fenced { partition }) => {
+                tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
+                    "checkpoint moved by another instance: re-reading from the stored checkpoint");
+                let moves: Vec<Move> = owned
+                    .into_iter()
+                    .map(|(partition, checkpoint)| (partition, Some(checkpoint), checkpoint))
+                    .collect();
+                self.resync(&moves).await;
+            }
+            Err(error @ ApplyError::DefinitionChanged { .. }) => {
+                self.ended.get_or_insert(Ended::DefinitionChanged(error.to_string()));
+            }
+            Err(error) if error.class() == ErrorClass::Fatal => {
+                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message: error.to_string() })
+            }
+            Err(error) => {
+                tracing::warn!(projection = %self.projection.name, %error, "cannot check held events for their timeout; trying again later")
+            }
+        }
+        Ok(())
+    }
+
+    /// After a fenced batch: take the stored checkpoints as the truth and re-read from them.
+    async fn resync(&mut self, moves: &[Move]) {
+        let partitions: Vec<TopicPartition> = moves.iter().map(|(partition, _, _)| partition.clone()).collect();
+        let Some(stored) = self.load_checkpoints(&partitions).await else {
+            return;
+        };
+        for partition in partitions {
+            let checkpoint = stored.get(&partition).copied();
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.checkpoint = checkpoint;
+                state.advance = None;
+            }
+            self.seek(partition, checkpoint);
+        }
+    }
+
+    /// Re-reads `partition` from `offset` (`None`: where `start_from` says): records polled before
+    /// carry an older epoch and are dropped.
+    fn seek(&mut self, partition: TopicPartition, offset: Option<i64>) {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.epochs.insert(partition.clone(), epoch);
+        let _ = self.commands.send(Command::Seek { partition, offset, epoch });
+    }
+}
+
+/// Whether `record` is of `partition`, compared without copying its topic.
+fn is_of(record: &Record, (topic, partition): &TopicPartition) -> bool {
+    *partition == record.partition && **topic == *record.topic
+}
+
+/// Completes once shutdown is asked for (or nobody can ask any more). The receiver's guard is
+/// not held past it, so that it can be awaited in `select!` branches of `Send` futures.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
