@@ -190,6 +190,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Fail points from `FAILPOINTS` (tests only: compiled in with the `failpoints` feature).
+    #[cfg(feature = "failpoints")]
+    let _fail_points = fail::FailScenario::setup();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {

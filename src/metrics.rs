@@ -39,6 +39,9 @@ pub struct Metrics {
     /// `projector_records_lost_total{projection,topic,partition}`: records the broker no longer
     /// holds that a projection had not read (retention passed its checkpoint).
     pub records_lost: IntCounterVec,
+    /// `projector_consumer_restarts_total{projection}`: Kafka consumer threads that ended
+    /// unexpectedly and were replaced.
+    pub consumer_restarts: IntCounterVec,
     /// `projector_last_commit_timestamp_seconds{projection}`.
     pub last_commit: IntGaugeVec,
     /// `projector_checkpoint_offset{projection,topic,partition}`.
@@ -130,6 +133,14 @@ impl Metrics {
             &PARTITION_LABELS,
         )
         .expect("valid metric");
+        let consumer_restarts = IntCounterVec::new(
+            Opts::new(
+                "projector_consumer_restarts_total",
+                "Kafka consumer threads that ended unexpectedly and were replaced",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric");
         let last_commit = int_gauge(
             "projector_last_commit_timestamp_seconds",
             "Unix time of the projection's last committed batch",
@@ -174,6 +185,7 @@ impl Metrics {
             Box::new(batch_retries.clone()),
             Box::new(retry_backoff.clone()),
             Box::new(records_lost.clone()),
+            Box::new(consumer_restarts.clone()),
             Box::new(last_commit.clone()),
             Box::new(checkpoint.clone()),
             Box::new(state.clone()),
@@ -199,6 +211,7 @@ impl Metrics {
             batch_retries,
             retry_backoff,
             records_lost,
+            consumer_restarts,
             last_commit,
             checkpoint,
             state,
@@ -222,6 +235,7 @@ impl Metrics {
         self.gap_timeouts.with_label_values(&[projection]);
         self.batch_retries.with_label_values(&[projection]);
         self.retry_backoff.with_label_values(&[projection]);
+        self.consumer_restarts.with_label_values(&[projection]);
     }
 
     /// A failed attempt at a batch, to be retried after `wait`.

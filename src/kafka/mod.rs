@@ -291,7 +291,12 @@ fn poll_loop(
     // The positions last reported, and when.
     let mut reported: HashMap<TopicPartition, i64> = HashMap::new();
     let mut reported_at = std::time::Instant::now();
+    // A fault the tests inject (feature `failpoints`): `consumer-poll-<projection>`.
+    #[cfg(feature = "failpoints")]
+    let fail_point = format!("consumer-poll-{projection}");
     while !stop.load(std::sync::atomic::Ordering::SeqCst) && !inputs.is_closed() {
+        #[cfg(feature = "failpoints")]
+        fail::eval(&fail_point, |_| ());
         while let Ok(command) = commands.try_recv() {
             if let Command::Seek { partition, .. } = &command {
                 reported.remove(partition);

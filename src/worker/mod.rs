@@ -218,6 +218,7 @@ pub async fn run_with(
             }
             Ok(Ended::ConsumerGone) => {
                 restarts += 1;
+                metrics.consumer_restarts.with_label_values(&[&projection.name]).inc();
                 let why = died.unwrap_or_else(|| "it ended without a word".to_string());
                 condition
                     .set(Problem::Consumer, format!("the Kafka consumer thread ended ({why}); starting a new one"));

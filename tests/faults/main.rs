@@ -6,6 +6,8 @@
 //! (the shop's events and the read models they fold to).
 //!
 //! # Layout
+//! - `definition`: an instance running an old definition cannot commit after `accept`.
+//! - `consumer`: a consumer thread that dies is seen (the projection `failed`) and replaced.
 //! - `raw`: a test projection (`accounts`) and records published byte for byte.
 //! - `parking`: per-key parking, `parked retry` after a fix, `parked skip`, gap timeouts.
 //! - `hostile`: every hostile record parked or ignored with its reason, other keys unharmed.
@@ -20,6 +22,8 @@ mod model;
 #[allow(dead_code)]
 mod support;
 
+mod consumer;
+mod definition;
 mod hostile;
 mod outage;
 mod parking;

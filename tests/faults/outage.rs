@@ -77,3 +77,53 @@ async fn postgres_cut_off_mid_stream_and_restored_loses_nothing_and_applies_noth
     drop(proxy);
     db.drop().await;
 }
+
+/// An error no one event can be blamed for (here every statement of `customer_totals` waits on a
+/// lock past the connection's `statement_timeout`): retried `retry.max_attempts` times, then the
+/// projection is `failed` (with the retries and the backoff in the metrics) while the other one
+/// keeps applying; when the lock goes, it commits and runs again, and nothing is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_again_and_again_fails_only_its_projection_until_it_commits() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = support::new_topic(&kafka, 2);
+    let db = TestDb::create().await;
+    let mut settings = support::settings(&kafka, &db, 20, true);
+    settings.database.url = format!("{}?options=-c%20statement_timeout%3D300", db.url);
+    settings.retry.max_attempts = 3;
+    settings.retry.max_backoff_ms = 200;
+    let projections = support::example_projections(&topic);
+    let first = history(10);
+    let engine = Engine::start(&settings, &projections);
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first)).await.expect("publishing");
+    support::wait_caught_up(&settings, &projections).await;
+
+    // Another session holds `customer_totals` locked.
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE customer_totals IN ACCESS EXCLUSIVE MODE").await.expect("lock");
+    let second = history(10);
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&second)).await.expect("publishing");
+    let metrics = engine.metrics.clone();
+    support::wait_for("customer_totals to be failed after 3 attempts", || async {
+        metrics.current_state("customer_totals") == Some("failed")
+    })
+    .await;
+    assert!(metrics.batch_retries.with_label_values(&["customer_totals"]).get() >= 3);
+    assert!(metrics.retry_backoff.with_label_values(&["customer_totals"]).get() > 0.0);
+    let order_summary = support::example_projection(&topic, "order_summary");
+    support::wait_caught_up(&settings, &order_summary).await;
+    assert_eq!(metrics.current_state("order_summary"), Some("running"), "the other projection keeps going");
+
+    lock.rollback().await.expect("unlock");
+    support::wait_caught_up(&settings, &projections).await;
+    support::wait_for("customer_totals to run again", || async {
+        metrics.current_state("customer_totals") == Some("running")
+    })
+    .await;
+    assert_eq!(metrics.retry_backoff.with_label_values(&["customer_totals"]).get(), 0.0);
+    engine.stop().await;
+    let published: Vec<Fact> = first.into_iter().chain(second).collect();
+    assert_read_models(&db.client().await, &published, "after the lock was released").await;
+    db.drop().await;
+}

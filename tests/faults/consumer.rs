@@ -1,0 +1,41 @@
+//! A Kafka consumer thread that dies (a panic injected through a fail point, as no outside event
+//! can make one die): the projection is `failed` while it has none, the thread is replaced with
+//! backoff, and the read model comes out exact.
+
+use crate::raw::{self, account, opened, Raw};
+use crate::support::{self, Engine};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_thread_that_dies_is_seen_and_replaced() {
+    let raw::Accounts { _kafka, topic, db, client, mut settings, projections, bootstrap } = raw::setup(2, 50).await;
+    settings.retry.max_backoff_ms = 300;
+    // A name of its own: fail points are shared by every test of this binary.
+    let name = support::unique("consumer_dies");
+    let projections = vec![projections[0].renamed(&name)];
+    let fail_point = format!("consumer-poll-{name}");
+    fail::cfg(&fail_point, "panic").expect("configuring the fail point");
+
+    let records: Vec<Raw> = (0..10).map(|i| Raw::json(&opened(&format!("c-{i}"), i + 1))).collect();
+    raw::publish(&bootstrap, &topic, &records).await;
+    let engine = Engine::start(&settings, &projections);
+    let metrics = engine.metrics.clone();
+    let restarts = || metrics.consumer_restarts.with_label_values(&[&name]).get();
+    support::wait_for("the consumer to die, be replaced, and die again", || async {
+        restarts() >= 2 && metrics.current_state(&name) == Some("failed")
+    })
+    .await;
+    assert_eq!(account(&client, "c-0").await, None, "nothing applied without a consumer");
+
+    // The next consumer lives: the projection runs again and applies everything once.
+    fail::remove(&fail_point);
+    support::wait_caught_up(&settings, &projections).await;
+    support::wait_for("the projection to run again", || async { metrics.current_state(&name) == Some("running") })
+        .await;
+    let metrics = engine.stop().await;
+    for i in 0..10 {
+        assert_eq!(account(&client, &format!("c-{i}")).await.map(|row| (row.0, row.1)), Some((1, (i + 1).to_string())));
+    }
+    assert_eq!(metrics.outcome_count(&name, projector::store::apply::Outcome::Applied), 10);
+    drop(client);
+    db.drop().await;
+}
