@@ -256,13 +256,18 @@ impl Metrics {
 
     /// Records a committed batch.
     pub fn record_batch(&self, projection: &str, report: &BatchReport, events: usize, seconds: f64) {
-        for ((event_type, outcome), count) in &report.outcomes {
-            self.events.with_label_values(&[projection, event_type, outcome.as_str()]).inc_by(*count);
-        }
+        self.record_outcomes(projection, report);
         self.batch_duration.with_label_values(&[projection]).observe(seconds);
         self.batch_events.with_label_values(&[projection]).observe(events as f64);
         self.batches.with_label_values(&[projection, if report.fast { "fast" } else { "careful" }]).inc();
         self.last_commit.with_label_values(&[projection]).set(chrono::Utc::now().timestamp());
+    }
+
+    /// Counts a report's outcomes (a batch's, or a sweep's that released held events).
+    pub fn record_outcomes(&self, projection: &str, report: &BatchReport) {
+        for ((event_type, outcome), count) in &report.outcomes {
+            self.events.with_label_values(&[projection, event_type, outcome.as_str()]).inc_by(*count);
+        }
     }
 
     pub fn set_state(&self, projection: &str, state: &str) {

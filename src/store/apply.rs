@@ -430,10 +430,21 @@ async fn apply_versioned(
             "`{}` for key `{shown}` inserted no row although none exists",
             event.event_type
         ))),
-        (_, Some(current)) if current == version - 1 => Err(EventError::Poison(format!(
-            "`{}` for key `{shown}` changed no row although the row is at version {current}: the statement's other conditions did not match",
-            event.event_type
-        ))),
+        (_, Some(current)) if current == version - 1 => {
+            // The predecessor may have committed between the guard and the look-up (in another
+            // lane or instance: a key's events in several partitions): the look-up sees it, the
+            // guard did not. Once more, now that the row is there.
+            if tx.execute(guard, &as_params(guard_values)).await.map_err(event_db(STATEMENT))? > 0 {
+                for (statement, values) in &bound[1..] {
+                    tx.execute(statement, &as_params(values)).await.map_err(event_db(STATEMENT))?;
+                }
+                return Ok(Outcome::Applied);
+            }
+            Err(EventError::Poison(format!(
+                "`{}` for key `{shown}` changed no row although the row is at version {current}: the statement's other conditions did not match",
+                event.event_type
+            )))
+        }
         (_, found) => {
             if source == Source::Kafka {
                 hold(tx, projection, key, version, found, record).await?;
@@ -777,19 +788,7 @@ pub async fn park_expired_gaps(
     if expired == 0 {
         return Ok(0);
     }
-    for (partition, checkpoint) in partitions {
-        let kept = checkpoint::compare_and_set(
-            &tx,
-            &projection.name,
-            partition,
-            Some(*checkpoint),
-            *checkpoint,
-            &projection.hash,
-        )
-        .await
-        .map_err(ApplyError::during("moving the checkpoints"))?;
-        refused(projection, partition, kept)?;
-    }
+    hold_checkpoints(&tx, projection, partitions).await?;
     let rows = tx
         .query(
             "DELETE FROM projector.held_events h
@@ -818,4 +817,97 @@ pub async fn park_expired_gaps(
     }
     tx.commit().await.map_err(ApplyError::during("committing the gap sweep"))?;
     Ok(expired.len() as u64)
+}
+
+/// What a sweep of held events did.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Held events of the keys released, as counted when applied (`applied`) or parked.
+    pub report: BatchReport,
+    /// Keys of the partitions swept that still have held events.
+    pub still_held: usize,
+}
+
+/// Releases the held events of `partitions` whose predecessor has been applied meanwhile by a
+/// batch that could not see them: one of another lane or instance (a key's events in several
+/// partitions or topics) that read the key's state before the hold committed. `partitions` are
+/// the ones this instance owns, with their stored checkpoints, each compare-and-set to itself
+/// first, as for [`park_expired_gaps`]. Only keys whose row has reached the version before their
+/// first held event are tried.
+pub async fn release_ready(
+    client: &mut deadpool_postgres::Object,
+    projection: &Projection,
+    partitions: &[(TopicPartition, i64)],
+) -> Result<Swept, ApplyError> {
+    let mut swept = Swept::default();
+    let Dedupe::Version(table) = &projection.dedupe else {
+        return Ok(swept);
+    };
+    if partitions.is_empty() {
+        return Ok(swept);
+    }
+    let tx = client.transaction().await.map_err(ApplyError::during("beginning the release sweep"))?;
+    let topics: Vec<&str> = partitions.iter().map(|((topic, _), _)| topic.as_str()).collect();
+    let numbers: Vec<i32> = partitions.iter().map(|((_, partition), _)| *partition).collect();
+    let held: Vec<(String, i64)> = tx
+        .query(
+            "SELECT h.entity_key, min(h.version) FROM projector.held_events h
+               JOIN unnest($2::text[], $3::int[]) AS p(topic, partition) USING (topic, partition)
+              WHERE h.projection = $1
+              GROUP BY h.entity_key",
+            &[&projection.name, &topics, &numbers],
+        )
+        .await
+        .map_err(ApplyError::during("reading held events"))?
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    swept.still_held = held.len();
+    if held.is_empty() {
+        return Ok(swept);
+    }
+    // Keys stored by digest cannot be looked up in the read model: they are always tried.
+    let plain: Vec<&str> = held.iter().map(|(key, _)| key.as_str()).filter(|key| !key.starts_with("sha256:")).collect();
+    let rows = fast::current_versions(&tx, table, &plain).await?;
+    let ready: Vec<&str> = held
+        .iter()
+        .filter(|(key, first)| {
+            key.starts_with("sha256:") || rows.get(key).copied().flatten().is_some_and(|at| at >= first - 1)
+        })
+        .map(|(key, _)| key.as_str())
+        .collect();
+    if ready.is_empty() {
+        return Ok(swept);
+    }
+    hold_checkpoints(&tx, projection, partitions).await?;
+    for key in ready {
+        if matches!(release_key(&tx, projection, key, &mut swept.report, true).await?, Released::All) {
+            swept.still_held -= 1;
+        }
+    }
+    tx.commit().await.map_err(ApplyError::during("committing the release sweep"))?;
+    Ok(swept)
+}
+
+/// Takes the checkpoints of `partitions` (each at its owner's `checkpoint`, unchanged) into the
+/// transaction: a sweep commits only while this instance, on this definition, still owns them.
+async fn hold_checkpoints(
+    tx: &Transaction<'_>,
+    projection: &Projection,
+    partitions: &[(TopicPartition, i64)],
+) -> Result<(), ApplyError> {
+    for (partition, checkpoint) in partitions {
+        let kept = checkpoint::compare_and_set(
+            tx,
+            &projection.name,
+            partition,
+            Some(*checkpoint),
+            *checkpoint,
+            &projection.hash,
+        )
+        .await
+        .map_err(ApplyError::during("moving the checkpoints"))?;
+        refused(projection, partition, kept)?;
+    }
+    Ok(())
 }

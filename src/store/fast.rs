@@ -446,7 +446,7 @@ fn fast_error(error: tokio_postgres::Error) -> ApplyError {
 }
 
 /// The version of each key's row now (`None`: no row), in one round trip.
-async fn current_versions(
+pub(super) async fn current_versions(
     tx: &Transaction<'_>,
     table: &VersionedTable,
     keys: &[&str],

@@ -29,7 +29,7 @@ use crate::kafka::{Command, ConsumerThread, Input};
 use crate::metrics::Metrics;
 use crate::projection::{Projection, Record};
 use crate::settings::{OnDataLoss, Settings};
-use crate::store::apply::{park_expired_gaps, ApplyError, BatchReport, ErrorClass};
+use crate::store::apply::{park_expired_gaps, release_ready, ApplyError, BatchReport, ErrorClass, Outcome};
 use crate::store::checkpoint::{self, TopicPartition};
 use crate::store::StoreError;
 
@@ -122,6 +122,9 @@ struct Worker {
     ended: Option<Ended>,
     /// When a partition last could not be read although every checkpoint was in range.
     unexplained_at: Option<std::time::Instant>,
+    /// Whether the owned partitions may have held events (gaps) to release: see
+    /// [`Worker::release_ready`].
+    may_hold: bool,
 }
 
 /// Runs one projection until `shutdown` turns true, then commits the batch in flight and leaves
@@ -193,6 +196,7 @@ pub async fn run_with(
             counted_lost: HashMap::new(),
             ended: None,
             unexplained_at: None,
+            may_hold: matches!(projection.dedupe, crate::projection::Dedupe::Version(_)),
         };
         let mut pending = Pending::new();
         let result = worker.consume(&mut inputs, &mut pending).await;
@@ -251,6 +255,10 @@ impl Worker {
         // Partitions held for lost records are looked at again every few seconds.
         let mut recheck = tokio::time::interval(Duration::from_secs(2));
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Held events whose predecessor another lane or instance applied are released within a
+        // second or so.
+        let mut release = tokio::time::interval(Duration::from_secs(1));
+        release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
             if let Some(ended) = self.ended.take() {
                 break ended;
@@ -268,6 +276,11 @@ impl Worker {
                 }
                 _ = recheck.tick(), if self.partitions.values().any(|state| state.lost.is_some()) => {
                     self.recheck_lost().await?;
+                }
+                _ = release.tick(), if self.may_hold => {
+                    self.flush(&mut batch, pending).await?;
+                    self.drain(&mut batch, pending).await?;
+                    self.release_ready().await?;
                 }
                 _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
                     self.flush(&mut batch, pending).await?;
@@ -565,6 +578,9 @@ impl Worker {
     /// Records a committed lane: checkpoint gauges, metrics, and the advisory Kafka commit. (The
     /// expected checkpoints moved when the batch started.)
     fn committed(&mut self, moves: &[Move], report: &BatchReport, events: usize, seconds: f64) {
+        if report.total(Outcome::Gap) > 0 {
+            self.may_hold = true;
+        }
         let mut committed = Vec::with_capacity(moves.len());
         for (partition, _, to) in moves {
             self.metrics
@@ -585,11 +601,7 @@ impl Worker {
         let Some(timeout) = self.gap_timeout else {
             return Ok(());
         };
-        let owned: Vec<(TopicPartition, i64)> = self
-            .partitions
-            .iter()
-            .filter_map(|(partition, state)| state.checkpoint.map(|checkpoint| (partition.clone(), checkpoint)))
-            .collect();
+        let owned = self.owned_checkpoints();
         if owned.is_empty() {
             return Ok(());
         }
@@ -603,24 +615,69 @@ impl Worker {
                 tracing::warn!(projection = %self.projection.name, parked, "held events parked: their predecessors did not arrive in time");
                 self.metrics.gap_timeouts.with_label_values(&[&self.projection.name]).inc_by(parked);
             }
-            Err(ApplyError::Fenced { partition }) => {
+            Err(error) => self.sweep_failed(error, owned, "cannot check held events for their timeout").await?,
+        }
+        Ok(())
+    }
+
+    /// Releases the held events of our partitions whose predecessor was applied by a batch that
+    /// could not see them (another lane's, or another instance's, that read the key before the
+    /// hold committed). Stops looking once our partitions hold nothing.
+    async fn release_ready(&mut self) -> Result<(), WorkerError> {
+        let owned = self.owned_checkpoints();
+        let result = match self.pool.get().await {
+            Ok(mut client) => release_ready(&mut client, &self.projection, &owned).await,
+            Err(error) => Err(ApplyError::Pool(error.to_string())),
+        };
+        match result {
+            Ok(swept) => {
+                if swept.report.released > 0 {
+                    tracing::info!(projection = %self.projection.name, released = swept.report.released,
+                        "held events released: their predecessors were applied by another lane or instance");
+                    self.metrics.record_outcomes(&self.projection.name, &swept.report);
+                }
+                self.may_hold = swept.still_held > 0;
+            }
+            Err(error) => self.sweep_failed(error, owned, "cannot release held events").await?,
+        }
+        Ok(())
+    }
+
+    /// The partitions we own with a known checkpoint, for a sweep over them.
+    fn owned_checkpoints(&self) -> Vec<(TopicPartition, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(partition, state)| state.checkpoint.map(|checkpoint| (partition.clone(), checkpoint)))
+            .collect()
+    }
+
+    /// A sweep of held events (expired gaps, releases) that did not commit: fenced, it re-reads
+    /// the partition from its stored checkpoint; on another definition the projection ends; what
+    /// is fatal stops the engine; anything else is tried again at the next tick.
+    async fn sweep_failed(
+        &mut self,
+        error: ApplyError,
+        owned: Vec<(TopicPartition, i64)>,
+        what: &str,
+    ) -> Result<(), WorkerError> {
+        match error {
+            ApplyError::Fenced { partition } => {
                 tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
                     "checkpoint moved by another instance: re-reading from the stored checkpoint");
                 let moves: Vec<Move> = owned
                     .into_iter()
+                    .filter(|(owned, _)| *owned == partition)
                     .map(|(partition, checkpoint)| (partition, Some(checkpoint), checkpoint))
                     .collect();
                 self.resync(&moves).await;
             }
-            Err(error @ ApplyError::DefinitionChanged { .. }) => {
+            error @ ApplyError::DefinitionChanged { .. } => {
                 self.ended.get_or_insert(Ended::DefinitionChanged(error.to_string()));
             }
-            Err(error) if error.class() == ErrorClass::Fatal => {
+            error if error.class() == ErrorClass::Fatal => {
                 return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message: error.to_string() })
             }
-            Err(error) => {
-                tracing::warn!(projection = %self.projection.name, %error, "cannot check held events for their timeout; trying again later")
-            }
+            error => tracing::warn!(projection = %self.projection.name, %error, "{what}; trying again later"),
         }
         Ok(())
     }

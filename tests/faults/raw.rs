@@ -114,6 +114,11 @@ impl Raw {
 }
 
 pub async fn publish(bootstrap: &str, topic: &str, records: &[Raw]) {
+    publish_to(bootstrap, topic, None, records).await
+}
+
+/// [`publish`], every record to `partition` (`None`: by its key).
+pub async fn publish_to(bootstrap: &str, topic: &str, partition: Option<i32>, records: &[Raw]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "false")
@@ -127,6 +132,9 @@ pub async fn publish(bootstrap: &str, topic: &str, records: &[Raw]) {
             add_header(&headers, name, value);
         }
         let mut future: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(partition) = partition {
+            future = future.partition(partition);
+        }
         if let Some(key) = &record.key {
             future = future.key(key);
         }
