@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod records;
+pub mod scrape;
 pub mod shop;
 
 use std::collections::BTreeMap;
@@ -22,7 +24,7 @@ use projector::demo::ShopEvent;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::ClientConfig;
 use tokio_postgres::{Client, NoTls};
 
@@ -380,15 +382,7 @@ impl Drop for Tansu {
 /// batch's base offset + 1, so exact offsets need single-record batches), each awaited before the
 /// next. Returns each record's `(partition, offset)`.
 pub async fn produce_one_per_batch(bootstrap: &str, topic: &str, events: &[ShopEvent]) -> Vec<(i32, i64)> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("batch.num.messages", "1")
-        .set("linger.ms", "0")
-        .set("enable.idempotence", "false")
-        .set("max.in.flight.requests.per.connection", "1")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .expect("creating a producer");
+    let producer = records::one_per_batch_producer(bootstrap);
     let mut positions = Vec::with_capacity(events.len());
     for event in events {
         let payload = serde_json::to_vec(&event.value).expect("event as JSON");
@@ -405,9 +399,20 @@ pub async fn produce_one_per_batch(bootstrap: &str, topic: &str, events: &[ShopE
 /// the example projections, `/metrics` on a free port, `RUST_LOG=info`, stdout and stderr appended to `log`, working in `log`'s
 /// folder (so no stray `projector.toml` is read). Inherited `PROJECTOR_*` variables are removed.
 pub fn projector_command(database_url: &str, bootstrap: &str, group_prefix: &str, log: &Path) -> Command {
+    projector_subcommand(&["run"], database_url, bootstrap, group_prefix, log)
+}
+
+/// [`projector_command`] for any subcommand and its arguments (`["rebuild", "ledger", "--shadow"]`).
+pub fn projector_subcommand(
+    arguments: &[&str],
+    database_url: &str,
+    bootstrap: &str,
+    group_prefix: &str,
+    log: &Path,
+) -> Command {
     let log_file = OpenOptions::new().create(true).append(true).open(log).expect("opening the projector log");
     let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
-    command.arg("run");
+    command.args(arguments);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("PROJECTOR_") {
             command.env_remove(name);

@@ -139,7 +139,7 @@ pub fn example_projection(topic: &str, name: &str) -> Vec<Projection> {
 }
 
 pub async fn wait_caught_up(settings: &Settings, projections: &[Projection]) {
-    projector::demo::wait_caught_up(settings, projections, Duration::from_secs(60))
+    projector::demo::wait_caught_up(settings, projections, Duration::from_secs(120))
         .await
         .expect("the projections catch up");
 }
