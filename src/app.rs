@@ -90,7 +90,13 @@ pub async fn run(
             finished = workers.join_next_with_id() => match finished {
                 None => break,
                 Some(Ok((id, Ok(())))) => {
-                    names.remove(&id);
+                    // A worker ends by itself only at shutdown: one that ended before is a
+                    // projection no longer running, so the engine stops rather than look healthy.
+                    let name = names.remove(&id).unwrap_or_default();
+                    metrics.set_state(&name, "failed");
+                    tracing::error!(projection = %name, "projection worker ended unexpectedly: stopping the engine");
+                    failures.push(format!("the worker of `{name}` ended unexpectedly"));
+                    break;
                 }
                 Some(Ok((id, Err(error)))) => {
                     names.remove(&id);

@@ -155,6 +155,11 @@ pub async fn run_with(
     };
     let mut restarts = 0;
     loop {
+        // A fault the tests inject (feature `failpoints`): the worker ends as if its work were done.
+        #[cfg(feature = "failpoints")]
+        if fail::eval(&format!("worker-{}", projection.name), |_| ()).is_some() {
+            return Ok(());
+        }
         if !gate::wait_for_matching_definition(&projection, &pool, &condition, shutdown.clone()).await {
             return Ok(());
         }

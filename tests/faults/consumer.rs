@@ -1,6 +1,7 @@
 //! A Kafka consumer thread that dies (a panic injected through a fail point, as no outside event
 //! can make one die): the projection is `failed` while it has none, the thread is replaced with
-//! backoff, and the read model comes out exact.
+//! backoff, and the read model comes out exact. A worker that ends before shutdown stops the engine
+//! with a message naming it, rather than leave its projection looking healthy.
 
 use crate::raw::{self, account, opened, Raw};
 use crate::support::{self, Engine};
@@ -36,6 +37,23 @@ async fn a_consumer_thread_that_dies_is_seen_and_replaced() {
         assert_eq!(account(&client, &format!("c-{i}")).await.map(|row| (row.0, row.1)), Some((1, (i + 1).to_string())));
     }
     assert_eq!(metrics.outcome_count(&name, projector::store::apply::Outcome::Applied), 10);
+    drop(client);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_ends_before_shutdown_stops_the_engine() {
+    let raw::Accounts { _kafka, db, client, settings, projections, .. } = raw::setup(1, 50).await;
+    let name = support::unique("worker_ends");
+    let projections = vec![projections[0].renamed(&name)];
+    let fail_point = format!("worker-{name}");
+    fail::cfg(&fail_point, "return").expect("configuring the fail point");
+    let engine = Engine::start(&settings, &projections);
+    let metrics = engine.metrics.clone();
+    let error = engine.exited(std::time::Duration::from_secs(30)).await.expect_err("the engine stops").to_string();
+    fail::remove(&fail_point);
+    assert!(error.contains(&format!("the worker of `{name}` ended unexpectedly")), "{error}");
+    assert_eq!(metrics.current_state(&name), Some("failed"));
     drop(client);
     db.drop().await;
 }
