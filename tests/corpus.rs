@@ -3,10 +3,12 @@
 //! Confluent framing; deep, huge and broken JSON; numbers out of range; NUL anywhere; keys and
 //! ids too long to index), mixed into ordinary traffic for two projections written as a team
 //! would write them (`ledger`, version-guarded; `journal`, deduped by event id). Against a Tansu
-//! broker and against librdkafka's mock cluster (reached over TCP like any broker).
+//! broker, with 200 accounts of ordinary traffic and the engine SIGKILLed three times while it
+//! works, and against librdkafka's mock cluster (reached over TCP like any broker).
 //!
 //! For every record the outcome each projection must give (parked records are found by partition
-//! and offset with their reason and raw bytes), the outcome totals scraped from `/metrics`, the
+//! and offset with their reason and raw bytes), the outcome totals scraped from `/metrics` (in
+//! the run without kills), the
 //! read models equal to the fold of what must apply, the checkpoints at the end of the log and the
 //! process still running. Then a shadow rebuild (alongside the running engine) and an in-place
 //! rebuild (engine stopped), each a process of its own, finish with the same tables and the same
@@ -25,6 +27,7 @@ use common::scrape::{http_get, Exposition};
 use common::{checkpoints, free_port, log_tail, projector_subcommand, wait_for, LogDir, Projector, Tansu, TestDb};
 use nix::sys::signal::Signal;
 use projector::kafka::mock::MockKafka;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -114,14 +117,13 @@ fn with(mut value: Value, field: &str, replacement: Option<Value>) -> Value {
 }
 
 fn random_text(seed: u64, length: usize) -> String {
-    use rand::{Rng, SeedableRng};
     let mut random = rand::rngs::StdRng::seed_from_u64(seed);
     (0..length).map(|_| char::from(random.random_range(b'!'..=b'~'))).collect()
 }
 
-/// The corpus, in the order published: ordinary traffic (accounts `ok-1` … `ok-5`, ten deposits
-/// each) around every hostile record.
-fn corpus() -> Vec<Case> {
+/// The corpus, in the order published: ordinary traffic (`accounts` accounts, `ok-1` …, ten
+/// deposits each) around every hostile record.
+fn corpus(accounts: usize) -> Vec<Case> {
     use Outcome::*;
     let case = |kind, record, ledger, journal| Case { kind, record, ledger, journal };
     let both = |kind, record, outcome| Case { kind, record, ledger: outcome, journal: outcome };
@@ -207,7 +209,7 @@ fn corpus() -> Vec<Case> {
     ];
     hostile.push(both("the event published twice, at the very end", json(&late), Duplicate));
 
-    let good_keys: Vec<String> = (1..=5).map(|i| format!("ok-{i}")).collect();
+    let good_keys: Vec<String> = (1..=accounts).map(|i| format!("ok-{i}")).collect();
     let mut cases: Vec<Case> =
         good_keys.iter().map(|key| both("ordinary traffic", json(&opened(key, 100)), Applied)).collect();
     let mut version = 1;
@@ -415,8 +417,11 @@ fn write_configuration(dir: &Path) {
     .expect("projector.toml");
 }
 
-async fn corpus_through_the_engine(broker: Broker, label: &str) {
-    let cases = corpus();
+/// Publishes the corpus with `accounts` accounts of ordinary traffic, runs `projector run`
+/// (SIGKILLed `kills` times while it works, each time started again), and checks every outcome.
+/// The outcome totals of `/metrics` are checked only without kills (a new process counts anew).
+async fn corpus_through_the_engine(broker: Broker, label: &str, accounts: usize, kills: usize) {
+    let cases = corpus(accounts);
     let kinds: std::collections::BTreeSet<&str> = cases.iter().map(|case| case.kind).collect();
     assert!(kinds.len() > 40, "{} kinds of record", kinds.len());
     let bootstrap = broker.bootstrap();
@@ -444,7 +449,14 @@ async fn corpus_through_the_engine(broker: Broker, label: &str) {
     }
     eprintln!("{label}: {} records ({} kinds) published, end offsets {ends:?}", cases.len(), kinds.len());
 
-    let engine = Projector::spawn(command(&["run"]), &log, "run");
+    let mut engine = Projector::spawn(command(&["run"]), &log, "run");
+    let mut random = rand::rngs::StdRng::seed_from_u64(kills as u64);
+    for kill in 1..=kills {
+        engine.wait_started(CATCH_UP).await;
+        tokio::time::sleep(Duration::from_millis(random.random_range(100..1500))).await;
+        engine.kill();
+        engine = Projector::spawn(command(&["run"]), &log, &format!("run after kill {kill}"));
+    }
     for projection in ["ledger", "journal"] {
         wait_for(&format!("{projection} at the end of the log"), CATCH_UP, || async {
             engine.check_running()?;
@@ -498,7 +510,7 @@ async fn corpus_through_the_engine(broker: Broker, label: &str) {
         }
         Err(())
     };
-    if settled.await.is_err() {
+    if kills == 0 && settled.await.is_err() {
         wrong.push(format!(
             "/metrics: expected ledger {:?}, journal {:?}, lag 0; last seen {last}",
             expected_totals(&cases, |case| case.ledger),
@@ -571,12 +583,12 @@ async fn rebuild(mut command: std::process::Command, log: &Path, projection: &st
 async fn every_record_ends_with_its_outcome_against_tansu() {
     let tansu = Tansu::start().await;
     tansu.create_topic(TOPIC, PARTITIONS).await;
-    corpus_through_the_engine(Broker::Tansu(tansu), "corpus-tansu").await;
+    corpus_through_the_engine(Broker::Tansu(tansu), "corpus-tansu", 200, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_ends_with_its_outcome_against_the_mock_cluster() {
     let mock = MockKafka::start(1).expect("mock cluster");
     mock.create_topic(TOPIC, PARTITIONS, 1).expect("creating the topic");
-    corpus_through_the_engine(Broker::Mock(mock), "corpus-mock").await;
+    corpus_through_the_engine(Broker::Mock(mock), "corpus-mock", 5, 0).await;
 }
