@@ -14,6 +14,9 @@
 //! - `outage`: Postgres unreachable mid-stream and back: nothing lost, nothing applied twice.
 //! - `retention`: records the broker deleted before they were read: counted, held or skipped.
 //! - `security`: Postgres TLS by `sslmode`; no password in errors.
+//! - `transactions`: committed transactions applied; checkpoints, lag and rebuilds past their
+//!   markers.
+//! - `wire`: record batches and transaction markers written to the mock broker byte for byte.
 
 #[path = "../engine/model.rs"]
 #[allow(dead_code)]
@@ -30,3 +33,5 @@ mod parking;
 mod raw;
 mod retention;
 mod security;
+mod transactions;
+mod wire;

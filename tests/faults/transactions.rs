@@ -1,0 +1,217 @@
+//! Transactional topics: records of committed transactions are applied, and checkpoints, lag and
+//! rebuilds pass the transaction markers (one offset each, never delivered to a consumer).
+//!
+//! librdkafka's mock broker takes transactional producers (InitProducerId, AddPartitionsToTxn,
+//! EndTxn all answer) but writes no marker on EndTxn: a committed or aborted transaction leaves
+//! its records at consecutive offsets and nothing after them, and a `read_committed` consumer
+//! gets the aborted records too. The markers are written here by hand instead ([`crate::wire`]):
+//! transactional record batches, then a control batch holding the commit marker, which the mock
+//! stores as given and serves like any batch. librdkafka skips control batches, so the consumer's
+//! position moves past a marker with nothing delivered, as from a real broker.
+//!
+//! Not shown here: aborted records being dropped. A `read_committed` consumer drops them by the
+//! aborted-transactions list of a Fetch response, which the mock always sends empty (and its last
+//! stable offset is always the high watermark, so an open transaction is not held back either):
+//! librdkafka delivers the records of an aborted transaction as if committed.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use projector::lag::{KafkaProbe, Target};
+use projector::metrics::Metrics;
+use projector::rebuild::RebuildArgs;
+use projector::settings::Settings;
+use projector::store::apply::Outcome;
+use tokio_postgres::Client;
+
+use crate::raw::{self, account, deposited, opened, Raw};
+use crate::support::{self, Engine};
+use crate::wire::{self, Transaction};
+
+/// The transactional producer's id.
+const PRODUCER: i64 = 1000;
+
+/// What [`write_log`] wrote, by offset.
+#[derive(Debug)]
+struct Log {
+    markers: Vec<i64>,
+    end: i64,
+}
+
+/// Two committed transactions with a plain record between them, the log ending in a marker:
+///
+/// | offsets | what |
+/// | --- | --- |
+/// | 0..3 | transaction: `t-1` and `t-2` opened (10, 20), `t-1` +5 |
+/// | 3 | commit marker |
+/// | 4 | plain: `t-3` opened (30) |
+/// | 5..7 | transaction: `t-2` +1, `t-3` +2 |
+/// | 7 | commit marker |
+async fn write_log(settings: &Settings, topic: &str) -> Log {
+    let bootstrap = settings.kafka.bootstrap_servers.as_str();
+    let mut txn = Transaction::new(bootstrap, topic, 0, PRODUCER);
+    let json = |events: &[serde_json::Value]| events.iter().map(Raw::json).collect::<Vec<_>>();
+    assert_eq!(txn.send(&json(&[opened("t-1", 10), opened("t-2", 20), deposited("t-1", 2, 5)])).await, 0..3);
+    let first = txn.end(true).await;
+    assert_eq!(wire::send_plain(bootstrap, topic, 0, &json(&[opened("t-3", 30)])).await, 4..5);
+    assert_eq!(txn.send(&json(&[deposited("t-2", 2, 1), deposited("t-3", 2, 2)])).await, 5..7);
+    let second = txn.end(true).await;
+    let log = Log { markers: vec![first, second], end: second + 1 };
+    assert_eq!(log.markers, vec![3, 7], "one offset per record and per marker");
+    let high = projector::kafka::watermarks(&settings.kafka, &[topic.to_string()], Duration::from_secs(5))
+        .expect("watermarks")[&(topic.to_string(), 0)]
+        .1;
+    assert_eq!(high, log.end, "the marker ends the log");
+    log
+}
+
+/// `(id, version, balance)` of every account of `table`, by id.
+async fn accounts_in(client: &Client, table: &str) -> Vec<(String, i64, String)> {
+    client
+        .query(&format!("SELECT id, version, balance::text FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap_or_else(|error| panic!("reading `{table}`: {error}"))
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+fn rows(expected: &[(&str, i64, &str)]) -> Vec<(String, i64, String)> {
+    expected.iter().map(|(id, version, balance)| (id.to_string(), *version, balance.to_string())).collect()
+}
+
+/// The fold of the whole log.
+fn all_applied() -> Vec<(String, i64, String)> {
+    rows(&[("t-1", 2, "15"), ("t-2", 2, "21"), ("t-3", 2, "32")])
+}
+
+async fn checkpoint(client: &Client, projection: &str) -> i64 {
+    client
+        .query_one("SELECT next_offset FROM projector.checkpoints WHERE projection = $1", &[&projection])
+        .await
+        .unwrap_or_else(|error| panic!("the checkpoint of `{projection}`: {error}"))
+        .get(0)
+}
+
+/// The live `projector_consumer_lag_messages` series of partition 0 of `topic`, if sampled yet.
+fn lag_series(metrics: &Metrics, topic: &str) -> Option<f64> {
+    let wanted = [("mode", "live"), ("partition", "0"), ("projection", "accounts"), ("topic", topic)];
+    metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "projector_consumer_lag_messages")
+        .flat_map(|family| family.get_metric().iter())
+        .find(|metric| {
+            wanted
+                .iter()
+                .all(|(name, value)| metric.get_label().iter().any(|l| l.name() == *name && l.value() == *value))
+        })
+        .map(|metric| metric.get_gauge().value())
+}
+
+fn applied(metrics: &Metrics, projection: &str) -> u64 {
+    metrics.outcome_count(projection, Outcome::Applied)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_transactions_are_applied_and_checkpoints_pass_their_markers() {
+    let raw::Accounts { _kafka, topic, db, client, mut settings, projections, bootstrap } = raw::setup(1, 50).await;
+    settings.http.lag_refresh_ms = 200;
+    let log = write_log(&settings, &topic).await;
+
+    // A backlog: every committed record applied once, the checkpoint at the end, past the marker
+    // that ends the log.
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+    assert_eq!(checkpoint(&client, "accounts").await, log.end);
+    assert_eq!(accounts_in(&client, "accounts").await, all_applied());
+    assert_eq!(applied(&engine.metrics, "accounts"), 6);
+    let metrics = engine.metrics.clone();
+    support::wait_for("a live lag of 0", || async { lag_series(&metrics, &topic) == Some(0.0) }).await;
+
+    // Live: a transaction committed while the engine runs.
+    let mut txn = Transaction::new(&bootstrap, &topic, 0, PRODUCER + 1);
+    assert_eq!(txn.send(&[Raw::json(&deposited("t-1", 3, 100))]).await, log.end..log.end + 1);
+    let marker = txn.end(true).await;
+    support::wait_caught_up(&settings, &projections).await;
+    assert_eq!(checkpoint(&client, "accounts").await, marker + 1);
+    assert_eq!(account(&client, "t-1").await.map(|row| (row.0, row.1)), Some((3, "115".to_string())));
+    assert_eq!(lag_series(&metrics, &topic), Some(0.0));
+    assert_eq!(applied(&engine.stop().await, "accounts"), 7);
+
+    // A checkpoint at a marker's offset, as an engine stopped between applying a transaction's
+    // records and reading its marker leaves it: nothing is left to apply, so the lag is 0, not the
+    // 1 that end offset minus checkpoint says.
+    client
+        .execute("UPDATE projector.checkpoints SET next_offset = $1 WHERE projection = 'accounts'", &[&marker])
+        .await
+        .expect("moving the checkpoint back to the marker");
+    let pool = projector::store::connect(&settings.database.url, 1).await.expect("pool");
+    let probe = KafkaProbe::new(&settings.kafka, Duration::from_secs(5)).expect("lag probe");
+    let (_, measured) = projector::lag::measure(probe, &pool, &Target::of(&projections)).await;
+    let partition = &measured.expect("lag measured")[0].partitions[0];
+    assert_eq!((partition.checkpoint, partition.end_offset), (Some(marker), marker + 1));
+    assert_eq!((partition.lag_messages, partition.lag_seconds), (0, Some(0.0)));
+
+    // An engine started there moves its checkpoint past the marker, applying nothing.
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+    assert_eq!(checkpoint(&client, "accounts").await, marker + 1);
+    assert_eq!(applied(&engine.stop().await, "accounts"), 0);
+    assert_eq!(account(&client, "t-1").await.map(|row| (row.0, row.1)), Some((3, "115".to_string())));
+    drop(client);
+    db.drop().await;
+}
+
+async fn rebuild(settings: &Settings, projections: &[projector::projection::Projection], args: RebuildArgs) -> Metrics {
+    let metrics = Metrics::new();
+    let rebuilt = projector::rebuild::run(settings, projections, &args, metrics.clone(), std::future::pending());
+    tokio::time::timeout(Duration::from_secs(60), rebuilt)
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} did not finish within 60 s"))
+        .unwrap_or_else(|error| panic!("{args:?}: {error}"));
+    metrics
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilds_of_a_transactional_topic_finish() {
+    let raw::Accounts { _kafka, topic, db, client, settings, projections, .. } = raw::setup(1, 50).await;
+    let log = write_log(&settings, &topic).await;
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+    engine.stop().await;
+    let args = |shadow: bool| RebuildArgs { name: "accounts".into(), shadow, ..RebuildArgs::default() };
+
+    // In place: the tables emptied and every committed record applied again, the build ending at
+    // the log's end, past its last marker.
+    client.batch_execute("UPDATE accounts SET balance = 0").await.expect("damaging the read model");
+    let metrics = rebuild(&settings, &projections, args(false)).await;
+    assert_eq!(applied(&metrics, "accounts"), 6);
+    assert_eq!(accounts_in(&client, "accounts").await, all_applied());
+    assert_eq!(checkpoint(&client, "accounts").await, log.end);
+
+    // Into shadow tables, swapped in while an engine runs.
+    client.batch_execute("UPDATE accounts SET balance = 0").await.expect("damaging the read model");
+    let engine = Engine::start(&settings, &projections);
+    rebuild(&settings, &projections, args(true)).await;
+    engine.stop().await;
+    assert_eq!(accounts_in(&client, "accounts").await, all_applied());
+    assert_eq!(checkpoint(&client, "accounts").await, log.end);
+
+    // As of offsets: up to the first marker, and up to just past it (reached only by passing it).
+    let first: Range<i64> = log.markers[0]..log.markers[0] + 1;
+    for until in [first.start, first.end] {
+        let into = format!("accounts_until_{until}");
+        let until_offsets = Some([((topic.clone(), 0), until)].into_iter().collect());
+        rebuild(&settings, &projections, RebuildArgs { until_offsets, into: Some(into.clone()), ..args(false) }).await;
+        assert_eq!(
+            accounts_in(&client, &into).await,
+            rows(&[("t-1", 2, "15"), ("t-2", 1, "20")]),
+            "the first transaction only, built until offset {until}"
+        );
+    }
+    assert_eq!(accounts_in(&client, "accounts").await, all_applied(), "the live table untouched");
+    drop(client);
+    db.drop().await;
+}
