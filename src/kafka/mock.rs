@@ -70,6 +70,21 @@ impl MockKafka {
         // SAFETY: valid cluster.
         check(unsafe { rdsys::rd_kafka_mock_broker_set_up(self.cluster, id) })
     }
+
+    /// Makes broker `id` name `host:port` as its address in metadata, for clients to reach it
+    /// through whatever listens there (a proxy of the tests'). It still listens where it did.
+    pub fn advertise(&self, id: i32, host: &str, port: u16) -> KafkaResult<()> {
+        let host = CString::new(host).map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidArgument))?;
+        // SAFETY: valid cluster and NUL-terminated host, copied by the call.
+        unsafe { rdsys::rd_kafka_mock_broker_set_host_port(self.cluster, id, host.as_ptr(), i32::from(port)) };
+        Ok(())
+    }
+
+    /// Limits the versions of requests of `api_key` that the brokers offer to `min..=max`.
+    pub fn api_versions(&self, api_key: i16, min: i16, max: i16) -> KafkaResult<()> {
+        // SAFETY: valid cluster.
+        check(unsafe { rdsys::rd_kafka_mock_set_apiversion(self.cluster, api_key, min, max) })
+    }
 }
 
 impl Drop for MockKafka {

@@ -14,9 +14,10 @@
 //! - `outage`: Postgres unreachable mid-stream and back: nothing lost, nothing applied twice.
 //! - `retention`: records the broker deleted before they were read: counted, held or skipped.
 //! - `security`: Postgres TLS by `sslmode`; no password in errors.
-//! - `transactions`: committed transactions applied; checkpoints, lag and rebuilds past their
-//!   markers.
-//! - `wire`: record batches and transaction markers written to the mock broker byte for byte.
+//! - `transactions`: committed transactions applied, aborted ones never; checkpoints, lag and
+//!   rebuilds past their markers.
+//! - `wire`: record batches and transaction markers written to the mock broker byte for byte; a
+//!   proxy adding the aborted transactions to its Fetch responses.
 
 #[path = "../engine/model.rs"]
 #[allow(dead_code)]

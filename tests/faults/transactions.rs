@@ -1,24 +1,31 @@
-//! Transactional topics: records of committed transactions are applied, and checkpoints, lag and
-//! rebuilds pass the transaction markers (one offset each, never delivered to a consumer).
+//! Transactional topics: records of committed transactions are applied, those of aborted ones
+//! never; checkpoints, lag and rebuilds pass the transaction markers and aborted records (one
+//! offset each, never delivered to a consumer).
 //!
 //! librdkafka's mock broker takes transactional producers (InitProducerId, AddPartitionsToTxn,
-//! EndTxn all answer) but writes no marker on EndTxn: a committed or aborted transaction leaves
-//! its records at consecutive offsets and nothing after them, and a `read_committed` consumer
-//! gets the aborted records too. The markers are written here by hand instead ([`crate::wire`]):
-//! transactional record batches, then a control batch holding the commit marker, which the mock
-//! stores as given and serves like any batch. librdkafka skips control batches, so the consumer's
-//! position moves past a marker with nothing delivered, as from a real broker.
+//! EndTxn all answer) but its EndTxn only checks the producer and answers: no marker is written,
+//! so a transaction leaves its records at consecutive offsets and nothing after them. Its Fetch
+//! responses list no aborted transactions and give the high watermark as the last stable offset,
+//! so a `read_committed` consumer gets the records of an aborted transaction as if committed.
+//! Both are made good here ([`crate::wire`]):
+//! - the markers are written by hand: transactional record batches, then a control batch holding
+//!   the commit or abort marker, which the mock stores as given and serves like any batch.
+//!   librdkafka skips control batches, so the consumer's position moves past a marker with nothing
+//!   delivered, as from a real broker;
+//! - for aborts, a proxy in front of the broker adds the aborted transactions to its Fetch
+//!   responses, as Kafka lists them from its transaction index; librdkafka then drops their
+//!   records.
 //!
-//! Not shown here: aborted records being dropped. A `read_committed` consumer drops them by the
-//! aborted-transactions list of a Fetch response, which the mock always sends empty (and its last
-//! stable offset is always the high watermark, so an open transaction is not held back either):
-//! librdkafka delivers the records of an aborted transaction as if committed.
+//! Not shown here: a transaction still open. Kafka holds a `read_committed` consumer (and the end
+//! offset it sees) back at the transaction's first offset until it ends; the mock's last stable
+//! offset is always its high watermark.
 
 use std::ops::Range;
 use std::time::Duration;
 
-use projector::lag::{KafkaProbe, Target};
+use projector::lag::{KafkaProbe, PartitionLag, Target};
 use projector::metrics::Metrics;
+use projector::projection::Projection;
 use projector::rebuild::RebuildArgs;
 use projector::settings::Settings;
 use projector::store::apply::Outcome;
@@ -93,21 +100,41 @@ async fn checkpoint(client: &Client, projection: &str) -> i64 {
         .get(0)
 }
 
-/// The live `projector_consumer_lag_messages` series of partition 0 of `topic`, if sampled yet.
-fn lag_series(metrics: &Metrics, topic: &str) -> Option<f64> {
+/// The value of the series `name` of `accounts` on partition 0 of `topic` (the live one, for lag),
+/// if there is one yet.
+fn gauge(metrics: &Metrics, name: &str, topic: &str) -> Option<f64> {
     let wanted = [("mode", "live"), ("partition", "0"), ("projection", "accounts"), ("topic", topic)];
-    metrics
-        .registry
-        .gather()
+    let family = metrics.registry.gather().into_iter().find(|family| family.name() == name)?;
+    family
+        .get_metric()
         .iter()
-        .filter(|family| family.name() == "projector_consumer_lag_messages")
-        .flat_map(|family| family.get_metric().iter())
         .find(|metric| {
-            wanted
-                .iter()
-                .all(|(name, value)| metric.get_label().iter().any(|l| l.name() == *name && l.value() == *value))
+            metric.get_label().iter().all(|label| wanted.iter().any(|(n, v)| label.name() == *n && label.value() == *v))
         })
         .map(|metric| metric.get_gauge().value())
+}
+
+/// Waits until the lag sampler has seen partition 0 of `topic` end at `end` with the checkpoint
+/// there, and measured a lag of 0 messages.
+async fn wait_for_no_lag(metrics: &Metrics, topic: &str, end: i64) {
+    let sampled = || {
+        ["projector_log_end_offset", "projector_checkpoint_offset", "projector_consumer_lag_messages"]
+            .map(|name| gauge(metrics, name, topic))
+    };
+    let end = Some(end as f64);
+    support::wait_for("a sampled lag of 0 at the end", || async { sampled() == [end, end, Some(0.0)] }).await;
+}
+
+/// The lag of partition 0 as measured with the checkpoint of `accounts` moved to `offset`.
+async fn lag_at(client: &Client, settings: &Settings, projections: &[Projection], offset: i64) -> PartitionLag {
+    client
+        .execute("UPDATE projector.checkpoints SET next_offset = $1 WHERE projection = 'accounts'", &[&offset])
+        .await
+        .expect("moving the checkpoint");
+    let pool = projector::store::connect(&settings.database.url, 1).await.expect("pool");
+    let probe = KafkaProbe::new(&settings.kafka, Duration::from_secs(5)).expect("lag probe");
+    let (_, measured) = projector::lag::measure(probe, &pool, &Target::of(projections)).await;
+    measured.expect("lag measured").remove(0).partitions.remove(0)
 }
 
 fn applied(metrics: &Metrics, projection: &str) -> u64 {
@@ -127,8 +154,7 @@ async fn committed_transactions_are_applied_and_checkpoints_pass_their_markers()
     assert_eq!(checkpoint(&client, "accounts").await, log.end);
     assert_eq!(accounts_in(&client, "accounts").await, all_applied());
     assert_eq!(applied(&engine.metrics, "accounts"), 6);
-    let metrics = engine.metrics.clone();
-    support::wait_for("a live lag of 0", || async { lag_series(&metrics, &topic) == Some(0.0) }).await;
+    wait_for_no_lag(&engine.metrics, &topic, log.end).await;
 
     // Live: a transaction committed while the engine runs.
     let mut txn = Transaction::new(&bootstrap, &topic, 0, PRODUCER + 1);
@@ -137,20 +163,13 @@ async fn committed_transactions_are_applied_and_checkpoints_pass_their_markers()
     support::wait_caught_up(&settings, &projections).await;
     assert_eq!(checkpoint(&client, "accounts").await, marker + 1);
     assert_eq!(account(&client, "t-1").await.map(|row| (row.0, row.1)), Some((3, "115".to_string())));
-    assert_eq!(lag_series(&metrics, &topic), Some(0.0));
+    wait_for_no_lag(&engine.metrics, &topic, marker + 1).await;
     assert_eq!(applied(&engine.stop().await, "accounts"), 7);
 
     // A checkpoint at a marker's offset, as an engine stopped between applying a transaction's
     // records and reading its marker leaves it: nothing is left to apply, so the lag is 0, not the
     // 1 that end offset minus checkpoint says.
-    client
-        .execute("UPDATE projector.checkpoints SET next_offset = $1 WHERE projection = 'accounts'", &[&marker])
-        .await
-        .expect("moving the checkpoint back to the marker");
-    let pool = projector::store::connect(&settings.database.url, 1).await.expect("pool");
-    let probe = KafkaProbe::new(&settings.kafka, Duration::from_secs(5)).expect("lag probe");
-    let (_, measured) = projector::lag::measure(probe, &pool, &Target::of(&projections)).await;
-    let partition = &measured.expect("lag measured")[0].partitions[0];
+    let partition = lag_at(&client, &settings, &projections, marker).await;
     assert_eq!((partition.checkpoint, partition.end_offset), (Some(marker), marker + 1));
     assert_eq!((partition.lag_messages, partition.lag_seconds), (0, Some(0.0)));
 
@@ -164,7 +183,7 @@ async fn committed_transactions_are_applied_and_checkpoints_pass_their_markers()
     db.drop().await;
 }
 
-async fn rebuild(settings: &Settings, projections: &[projector::projection::Projection], args: RebuildArgs) -> Metrics {
+async fn rebuild(settings: &Settings, projections: &[Projection], args: RebuildArgs) -> Metrics {
     let metrics = Metrics::new();
     let rebuilt = projector::rebuild::run(settings, projections, &args, metrics.clone(), std::future::pending());
     tokio::time::timeout(Duration::from_secs(60), rebuilt)
@@ -174,6 +193,25 @@ async fn rebuild(settings: &Settings, projections: &[projector::projection::Proj
     metrics
 }
 
+/// A rebuild of `accounts`, in place or into shadow tables.
+fn args(shadow: bool) -> RebuildArgs {
+    RebuildArgs { name: "accounts".into(), shadow, ..RebuildArgs::default() }
+}
+
+/// Builds `accounts` as of offset `until` of partition 0 (of its one topic) into
+/// `accounts_until_<until>`, and returns that table's rows.
+async fn built_until(
+    client: &Client,
+    settings: &Settings,
+    projections: &[Projection],
+    until: i64,
+) -> Vec<(String, i64, String)> {
+    let into = format!("accounts_until_{until}");
+    let until_offsets = Some([((projections[0].topics[0].clone(), 0), until)].into_iter().collect());
+    rebuild(settings, projections, RebuildArgs { until_offsets, into: Some(into.clone()), ..args(false) }).await;
+    accounts_in(client, &into).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuilds_of_a_transactional_topic_finish() {
     let raw::Accounts { _kafka, topic, db, client, settings, projections, .. } = raw::setup(1, 50).await;
@@ -181,7 +219,6 @@ async fn rebuilds_of_a_transactional_topic_finish() {
     let engine = Engine::start(&settings, &projections);
     support::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
-    let args = |shadow: bool| RebuildArgs { name: "accounts".into(), shadow, ..RebuildArgs::default() };
 
     // In place: the tables emptied and every committed record applied again, the build ending at
     // the log's end, past its last marker.
@@ -202,16 +239,74 @@ async fn rebuilds_of_a_transactional_topic_finish() {
     // As of offsets: up to the first marker, and up to just past it (reached only by passing it).
     let first: Range<i64> = log.markers[0]..log.markers[0] + 1;
     for until in [first.start, first.end] {
-        let into = format!("accounts_until_{until}");
-        let until_offsets = Some([((topic.clone(), 0), until)].into_iter().collect());
-        rebuild(&settings, &projections, RebuildArgs { until_offsets, into: Some(into.clone()), ..args(false) }).await;
         assert_eq!(
-            accounts_in(&client, &into).await,
+            built_until(&client, &settings, &projections, until).await,
             rows(&[("t-1", 2, "15"), ("t-2", 1, "20")]),
             "the first transaction only, built until offset {until}"
         );
     }
     assert_eq!(accounts_in(&client, "accounts").await, all_applied(), "the live table untouched");
+    drop(client);
+    db.drop().await;
+}
+
+/// Through a [`wire::FetchProxy`] listing aborted transactions, with committed and aborted
+/// transactions interleaved and the log ending in an abort marker:
+///
+/// | offsets | what |
+/// | --- | --- |
+/// | 0 | transaction A: `a-1` opened (10) |
+/// | 1..3 | transaction B: `a-1` +1000, `a-2` opened (99) |
+/// | 3 | transaction A: `a-1` +5 |
+/// | 4 | A's commit marker |
+/// | 5 | B's abort marker |
+/// | 6 | plain: `a-3` opened (30) |
+/// | 7 | transaction B again: `a-1` +2000 |
+/// | 8 | B's abort marker |
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_transactions_are_never_applied() {
+    let raw::Accounts { _kafka, topic, db, client, mut settings, projections, .. } = raw::setup(1, 50).await;
+    let proxy = wire::FetchProxy::start(&_kafka).await;
+    settings.kafka.bootstrap_servers = proxy.address.clone();
+    settings.http.lag_refresh_ms = 200;
+    let (mut a, mut b) =
+        (Transaction::through(&proxy, &topic, 0, PRODUCER), Transaction::through(&proxy, &topic, 0, PRODUCER + 1));
+    assert_eq!(a.send(&[Raw::json(&opened("a-1", 10))]).await, 0..1);
+    assert_eq!(b.send(&[Raw::json(&deposited("a-1", 2, 1000)), Raw::json(&opened("a-2", 99))]).await, 1..3);
+    assert_eq!(a.send(&[Raw::json(&deposited("a-1", 2, 5))]).await, 3..4);
+    assert_eq!((a.end(true).await, b.end(false).await), (4, 5));
+    assert_eq!(wire::send_plain(&proxy.address, &topic, 0, &[Raw::json(&opened("a-3", 30))]).await, 6..7);
+    assert_eq!(b.send(&[Raw::json(&deposited("a-1", 3, 2000))]).await, 7..8);
+    assert_eq!(b.end(false).await, 8);
+    let end = 9;
+    let expected = rows(&[("a-1", 2, "15"), ("a-3", 1, "30")]);
+
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+    assert_eq!(checkpoint(&client, "accounts").await, end, "past the aborted records and the last marker");
+    assert_eq!(accounts_in(&client, "accounts").await, expected, "no aborted record applied");
+    wait_for_no_lag(&engine.metrics, &topic, end).await;
+    let metrics = engine.stop().await;
+    assert_eq!(applied(&metrics, "accounts"), 3);
+    assert_eq!(
+        support::outcomes(&metrics, "accounts").iter().map(|(_, count)| count).sum::<u64>(),
+        3,
+        "nothing else seen"
+    );
+
+    // A checkpoint before an aborted record and its marker: nothing is left to apply.
+    let partition = lag_at(&client, &settings, &projections, 7).await;
+    assert_eq!((partition.checkpoint, partition.end_offset, partition.lag_messages), (Some(7), end, 0));
+
+    // Rebuilt in place, and as of offsets reached only by passing aborted records: after B's
+    // first records (3), and at B's last marker (8).
+    let metrics = rebuild(&settings, &projections, args(false)).await;
+    assert_eq!(applied(&metrics, "accounts"), 3);
+    assert_eq!(accounts_in(&client, "accounts").await, expected);
+    assert_eq!(checkpoint(&client, "accounts").await, end);
+    for (until, expected) in [(3, rows(&[("a-1", 1, "10")])), (8, expected.clone())] {
+        assert_eq!(built_until(&client, &settings, &projections, until).await, expected, "built until offset {until}");
+    }
     drop(client);
     db.drop().await;
 }

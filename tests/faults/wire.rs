@@ -1,6 +1,7 @@
-//! Kafka's wire format by hand, for what no client makes librdkafka's mock broker hold:
+//! Kafka's wire format by hand, for what librdkafka's mock broker does not do with transactions:
 //! transactional record batches and their commit and abort markers (control batches), sent in a
-//! raw ProduceRequest.
+//! raw ProduceRequest; and a proxy listing aborted transactions in Fetch responses
+//! ([`FetchProxy`]).
 //!
 //! The mock broker keeps the record batches a ProduceRequest carries byte for byte (only their
 //! base offset and partition leader epoch are overwritten), one offset per record, and checks
@@ -12,8 +13,12 @@
 //! 4 transactional, bit 5 control), last offset delta (i32), first and max timestamps (i64),
 //! producer id (i64), producer epoch (i16), base sequence (i32), record count (i32), records.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use projector::kafka::mock::MockKafka;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::raw::Raw;
 
@@ -161,7 +166,7 @@ pub async fn produce(bootstrap: &str, topic: &str, partition: i32, batch: &[u8])
 /// Reads big-endian fields from the front of a response.
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn take<const N: usize>(&mut self) -> [u8; N] {
         let (head, rest) = self.0.split_at(N);
         self.0 = rest;
@@ -180,19 +185,29 @@ impl Reader<'_> {
         i64::from_be_bytes(self.take())
     }
 
-    fn string(&mut self) {
+    fn string(&mut self) -> &'a [u8] {
         let length = self.i16().max(0) as usize;
-        self.0 = &self.0[length..];
+        self.bytes(length)
+    }
+
+    fn bytes(&mut self, length: usize) -> &'a [u8] {
+        let (head, rest) = self.0.split_at(length);
+        self.0 = rest;
+        head
     }
 }
 
 /// A transactional producer writing one partition: its batches carry its id and epoch and count
-/// its sequence on; [`Transaction::end`] writes the marker.
+/// its sequence on; [`Transaction::end`] writes the marker, and reports an aborted transaction to
+/// the [`FetchProxy`] given, if any, as a broker records it in its transaction index.
 pub struct Transaction {
     bootstrap: String,
     topic: String,
     partition: i32,
     writer: Writer,
+    /// The first offset of the transaction under way.
+    first: Option<i64>,
+    index: Option<Index>,
 }
 
 impl Transaction {
@@ -202,6 +217,16 @@ impl Transaction {
             topic: topic.to_string(),
             partition,
             writer: Writer { producer_id, epoch: 0, base_sequence: 0 },
+            first: None,
+            index: None,
+        }
+    }
+
+    /// The same, its aborted transactions listed by `proxy` in Fetch responses.
+    pub fn through(proxy: &FetchProxy, topic: &str, partition: i32, producer_id: i64) -> Transaction {
+        Transaction {
+            index: Some(proxy.index.clone()),
+            ..Transaction::new(&proxy.address, topic, partition, producer_id)
         }
     }
 
@@ -210,12 +235,24 @@ impl Transaction {
         let batch = record_batch(TRANSACTIONAL, self.writer, records);
         self.writer.base_sequence += records.len() as i32;
         let base = produce(&self.bootstrap, &self.topic, self.partition, &batch).await;
+        self.first.get_or_insert(base);
         base..base + records.len() as i64
     }
 
     /// Writes the commit (or abort) marker; returns its offset.
     pub async fn end(&mut self, commit: bool) -> i64 {
-        produce(&self.bootstrap, &self.topic, self.partition, &marker(self.writer, commit)).await
+        let offset = produce(&self.bootstrap, &self.topic, self.partition, &marker(self.writer, commit)).await;
+        let first = self.first.take().unwrap_or(offset);
+        if let (false, Some(index)) = (commit, &self.index) {
+            index.lock().expect("aborted transactions").push(Aborted {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                producer_id: self.writer.producer_id,
+                first,
+                marker: offset,
+            });
+        }
+        offset
     }
 }
 
@@ -223,4 +260,169 @@ impl Transaction {
 pub async fn send_plain(bootstrap: &str, topic: &str, partition: i32, records: &[Raw]) -> std::ops::Range<i64> {
     let base = produce(bootstrap, topic, partition, &record_batch(0, Writer::PLAIN, records)).await;
     base..base + records.len() as i64
+}
+
+/// An aborted transaction of one partition: its producer, its first offset there and its abort
+/// marker's offset.
+#[derive(Debug, Clone)]
+pub struct Aborted {
+    pub topic: String,
+    pub partition: i32,
+    pub producer_id: i64,
+    pub first: i64,
+    pub marker: i64,
+}
+
+type Index = Arc<Mutex<Vec<Aborted>>>;
+
+/// The Fetch request's API key.
+const FETCH: i16 = 1;
+
+/// A proxy in front of a mock broker that adds to its Fetch responses what the mock leaves out:
+/// the aborted transactions overlapping the records returned, as Kafka lists them from its
+/// transaction index, so that a `read_committed` consumer drops their records. Everything else
+/// passes unchanged. The broker advertises the proxy's address, so every connection a client
+/// opens goes through it, and offers Fetch up to v11, whose responses have a fixed layout (v12 on
+/// are "flexible", with compact fields and tagged ones).
+///
+/// A Fetch response partition (v4 to v11): index (i32), error (i16), high watermark (i64), last
+/// stable offset (i64), log start offset (i64, v5 on), aborted transactions (array of producer id
+/// and first offset, i64 each), preferred read replica (i32, v11), records (bytes).
+pub struct FetchProxy {
+    pub address: String,
+    index: Index,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl FetchProxy {
+    /// Starts a proxy in front of broker 1 of `kafka` (a cluster of one broker), which then names
+    /// the proxy as its address.
+    pub async fn start(kafka: &MockKafka) -> FetchProxy {
+        let broker = kafka.bootstrap_servers();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port for the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        kafka.advertise(1, "127.0.0.1", port).expect("advertising the proxy");
+        kafka.api_versions(FETCH, 4, 11).expect("offering Fetch v4 to v11");
+        let index = Index::default();
+        let shared = index.clone();
+        let listener = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&broker).await else { continue };
+                tokio::spawn(relay(client, server, shared.clone()));
+            }
+        });
+        FetchProxy { address: format!("127.0.0.1:{port}"), index, listener }
+    }
+}
+
+impl Drop for FetchProxy {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Reads one size-prefixed frame.
+async fn frame(stream: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
+    let size = stream.read_i32().await.ok()?;
+    let mut frame = vec![0u8; usize::try_from(size).ok()?];
+    stream.read_exact(&mut frame).await.ok()?;
+    Some(frame)
+}
+
+/// Passes requests and responses between a client and the broker until either side closes,
+/// rewriting Fetch responses.
+async fn relay(client: TcpStream, server: TcpStream, index: Index) {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    // The API key and version of each request, by correlation id, for reading its response.
+    let requests: Arc<Mutex<HashMap<i32, (i16, i16)>>> = Arc::default();
+    let asked = requests.clone();
+    let up = async move {
+        while let Some(request) = frame(&mut from_client).await {
+            let mut header = Reader(&request);
+            let (key, version, correlation) = (header.i16(), header.i16(), header.i32());
+            asked.lock().expect("requests").insert(correlation, (key, version));
+            let sent = to_server.write_all(&(request.len() as i32).to_be_bytes()).await;
+            if sent.is_err() || to_server.write_all(&request).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async move {
+        while let Some(mut response) = frame(&mut from_server).await {
+            let correlation = Reader(&response).i32();
+            let request = requests.lock().expect("requests").remove(&correlation);
+            if let Some((FETCH, version)) = request {
+                response = with_aborted(&response, version, &index.lock().expect("aborted transactions"));
+            }
+            let sent = to_client.write_all(&(response.len() as i32).to_be_bytes()).await;
+            if sent.is_err() || to_client.write_all(&response).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// The offsets of the records in a partition's record batches: first and last.
+fn span(mut records: &[u8]) -> Option<(i64, i64)> {
+    let mut span: Option<(i64, i64)> = None;
+    // Base offset (8), length (4), then up to the last offset delta (at 23 from the start).
+    while records.len() >= 27 {
+        let mut header = Reader(records);
+        let base = header.i64();
+        let length = header.i32() as usize;
+        let last = base + i64::from(i32::from_be_bytes(records[23..27].try_into().expect("4 bytes")));
+        span = Some(span.map_or((base, last), |(first, _)| (first, last)));
+        records = &records[(12 + length).min(records.len())..];
+    }
+    span
+}
+
+/// A Fetch response (v4 to v11) with the aborted transactions of `index` that overlap the records
+/// of each partition added to that partition's list.
+fn with_aborted(response: &[u8], version: i16, index: &[Aborted]) -> Vec<u8> {
+    assert!((4..=11).contains(&version), "Fetch v{version}: the mock broker offers v4 to v11 here");
+    let mut reader = Reader(response);
+    let mut out = Vec::with_capacity(response.len() + 64);
+    // Correlation id, throttle time, and from v7 an error code and session id.
+    out.extend_from_slice(reader.bytes(if version >= 7 { 14 } else { 8 }));
+    let topics = reader.i32();
+    out.extend_from_slice(&topics.to_be_bytes());
+    for _ in 0..topics {
+        let topic = reader.string();
+        out.extend_from_slice(&(topic.len() as i16).to_be_bytes());
+        out.extend_from_slice(topic);
+        let partitions = reader.i32();
+        out.extend_from_slice(&partitions.to_be_bytes());
+        for _ in 0..partitions {
+            let partition = reader.i32();
+            out.extend_from_slice(&partition.to_be_bytes());
+            // Error, high watermark, last stable offset, log start offset.
+            out.extend_from_slice(reader.bytes(if version >= 5 { 26 } else { 18 }));
+            let listed = reader.i32().max(0) as usize;
+            let mut aborted = reader.bytes(listed * 16).to_vec();
+            let replica = reader.bytes(if version >= 11 { 4 } else { 0 });
+            let length = reader.i32();
+            let records = reader.bytes(length.max(0) as usize);
+            if let Some((first, last)) = span(records) {
+                for transaction in index.iter().filter(|t| {
+                    t.topic.as_bytes() == topic && t.partition == partition && t.first <= last && t.marker >= first
+                }) {
+                    aborted.extend_from_slice(&transaction.producer_id.to_be_bytes());
+                    aborted.extend_from_slice(&transaction.first.to_be_bytes());
+                }
+            }
+            out.extend_from_slice(&((aborted.len() / 16) as i32).to_be_bytes());
+            out.extend_from_slice(&aborted);
+            out.extend_from_slice(replica);
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(records);
+        }
+    }
+    out.extend_from_slice(reader.0);
+    out
 }
