@@ -309,7 +309,7 @@ async fn shadow(
     // next batch; while they are held, the shadow (still running) overtakes them; then it is
     // stopped, and the same transaction checks and swaps. The new tables are therefore never
     // behind the old ones: readers see the read model only move forward.
-    let retired = format!("projector_retired_{}_{}", projection.name, Utc::now().format("%Y%m%d%H%M%S"));
+    let retired = sql::retired_schema(&projection.name, Utc::now());
     let swap = Swap {
         projection: &projection.name,
         alias: &alias,

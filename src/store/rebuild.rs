@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio_postgres::{Client, GenericClient, Transaction};
 
@@ -348,14 +349,40 @@ async fn count_rows(client: &impl GenericClient, table: &str) -> Result<i64, Sto
     Ok(row.get(0))
 }
 
-/// Schemas holding tables a shadow swap retired for `projection`.
+/// What the name of every schema a shadow swap retires tables into starts with.
+const RETIRED: &str = "projector_retired_";
+
+/// How the time of a swap ends the name of the schema it retires tables into (14 digits).
+const RETIRED_AT: &str = "%Y%m%d%H%M%S";
+
+/// The schema a shadow swap of `projection` at `at` moves the live tables into:
+/// `projector_retired_<projection>_<yyyymmddhhmmss>`.
+pub fn retired_schema(projection: &str, at: DateTime<Utc>) -> String {
+    format!("{RETIRED}{projection}_{}", at.format(RETIRED_AT))
+}
+
+/// Whether `schema` is one that [`retired_schema`] names for `projection`: its prefix, then the
+/// time's 14 digits and nothing else. A prefix alone would also match the schemas of projections
+/// whose names extend this one's (`a` and `a_b`).
+pub fn is_retired_schema_of(schema: &str, projection: &str) -> bool {
+    schema
+        .strip_prefix(RETIRED)
+        .and_then(|rest| rest.strip_prefix(projection))
+        .and_then(|rest| rest.strip_prefix('_'))
+        .is_some_and(|time| time.len() == 14 && time.bytes().all(|byte| byte.is_ascii_digit()))
+}
+
+/// Schemas holding tables a shadow swap retired for `projection` (and for no other projection).
 pub async fn retired_schemas(client: &impl GenericClient, projection: &str) -> Result<Vec<String>, StoreError> {
-    let prefix = format!("projector_retired_{projection}_");
     let rows = client
-        .query("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1) ORDER BY nspname", &[&prefix])
+        .query("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1) ORDER BY nspname", &[&RETIRED])
         .await
         .map_err(postgres)?;
-    Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|row| row.get::<_, String>(0))
+        .filter(|schema| is_retired_schema_of(schema, projection))
+        .collect())
 }
 
 /// Drops a schema and everything in it.
@@ -409,4 +436,28 @@ pub async fn finish_copy(
     }
     tx.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.map_err(postgres)?;
     tx.commit().await.map_err(postgres)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retired_schema_belongs_to_exactly_one_projection() {
+        let at = DateTime::parse_from_rfc3339("2026-11-27T12:34:56Z").unwrap().with_timezone(&Utc);
+        let a = retired_schema("a", at);
+        let a_b = retired_schema("a_b", at);
+        assert_eq!(a, "projector_retired_a_20261127123456");
+        assert!(is_retired_schema_of(&a, "a"));
+        assert!(is_retired_schema_of(&a_b, "a_b"));
+        assert!(!is_retired_schema_of(&a_b, "a"), "`a_b`'s schema is not `a`'s");
+        assert!(!is_retired_schema_of(&a, "a_b"));
+        let dated = retired_schema("a_20250101000000", at);
+        assert!(!is_retired_schema_of(&dated, "a"), "a projection name that ends in digits");
+        for other in
+            ["projector_retired_a_2026112712345", "projector_retired_a_", "projector_shadow_a", "a_20261127123456"]
+        {
+            assert!(!is_retired_schema_of(other, "a"), "{other}");
+        }
+    }
 }

@@ -469,3 +469,78 @@ async fn a_rebuild_refuses_when_history_is_missing() {
     assert_eq!(report.events as i64, records - low, "what is left is replayed");
     db.drop().await;
 }
+
+/// A projection called `name` keeping each order's total in a table of its own, also called
+/// `name` (created here): for tests that need projections with chosen names.
+async fn totals_projection(client: &tokio_postgres::Client, topic: &str, name: &str) -> Projection {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {name} (order_id uuid PRIMARY KEY, total numeric(12,2) NOT NULL, version bigint NOT NULL)"
+        ))
+        .await
+        .unwrap_or_else(|error| panic!("creating table `{name}`: {error}"));
+    let text = format!(
+        r#"name = "{name}"
+topics = ["{topic}"]
+
+[table]
+name = "{name}"
+key = "order_id"
+
+[on.OrderPlaced]
+insert = {{ total = ":data.total" }}
+"#
+    );
+    projector::projection::compile_file(std::path::Path::new(&format!("{name}.toml")), &text)
+        .expect("the totals projection compiles")
+}
+
+/// The schemas whose name starts with `projector_retired_`, sorted.
+async fn retired_schemas(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, 'projector_retired_') ORDER BY nspname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_retired_drops_only_the_named_projections_tables() {
+    let Setup { _kafka, topic, db, settings, .. } = setup(1, 50).await;
+    publish(&settings, &topic, &history(8)).await;
+    let client = db.client().await;
+    // `a`'s retired schemas' names are a prefix of `a_b`'s (and `_` is a LIKE wildcard).
+    let projections =
+        vec![totals_projection(&client, &topic, "a").await, totals_projection(&client, &topic, "a_b").await];
+    // The old live tables, which the swaps retire, hold a row each.
+    for name in ["a", "a_b"] {
+        client
+            .execute(&format!("INSERT INTO {name} VALUES ('00000000-0000-0000-0000-000000000001', 1, 1)"), &[])
+            .await
+            .unwrap();
+    }
+    for name in ["a", "a_b"] {
+        rebuild(&settings, &projections, RebuildArgs { shadow: true, ..args(name) }).await.expect("shadow rebuild");
+    }
+    let retired = retired_schemas(&client).await;
+    assert_eq!(retired.len(), 2, "{retired:?}");
+
+    let dropped = projector::rebuild::drop_retired(&settings, "a").await.expect("drop-retired a");
+    assert_eq!(dropped.len(), 1, "only `a`'s: {dropped:?}");
+    assert!(!dropped[0].starts_with("projector_retired_a_b_"), "{dropped:?}");
+    let left = retired_schemas(&client).await;
+    assert_eq!(left.len(), 1, "`a_b`'s retired tables are kept: {left:?}");
+    assert!(left[0].starts_with("projector_retired_a_b_"), "{left:?}");
+    assert_eq!(support::count(&client, &format!("SELECT count(*) FROM {}.a_b", left[0])).await, 1);
+    assert_eq!(support::count(&client, "SELECT count(*) FROM a_b").await, 8, "the live table is the rebuilt one");
+
+    assert_eq!(projector::rebuild::drop_retired(&settings, "a_b").await.expect("drop-retired a_b"), left);
+    assert!(retired_schemas(&client).await.is_empty());
+    drop(client);
+    db.drop().await;
+}
