@@ -136,7 +136,8 @@ fn semantic_hash(projection: &Projection) -> String {
     hex_sha256(&canonical_form(projection))
 }
 
-fn hex_sha256(text: &str) -> String {
+/// Hex SHA-256 of `text`.
+pub fn hex_sha256(text: &str) -> String {
     Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -544,3 +544,39 @@ async fn drop_retired_drops_only_the_named_projections_tables() {
     drop(client);
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_named_projection_swapped_twice_keeps_both_retired_schemas() {
+    let Setup { _kafka, topic, db, settings, .. } = setup(1, 50).await;
+    publish(&settings, &topic, &history(4)).await;
+    let client = db.client().await;
+    // As long as a rebuild allows (40 bytes), and another that differs only in its last byte.
+    let long = format!("long_{}", "n".repeat(35));
+    let also_long = format!("{}m", &long[..39]);
+    let projections =
+        vec![totals_projection(&client, &topic, &long).await, totals_projection(&client, &topic, &also_long).await];
+    let swap = |name: &str| RebuildArgs { shadow: true, restart: true, ..args(name) };
+
+    rebuild(&settings, &projections, swap(&long)).await.expect("first swap");
+    // A retired schema's name ends in the swap's time, to the second: the next swap is a second on.
+    let into_second = 1_000 - chrono::Utc::now().timestamp_subsec_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(into_second)).await;
+    rebuild(&settings, &projections, swap(&long)).await.expect("second swap, into a schema of its own");
+    rebuild(&settings, &projections, swap(&also_long)).await.expect("swap of the other projection");
+
+    let retired = retired_schemas(&client).await;
+    assert_eq!(retired.len(), 3, "{retired:?}");
+    for schema in &retired {
+        assert!(schema.len() <= 63, "`{schema}` fits Postgres' identifiers");
+    }
+    let dropped = projector::rebuild::drop_retired(&settings, &long).await.expect("drop-retired");
+    assert_eq!(dropped.len(), 2, "both swaps' schemas: {dropped:?}");
+    for schema in &dropped {
+        assert!(!retired_schemas(&client).await.contains(schema), "`{schema}` is dropped");
+    }
+    let left = retired_schemas(&client).await;
+    assert_eq!(left.len(), 1, "the other projection's is kept: {left:?}");
+    assert_eq!(projector::rebuild::drop_retired(&settings, &also_long).await.expect("drop-retired"), left);
+    drop(client);
+    db.drop().await;
+}
