@@ -9,10 +9,13 @@
 //!   projector_rows(p1, …, pn) WHERE …`. (`unnest` is estimated at a few rows, so the key's index
 //!   is used; a `VALUES` list of hundreds of rows is planned as a hash join over the whole table.)
 //!
-//! In both, every `$j` of the statement is read as `projector_rows.pj`. Both change one row per
-//! event as long as no two events of one statement share a key, which the caller guarantees (it
-//! applies a key's events in successive statements). Statements with a subquery, a `FROM`,
-//! `RETURNING`, a join or a `DEFAULT` value keep running one event at a time: `None`.
+//! In both, every `$j` of the statement is read as `projector_rows.pj`. In an update, whose `WHERE`
+//! and values see the table's columns next to the rows', a column of the table named like one of
+//! the rows' (`p1`) is read qualified by the table (`accounts.p1`), so that no name is ambiguous; a
+//! table called `projector_rows` gets rows called otherwise. Both change one row per event as
+//! long as no two events of one statement share a key, which the caller guarantees (it applies a
+//! key's events in successive statements). Statements with a subquery, a `FROM`, `RETURNING`, a
+//! join or a `DEFAULT` value keep running one event at a time: `None`.
 
 use std::ops::ControlFlow;
 
@@ -34,17 +37,43 @@ pub struct SetBased {
 
 /// The alias of the rows the set-based statement reads.
 const ROWS: &str = "projector_rows";
+/// The alias of the rows when the updated table itself is called [`ROWS`].
+const OTHER_ROWS: &str = "projector_rows_";
 /// Stands for the `unnest` arguments until the parameter types are known.
 const ARGUMENTS: &str = "projector_arrays";
 
-/// Replaces every `$j` placeholder in `node` by `projector_rows.pj`.
-fn read_from_rows<V: VisitMut>(node: &mut V) {
+/// The name of the rows' column holding the values of `$j`.
+fn column(j: usize) -> String {
+    format!("p{j}")
+}
+
+/// Replaces every `$j` placeholder in `node` by `<rows>.pj`.
+fn read_from_rows<V: VisitMut>(node: &mut V, rows: &str) {
     let _ = visit_expressions_mut(node, |expr| {
         if let Expr::Value(value) = expr {
             if let ast::Value::Placeholder(placeholder) = &value.value {
                 if let Some(j) = placeholder.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
-                    *expr = Expr::CompoundIdentifier(vec![Ident::new(ROWS), Ident::new(format!("p{j}"))]);
+                    *expr = Expr::CompoundIdentifier(vec![Ident::new(rows), Ident::new(column(j))]);
                 }
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+/// Qualifies by `table` every unqualified name in `node` that is also a column of the rows (`p1`
+/// … `p<width>`, as Postgres folds it: unquoted in any case, or quoted exactly). In the statement
+/// as written it can only name a column of the table; next to the rows' columns it would be
+/// ambiguous (42702). Other names are left as written: they can mean nothing else.
+fn qualify_shadowed<V: VisitMut>(node: &mut V, table: &Ident, width: usize) {
+    let _ = visit_expressions_mut(node, |expr| {
+        if let Expr::Identifier(name) = expr {
+            let folded = match name.quote_style {
+                None => name.value.to_lowercase(),
+                Some(_) => name.value.clone(),
+            };
+            if (1..=width).any(|j| folded == column(j)) {
+                *expr = Expr::CompoundIdentifier(vec![table.clone(), name.clone()]);
             }
         }
         ControlFlow::<()>::Continue(())
@@ -62,8 +91,8 @@ impl SetBased {
         if statement.to_string().to_ascii_uppercase().contains("SELECT") {
             return None;
         }
-        let columns: Vec<String> = (1..=width).map(|j| format!("p{j}")).collect();
-        let rows = format!("unnest({ARGUMENTS}) AS {ROWS}({})", columns.join(", "));
+        let columns: Vec<String> = (1..=width).map(column).collect();
+        let rows = |alias: &str| format!("unnest({ARGUMENTS}) AS {alias}({})", columns.join(", "));
         let mut qualifier = None;
         let text = match &mut statement {
             ast::Statement::Insert(insert) => {
@@ -81,12 +110,12 @@ impl SetBased {
                 let [row] = values.rows.as_mut_slice() else {
                     return None;
                 };
-                read_from_rows(row);
+                read_from_rows(row, ROWS);
                 let exprs: Vec<String> = row.iter().map(ToString::to_string).collect();
                 if exprs.iter().any(|expr| expr.eq_ignore_ascii_case("DEFAULT")) {
                     return None;
                 }
-                let select = format!("SELECT {} FROM {rows}", exprs.join(", "));
+                let select = format!("SELECT {} FROM {}", exprs.join(", "), rows(ROWS));
                 let select = Parser::new(&PostgreSqlDialect {}).try_with_sql(&select).ok()?.parse_query().ok()?;
                 insert.source = Some(select);
                 statement.to_string()
@@ -100,17 +129,20 @@ impl SetBased {
                 limit: None,
                 ..
             } if table.joins.is_empty() => {
-                read_from_rows(&mut statement);
+                let target = match &table.relation {
+                    ast::TableFactor::Table { alias: Some(alias), .. } => alias.name.clone(),
+                    ast::TableFactor::Table { name, .. } => name.0.last()?.as_ident()?.clone(),
+                    _ => return None,
+                };
+                let alias = if target.value.eq_ignore_ascii_case(ROWS) { OTHER_ROWS } else { ROWS };
+                read_from_rows(&mut statement, alias);
+                qualify_shadowed(&mut statement, &target, width);
                 let ast::Statement::Update { table, assignments, selection: Some(selection), .. } = &statement else {
                     return None;
                 };
-                qualifier = match &table.relation {
-                    ast::TableFactor::Table { alias: Some(alias), .. } => Some(alias.name.to_string()),
-                    ast::TableFactor::Table { name, .. } => Some(name.0.last()?.to_string()),
-                    _ => return None,
-                };
+                qualifier = Some(target.to_string());
                 let assignments = assignments.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-                format!("UPDATE {table} SET {assignments} FROM {rows} WHERE {selection}")
+                format!("UPDATE {table} SET {assignments} FROM {} WHERE {selection}", rows(alias))
             }
             _ => return None,
         };
@@ -174,6 +206,37 @@ mod tests {
             "UPDATE accounts SET balance = balance + projector_rows.p1, version = projector_rows.p2 \
              FROM unnest($1::numeric[], $2::int8[], $3::text[]) AS projector_rows(p1, p2, p3) \
              WHERE id = projector_rows.p3 AND version = projector_rows.p2 - 1"
+        );
+    }
+
+    #[test]
+    fn table_columns_named_like_the_rows_columns_are_qualified() {
+        assert_eq!(
+            set_based(
+                "UPDATE pcols SET p2 = p2 + $1, \"p3\" = \"p3\" || $2, version = $3 WHERE P1 = $4 AND version = $3 - 1 AND \"P1\" IS NULL AND p5 IS NULL",
+                &["numeric", "text", "int8", "text"],
+            ),
+            "UPDATE pcols SET p2 = pcols.p2 + projector_rows.p1, \"p3\" = pcols.\"p3\" || projector_rows.p2, \
+             version = projector_rows.p3 \
+             FROM unnest($1::numeric[], $2::text[], $3::int8[], $4::text[]) AS projector_rows(p1, p2, p3, p4) \
+             WHERE pcols.P1 = projector_rows.p4 AND version = projector_rows.p3 - 1 AND \"P1\" IS NULL AND p5 IS NULL"
+        );
+        assert_eq!(
+            set_based("UPDATE s.t AS p1 SET n = p1.n + $1 WHERE p1 = $2", &["int8", "text"]),
+            "UPDATE s.t AS p1 SET n = p1.n + projector_rows.p1 \
+             FROM unnest($1::int8[], $2::text[]) AS projector_rows(p1, p2) WHERE p1.p1 = projector_rows.p2"
+        );
+    }
+
+    #[test]
+    fn a_table_called_like_the_rows_gets_rows_called_otherwise() {
+        let set = SetBased::from_sql("UPDATE projector_rows SET version = $1 WHERE id = $2 AND version = $1 - 1", 2)
+            .expect("set-based");
+        assert_eq!(
+            set.sql_returning(&["int8".to_string(), "text".to_string()], "id"),
+            "UPDATE projector_rows SET version = projector_rows_.p1 \
+             FROM unnest($1::int8[], $2::text[]) AS projector_rows_(p1, p2) \
+             WHERE id = projector_rows_.p2 AND version = projector_rows_.p1 - 1 RETURNING projector_rows.id::text"
         );
     }
 

@@ -209,6 +209,11 @@ pub fn set_based_enabled(enabled: bool) {
     SET_BASED.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether set-based application is on for this process (`batch.set_based`, on by default).
+pub fn set_based_is_enabled() -> bool {
+    SET_BASED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Events of one statement applied by one set-based statement: no two share a key.
 struct Group<'a, 'p> {
     set: &'p SetBased,
@@ -220,10 +225,7 @@ struct Group<'a, 'p> {
 /// by statement. Applying the waves in order keeps every key's order; within a wave no two
 /// events share a key, so each group can be one statement. `None`: apply event by event.
 fn set_based_waves<'a, 'p>(projection: &Projection, applied: Vec<&'a Planned<'p>>) -> Option<Vec<Vec<Group<'a, 'p>>>> {
-    if !SET_BASED.load(std::sync::atomic::Ordering::Relaxed)
-        || !matches!(projection.dedupe, Dedupe::Version(_))
-        || applied.len() < 2
-    {
+    if !set_based_is_enabled() || !matches!(projection.dedupe, Dedupe::Version(_)) || applied.len() < 2 {
         return None;
     }
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
@@ -423,7 +425,7 @@ impl ToSql for Column<'_> {
 }
 
 /// How a parameter's type is written in a cast.
-fn sql_type(ty: &postgres_types::Type) -> String {
+pub(crate) fn sql_type(ty: &postgres_types::Type) -> String {
     if ty.schema() == "pg_catalog" {
         ty.name().to_string()
     } else {

@@ -117,13 +117,27 @@ pub async fn check_statements(
             statements.push(("version lookup", &table.version_lookup));
         }
         for (event_type, statement) in statements {
-            if let Err(error) = client.prepare(&statement.sql).await {
+            let problem = match client.prepare(&statement.sql).await {
+                Err(error) => Some(describe(&error)),
+                Ok(prepared) => match (&statement.set_based, &projection.dedupe) {
+                    // Its form for many events at once, as the fast path would run it.
+                    (Some(set), crate::projection::Dedupe::Version(table)) if fast::set_based_is_enabled() => {
+                        let types: Vec<String> = prepared.params().iter().map(fast::sql_type).collect();
+                        client.prepare(&set.sql_returning(&types, &table.key_column)).await.err().map(|error| {
+                            format!(
+                                "{} (in the form applying many events in one statement; \
+                                 `batch.set_based = false` applies them one by one)",
+                                describe(&error)
+                            )
+                        })
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(problem) = problem {
                 problems.push(format!(
-                    "{}: statement for `{}` of projection `{}` does not fit the database: {}",
-                    statement.origin,
-                    event_type,
-                    projection.name,
-                    describe(&error)
+                    "{}: statement for `{}` of projection `{}` does not fit the database: {problem}",
+                    statement.origin, event_type, projection.name,
                 ));
             }
         }

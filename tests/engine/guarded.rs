@@ -118,3 +118,70 @@ async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
     drop(pool);
     db.drop().await;
 }
+
+/// A versioned projection of the shop's events into `table`, keyed by `p1`, whose other columns
+/// are named like the set-based statements' own (`p2`, `p3`, `projector_rows`): every update
+/// reads them unqualified.
+fn shadowing_projection(table: &str) -> Projection {
+    let handlers = format!(
+        r#"[on.OrderPlaced]
+insert = {{ p2 = ":data.total", p3 = ":data.customer_id", projector_rows = "'placed'" }}
+
+[on.OrderPaid]
+update = {{ p2 = "p2 + :data.amount", p3 = "p3 || '+paid'", projector_rows = "projector_rows || '+'" }}
+
+[on.OrderShipped]
+sql = "UPDATE {table} SET p3 = p3 || '+' || :data.carrier, version = :version WHERE p1 = :key AND version = :version - 1 AND p2 > 0"
+"#
+    );
+    support::versioned_projection(table, TOPIC, table, "p1", &handlers)
+}
+
+#[tokio::test]
+async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
+    let db = TestDb::create().await;
+    projector::store::migrate(&db.url).await.expect("migrations");
+    let pool = projector::store::connect(&db.url, 2).await.expect("pool");
+    let client = db.client().await;
+    // `pcols`, and a table called like the rows the set-based statements read.
+    for table in ["pcols", "projector_rows"] {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (p1 text PRIMARY KEY, version bigint NOT NULL, p2 numeric NOT NULL,
+                                       p3 text NOT NULL, projector_rows text NOT NULL)"
+            ))
+            .await
+            .expect("table");
+        let projection = shadowing_projection(table);
+        assert!(projection.handlers.values().all(|handler| handler.statements[0].set_based.is_some()));
+        let problems = projector::store::check_statements(&client, std::slice::from_ref(&projection)).await;
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let (a, b) = ("a", "b");
+        let batch = records(
+            0,
+            &[
+                (a, 1, "OrderPlaced"),
+                (b, 1, "OrderPlaced"),
+                (a, 2, "OrderPaid"),
+                (b, 2, "OrderPaid"),
+                (a, 3, "OrderShipped"),
+                (b, 1, "OrderPlaced"),
+            ],
+        );
+        let report = apply(&pool, &projection, &batch, None, false).await.expect("the batch applies");
+        assert!(report.fast, "{table}: set-based");
+        assert_eq!(counts(&report), (5, 1, 0), "{table}: applied, duplicates, gaps");
+        let rows: Vec<String> = client
+            .query(&format!("SELECT t::text FROM {table} t ORDER BY p1"), &[])
+            .await
+            .expect("rows")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(rows, ["(a,3,20.00,c-1+paid+post,placed+)", "(b,2,20.00,c-1+paid,placed+)"], "{table}");
+    }
+    drop(client);
+    drop(pool);
+    db.drop().await;
+}

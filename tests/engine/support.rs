@@ -138,6 +138,16 @@ pub fn example_projection(topic: &str, name: &str) -> Vec<Projection> {
     example_projections(topic).into_iter().filter(|projection| projection.name == name).collect()
 }
 
+/// A versioned projection `name` reading `topic` into `table`, keyed by `key`, with `handlers`
+/// (its `[on.<type>]` sections), compiled as from `<name>.toml`.
+pub fn versioned_projection(name: &str, topic: &str, table: &str, key: &str, handlers: &str) -> Projection {
+    let text = format!(
+        "name = \"{name}\"\ntopics = [\"{topic}\"]\n\n[table]\nname = \"{table}\"\nkey = \"{key}\"\n\n{handlers}"
+    );
+    projector::projection::compile_file(std::path::Path::new(&format!("{name}.toml")), &text)
+        .unwrap_or_else(|errors| panic!("projection `{name}` does not compile: {errors:?}"))
+}
+
 pub async fn wait_caught_up(settings: &Settings, projections: &[Projection]) {
     projector::demo::wait_caught_up(settings, projections, Duration::from_secs(120))
         .await

@@ -479,20 +479,13 @@ async fn totals_projection(client: &tokio_postgres::Client, topic: &str, name: &
         ))
         .await
         .unwrap_or_else(|error| panic!("creating table `{name}`: {error}"));
-    let text = format!(
-        r#"name = "{name}"
-topics = ["{topic}"]
-
-[table]
-name = "{name}"
-key = "order_id"
-
-[on.OrderPlaced]
-insert = {{ total = ":data.total" }}
-"#
-    );
-    projector::projection::compile_file(std::path::Path::new(&format!("{name}.toml")), &text)
-        .expect("the totals projection compiles")
+    support::versioned_projection(
+        name,
+        topic,
+        name,
+        "order_id",
+        "[on.OrderPlaced]\ninsert = { total = \":data.total\" }\n",
+    )
 }
 
 /// The schemas whose name starts with `projector_retired_`, sorted.
