@@ -55,6 +55,15 @@ pub enum RebuildError {
     NameTooLong(String),
     #[error(transparent)]
     Swap(#[from] SwapError),
+    /// The shadow did not overtake the locked live checkpoints within `rebuild.swap_timeout_secs`.
+    #[error(
+        "swap of `{projection}` given up: the shadow did not overtake the live checkpoints within \
+         `rebuild.swap_timeout_secs` = {seconds} s while they were locked ({behind} event(s) behind them); \
+         the locks are released and nothing was swapped (the live projection goes on, the shadow is kept). \
+         Find out why the shadow lags (see the log above), then run the same command again: it resumes \
+         the shadow and tries the swap again; or raise `rebuild.swap_timeout_secs`"
+    )]
+    SwapTimeout { projection: String, seconds: u64, behind: u64 },
     #[error("rebuild interrupted at {done} of {total} events: run the same command again to resume")]
     Interrupted { done: u64, total: u64 },
     #[error("kafka: {0}")]
@@ -328,7 +337,27 @@ async fn shadow(
             return Err(error.into());
         }
     };
-    let caught_up = running.reach(&live, &mut interrupt).await;
+    // Bounded by `rebuild.swap_timeout_secs`: the live engine's batches wait while the locks are
+    // held. Past it, the locks go first, then the shadow is stopped, and nothing is swapped.
+    let bound = Duration::from_secs(settings.rebuild.swap_timeout_secs);
+    let Ok(caught_up) = tokio::time::timeout(bound, running.reach(&live, &mut interrupt)).await else {
+        let _ = tx.rollback().await;
+        let shadow = load(&running.pool, &alias).await.unwrap_or_default();
+        let behind: u64 = live
+            .iter()
+            .map(|(partition, offset)| (offset - shadow.get(partition).copied().unwrap_or(0)).max(0) as u64)
+            .sum();
+        tracing::error!(projection = %projection.name, seconds = bound.as_secs(), behind,
+            "swap given up: the shadow did not overtake the live checkpoints in time; locks released, nothing swapped");
+        if let Err(error) = running.stop_within(bound).await {
+            tracing::warn!(projection = %projection.name, %error, "the shadow build did not stop cleanly");
+        }
+        return Err(RebuildError::SwapTimeout {
+            projection: projection.name.clone(),
+            seconds: bound.as_secs(),
+            behind,
+        });
+    };
     let stopped = running.stop().await;
     caught_up?;
     let mut report = stopped?;
@@ -639,6 +668,22 @@ impl Build {
                 self.metrics.set_rebuild_progress(label, done as f64 / self.total as f64);
             }
             return Ok(stored);
+        }
+    }
+
+    /// [`Build::stop`], waiting at most `bound`: a worker still busy then (its batch waiting for a
+    /// lock) is aborted, its batch rolled back; the build resumes from its checkpoints next time.
+    async fn stop_within(self, bound: Duration) -> Result<RebuildReport, RebuildError> {
+        let worker = self.worker.abort_handle();
+        match tokio::time::timeout(bound, self.stop()).await {
+            Ok(stopped) => stopped,
+            Err(_) => {
+                worker.abort();
+                Err(RebuildError::Worker(format!(
+                    "the build's worker did not stop within {} s: aborted, its batch in flight rolled back",
+                    bound.as_secs()
+                )))
+            }
         }
     }
 

@@ -28,6 +28,8 @@ pub struct Settings {
     pub parking: ParkingSettings,
     #[serde(default)]
     pub retry: RetrySettings,
+    #[serde(default)]
+    pub rebuild: RebuildSettings,
     /// On SIGINT or SIGTERM, how long the batches in flight may take to commit before they are
     /// abandoned (rolled back: read again by whoever runs the projection next) and the process
     /// exits with code 1.
@@ -54,6 +56,23 @@ pub struct RetrySettings {
 impl Default for RetrySettings {
     fn default() -> Self {
         RetrySettings { max_attempts: 10, max_backoff_ms: 30_000 }
+    }
+}
+
+/// Rebuilds (`[rebuild]`; a definition's own `[rebuild]` holds its pre-swap checks).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildSettings {
+    /// How long, in seconds, a shadow swap may hold the live projection's checkpoints (its
+    /// engine's batches wait meanwhile) for the shadow to overtake them. Past it the swap releases
+    /// them and gives up, changing nothing: the live projection goes on, the shadow is kept, and
+    /// running the rebuild again resumes it and tries the swap again.
+    pub swap_timeout_secs: u64,
+}
+
+impl Default for RebuildSettings {
+    fn default() -> Self {
+        RebuildSettings { swap_timeout_secs: 60 }
     }
 }
 
@@ -179,6 +198,7 @@ impl Default for Settings {
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
             parking: ParkingSettings { gap_timeout_secs: 600 },
             retry: RetrySettings::default(),
+            rebuild: RebuildSettings::default(),
             shutdown_timeout_secs: twenty(),
         }
     }
@@ -257,6 +277,9 @@ impl Settings {
         }
         if self.retry.max_attempts == 0 {
             return Err(SettingsError("`retry.max_attempts` must be at least 1".into()));
+        }
+        if self.rebuild.swap_timeout_secs == 0 {
+            return Err(SettingsError("`rebuild.swap_timeout_secs` must be at least 1".into()));
         }
         if self.http.lag_refresh_ms == 0 {
             return Err(SettingsError("`http.lag_refresh_ms` must be at least 1".into()));
@@ -408,6 +431,7 @@ impl fmt::Debug for Settings {
             .field("parking.gap_timeout_secs", &self.parking.gap_timeout_secs)
             .field("retry.max_attempts", &self.retry.max_attempts)
             .field("retry.max_backoff_ms", &self.retry.max_backoff_ms)
+            .field("rebuild.swap_timeout_secs", &self.rebuild.swap_timeout_secs)
             .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
             .finish()
     }

@@ -573,3 +573,89 @@ async fn a_long_named_projection_swapped_twice_keeps_both_retired_schemas() {
     drop(client);
     db.drop().await;
 }
+
+/// `n` orders placed, one event each.
+fn placed(n: usize) -> Vec<Fact> {
+    (0..n).flat_map(|i| order_stream(&uuid::Uuid::new_v4().to_string(), "customer-1", 100 + i as i64, &[])).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_whose_shadow_cannot_catch_up_gives_up_in_time_and_the_live_projection_goes_on() {
+    let Setup { _kafka, topic, db, settings, .. } = setup(1, 50).await;
+    let client = db.client().await;
+    let projections = vec![totals_projection(&client, &topic, "swapped").await];
+    let engine = Engine::start(&settings, &projections);
+    publish(&settings, &topic, &placed(10)).await;
+    support::wait_caught_up(&settings, &projections).await;
+
+    // The shadow's consumer waits until the rebuild has taken its targets (the 10 events), so
+    // that it reads two more, which it cannot apply: a transaction of the test holds the first
+    // one's key in the shadow table. One event per batch: its checkpoint stops right before.
+    let fail_point = "consumer-poll-swapped~shadow";
+    fail::cfg(fail_point, "pause").expect("configuring the fail point");
+    let mut rebuild_settings = settings.clone();
+    rebuild_settings.batch.max_events = 1;
+    rebuild_settings.rebuild.swap_timeout_secs = 2;
+    let swap = RebuildArgs { shadow: true, max_lag: 2, ..args("swapped") };
+    let rebuilding = {
+        let (settings, projections, swap) = (rebuild_settings.clone(), projections.clone(), swap.clone());
+        tokio::spawn(async move { rebuild(&settings, &projections, swap).await })
+    };
+    support::wait_for("the shadow build to start", || async {
+        support::count(&client, "SELECT count(*) FROM projector.rebuilds WHERE target = 'swapped~shadow'").await == 1
+    })
+    .await;
+    let late = placed(2);
+    publish(&settings, &topic, &late).await;
+    support::wait_caught_up(&settings, &projections).await;
+    let mut blocker = db.client().await;
+    let blocking = blocker.transaction().await.unwrap();
+    blocking
+        .execute("INSERT INTO projector_shadow_swapped.swapped VALUES ($1::text::uuid, 1, 1)", &[&late[0].order])
+        .await
+        .unwrap();
+    fail::remove(fail_point);
+
+    // The swap locks the live checkpoints, at 12, and waits for the shadow, stuck at 10.
+    let held = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND state = 'idle in transaction' AND query LIKE 'SELECT projection, topic, partition, next_offset%'";
+    support::wait_for("the swap to hold the live checkpoints", || async { support::count(&client, held).await == 1 })
+        .await;
+    let holding = std::time::Instant::now();
+    // Live traffic meanwhile: its batch waits for the locks.
+    let during = placed(1);
+    publish(&settings, &topic, &during).await;
+
+    let outcome = tokio::time::timeout(Duration::from_secs(30), rebuilding)
+        .await
+        .expect("the swap gave up instead of waiting for ever")
+        .unwrap();
+    let given_up_after = holding.elapsed();
+    let error = outcome.expect_err("the swap gives up");
+    assert!(matches!(error, RebuildError::SwapTimeout { behind: 2, .. }), "{error}");
+    for advice in ["rebuild.swap_timeout_secs", "run the same command again"] {
+        assert!(error.to_string().contains(advice), "{error}");
+    }
+    // Within the bound (2 s), then as long again at most for the stuck shadow to stop.
+    assert!(given_up_after < Duration::from_secs(8), "given up after {given_up_after:?}");
+    assert_eq!(support::count(&client, held).await, 0, "the live checkpoints are released");
+    support::wait_caught_up(&settings, &projections).await;
+    assert!(holding.elapsed() < Duration::from_secs(10), "the live projection went on: {:?}", holding.elapsed());
+    assert_eq!(support::count(&client, "SELECT count(*) FROM swapped").await, 13, "the live table has every order");
+    assert!(retired_schemas(&client).await.is_empty(), "nothing was swapped");
+
+    // Once the shadow can go on, the same command resumes it and swaps.
+    blocking.rollback().await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), rebuild(&rebuild_settings, &projections, swap))
+        .await
+        .expect("the second attempt ends")
+        .expect("the second attempt swaps");
+    assert!(report.resumed, "the shadow is resumed, not started over");
+    assert_eq!(retired_schemas(&client).await.len(), 1);
+    support::wait_caught_up(&settings, &projections).await;
+    assert_eq!(support::count(&client, "SELECT count(*) FROM swapped").await, 13, "the swapped-in table too");
+    engine.stop().await;
+    drop(blocker);
+    drop(client);
+    db.drop().await;
+}
