@@ -441,6 +441,21 @@ impl fmt::Debug for Settings {
 mod tests {
     use super::*;
 
+    /// The README's "complete file, with the defaults" is complete (every key is known), and its
+    /// values are the defaults.
+    #[test]
+    fn the_readme_settings_file_is_the_defaults() {
+        let readme = include_str!("../README.md");
+        let after = readme.split_once("A complete file, with the defaults:").expect("the README shows the file").1;
+        let block = after.split_once("```toml\n").expect("a toml block").1.split_once("```").expect("its end").0;
+        let parsed: Settings = Figment::new().merge(Toml::string(block)).extract().expect("the README's file parses");
+        assert_eq!(
+            serde_json::to_value(&parsed).expect("as json"),
+            serde_json::to_value(Settings::default()).expect("as json"),
+            "the README's settings file says other values than the defaults"
+        );
+    }
+
     #[test]
     fn debug_hides_passwords() {
         let mut settings = Settings::default();
