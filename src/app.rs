@@ -84,36 +84,32 @@ pub async fn run(
     // flight, and the process exits non-zero so that the operator (or the orchestrator) sees it.
     let mut failures = Vec::new();
     tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            finished = workers.join_next_with_id() => match finished {
-                None => break,
-                Some(Ok((id, Ok(())))) => {
-                    // A worker ends by itself only at shutdown: one that ended before is a
-                    // projection no longer running, so the engine stops rather than look healthy.
-                    let name = names.remove(&id).unwrap_or_default();
+    // Until the shutdown signal, or the first worker to end (which only a failure does).
+    tokio::select! {
+        _ = &mut shutdown => {}
+        finished = workers.join_next_with_id() => match finished {
+            None => {}
+            Some(Ok((id, Ok(())))) => {
+                // A worker ends by itself only at shutdown: one that ended before is a
+                // projection no longer running, so the engine stops rather than look healthy.
+                let name = names.remove(&id).unwrap_or_default();
+                metrics.set_state(&name, "failed");
+                tracing::error!(projection = %name, "projection worker ended unexpectedly: stopping the engine");
+                failures.push(format!("the worker of `{name}` ended unexpectedly"));
+            }
+            Some(Ok((id, Err(error)))) => {
+                names.remove(&id);
+                tracing::error!(%error, "projection failed: stopping the engine");
+                failures.push(error.to_string());
+            }
+            Some(Err(panic)) => {
+                if let Some(name) = names.remove(&panic.id()) {
                     metrics.set_state(&name, "failed");
-                    tracing::error!(projection = %name, "projection worker ended unexpectedly: stopping the engine");
-                    failures.push(format!("the worker of `{name}` ended unexpectedly"));
-                    break;
                 }
-                Some(Ok((id, Err(error)))) => {
-                    names.remove(&id);
-                    tracing::error!(%error, "projection failed: stopping the engine");
-                    failures.push(error.to_string());
-                    break;
-                }
-                Some(Err(panic)) => {
-                    if let Some(name) = names.remove(&panic.id()) {
-                        metrics.set_state(&name, "failed");
-                    }
-                    tracing::error!(%panic, "projection worker panicked: stopping the engine");
-                    failures.push(format!("worker panicked: {panic}"));
-                    break;
-                }
-            },
-        }
+                tracing::error!(%panic, "projection worker panicked: stopping the engine");
+                failures.push(format!("worker panicked: {panic}"));
+            }
+        },
     }
     tracing::info!("shutting down: committing batches in flight");
     let _ = stop.send(true);

@@ -140,10 +140,8 @@ pub async fn wait_caught_up(settings: &Settings, projections: &[Projection], tim
                 tokio::task::spawn_blocking(move || crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(5)))
                     .await??;
             let client = pool.get().await?;
-            let stored: HashMap<_, _> = match store::checkpoint::load_all(&**client, &projection.name).await {
-                Ok(stored) => stored,
-                Err(_) => HashMap::new(),
-            };
+            let stored: HashMap<_, _> =
+                store::checkpoint::load_all(&**client, &projection.name).await.unwrap_or_default();
             caught_up &= ends.iter().all(|(partition, (_, high))| stored.get(partition).copied().unwrap_or(0) >= *high);
         }
         if caught_up {
@@ -213,8 +211,8 @@ async fn print_read_models(url: &str) -> anyhow::Result<()> {
     let client = pool.get().await?;
     println!("\norder_summary");
     println!(
-        "  {:<36}  {:<11}  {:>7}  {:<9}  {:>7}  {:<8}  {}",
-        "order_id", "customer_id", "total", "status", "paid", "carrier", "version"
+        "  {:<36}  {:<11}  {:>7}  {:<9}  {:>7}  {:<8}  version",
+        "order_id", "customer_id", "total", "status", "paid", "carrier"
     );
     for row in client
         .query(

@@ -447,8 +447,8 @@ async fn a_rebuild_refuses_when_history_is_missing() {
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &big).await.expect("publishing");
     support::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
-    let (low, _) = projector::kafka::watermarks(&settings.kafka, &[topic.clone()], Duration::from_secs(5)).unwrap()
-        [&(topic.clone(), 0)];
+    let (low, _) = projector::kafka::watermarks(&settings.kafka, std::slice::from_ref(&topic), Duration::from_secs(5))
+        .unwrap()[&(topic.clone(), 0)];
     assert!(low > 10, "the broker dropped the oldest records (log start {low})");
     let before = snapshot(&settings).await;
 
