@@ -52,6 +52,8 @@ pub async fn list(settings: &Settings, filter: &Filter, json: bool) -> Result<St
 
 /// Bytes shown to a person, faithfully: UTF-8 text as it is, with control characters (a NUL, an
 /// escape sequence) written as escapes; anything else in hex. Cut at 4 KiB, saying how long it was.
+/// A text that starts with `(` is written with escapes too, so that no text reads as `(none)`, as
+/// escapes or as hex: every display is read back to one value.
 pub fn shown_bytes(bytes: Option<&[u8]>) -> String {
     const LIMIT: usize = 4096;
     let Some(bytes) = bytes else {
@@ -67,7 +69,7 @@ pub fn shown_bytes(bytes: Option<&[u8]>) -> String {
         Err(_) => None,
     };
     let mut shown = match text {
-        Some(text) if text.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t')) => {
+        Some(text) if text.starts_with('(') || text.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t')) => {
             let escaped: String = text
                 .chars()
                 .map(|c| match c {
@@ -171,4 +173,32 @@ pub fn render_retried(results: &[Retried]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_bytes;
+
+    #[test]
+    fn bytes_are_shown_faithfully() {
+        assert_eq!(shown_bytes(None), "(none)");
+        assert_eq!(shown_bytes(Some(b"{\"a\": 1}\n")), "{\"a\": 1}\n");
+        assert_eq!(shown_bytes(Some(b"a\0b\\")), "(escaped) a\\u{0}b\\\\");
+        assert_eq!(shown_bytes(Some(&[0xff, 0x00])), "(not UTF-8) 0xff00");
+        let long = "é".repeat(3000);
+        let shown = shown_bytes(Some(long.as_bytes()));
+        assert!(shown.ends_with("… (6000 bytes in all)") && shown.starts_with("éé"), "{shown}");
+    }
+
+    /// A text that reads like a marker was shown as it is: the text `(none)` looked like no value,
+    /// and `(not UTF-8) 0x00` like the byte 0 (seen while giving the fuzz target `decode` its
+    /// read-back check, which now covers it).
+    #[test]
+    fn no_text_reads_as_another_value() {
+        assert_eq!(shown_bytes(Some(b"(none)")), "(escaped) (none)");
+        assert_eq!(shown_bytes(Some(b"(not UTF-8) 0x00")), "(escaped) (not UTF-8) 0x00");
+        assert_eq!(shown_bytes(Some(b"(escaped) \\u{0}")), "(escaped) (escaped) \\\\u{0}");
+        assert_ne!(shown_bytes(Some(b"(escaped) \\u{0}")), shown_bytes(Some(b"\0")));
+        assert_eq!(shown_bytes(Some(b"a (b)")), "a (b)");
+    }
 }
