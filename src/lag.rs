@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::kafka::consumer_config;
 use crate::metrics::{LagSample, Metrics};
 use crate::projection::Projection;
-use crate::settings::KafkaSettings;
+use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES};
 use crate::store::checkpoint::TopicPartition;
 use crate::store::{describe, StoreError};
 
@@ -165,8 +165,8 @@ pub struct KafkaProbe {
 impl KafkaProbe {
     pub fn new(settings: &KafkaSettings, timeout: Duration) -> KafkaResult<KafkaProbe> {
         // Neither client joins a group or commits: the group id only satisfies librdkafka.
-        let metadata: BaseConsumer = consumer_config(settings, "projector-lag").create()?;
-        let reader: BaseConsumer = consumer_config(settings, "projector-lag")
+        let metadata: BaseConsumer = consumer_config(settings, "projector-lag", DEFAULT_BATCH_BYTES).create()?;
+        let reader: BaseConsumer = consumer_config(settings, "projector-lag", DEFAULT_BATCH_BYTES)
             .set("enable.partition.eof", "true")
             .set("queued.min.messages", "1")
             .create()?;

@@ -124,8 +124,12 @@ pub struct DatabaseSettings {
 pub struct BatchSettings {
     /// Most events applied in one transaction.
     pub max_events: usize,
-    /// Most bytes (keys, values, headers) of the records in one batch: with large records, this
-    /// bounds memory (about four batches' worth are held at most) before `max_events` does.
+    /// Most bytes (keys, values, headers) of the records in one batch. With large records it bounds
+    /// a projection's memory before `max_events` does: librdkafka's read-ahead (its queue holds
+    /// two batches' worth, plus one fetch of at most one batch's worth: `kafka::read_ahead`), the
+    /// records handed over to the worker (about two batches' worth), the batch being gathered and
+    /// the batches being applied (under three): about nine batches' worth of records at most, and
+    /// less in practice (BENCHMARKS.md, "Memory").
     #[serde(default = "eight_mib")]
     pub max_bytes: usize,
     /// Longest a batch waits to fill before it is applied, in milliseconds.
@@ -146,8 +150,11 @@ fn four() -> usize {
     4
 }
 
+/// `batch.max_bytes` by default: 8 MiB.
+pub const DEFAULT_BATCH_BYTES: usize = 8 << 20;
+
 fn eight_mib() -> usize {
-    8 << 20
+    DEFAULT_BATCH_BYTES
 }
 
 fn enabled() -> bool {

@@ -24,7 +24,7 @@ use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::projection::Record;
-use crate::settings::KafkaSettings;
+use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES};
 use crate::store::checkpoint::TopicPartition;
 
 /// What the consumer thread tells a projection's worker, in order.
@@ -147,8 +147,40 @@ impl ConsumerContext for ProjectorContext {
     }
 }
 
-/// The librdkafka configuration for a projection's consumer.
-pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
+/// librdkafka's own read-ahead for a consumer whose batches hold `max_bytes` (`batch.max_bytes`),
+/// so that what it holds is bounded by the same setting as the worker's batches:
+///
+/// - `queued.max.messages.kbytes`: its queue of fetched records stops fetching at two batches'
+///   worth (librdkafka's default is 64 MB per consumer; 16 MB for the default 8 MiB batches). A
+///   fetch is asked for only below that, so the queue overshoots it by one fetch at most.
+/// - `fetch.max.bytes`: one fetch brings at most one batch's worth (librdkafka's default is 50 MB),
+///   and no less than `message.max.bytes` (1,000,000 unless set), which librdkafka requires.
+/// - `max.partition.fetch.bytes`: at most 1 MiB of it from one partition (librdkafka's default),
+///   less when the whole fetch is smaller.
+///
+/// A record batch larger than these is still fetched whole, one at a time. Properties set in
+/// `kafka.properties` win over these.
+pub fn read_ahead(
+    max_bytes: usize,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> [(&'static str, String); 3] {
+    // librdkafka's limits: `queued.max.messages.kbytes` up to INT_MAX / 1024, `fetch.max.bytes`
+    // up to INT_MAX - 512.
+    const MOST: usize = i32::MAX as usize - 512;
+    let message_max =
+        properties.get("message.max.bytes").and_then(|value| value.parse::<usize>().ok()).unwrap_or(1_000_000);
+    let fetch = max_bytes.max(message_max).clamp(1, MOST);
+    let queue_kbytes = max_bytes.saturating_mul(2).div_ceil(1024).clamp(1, i32::MAX as usize / 1024);
+    [
+        ("queued.max.messages.kbytes", queue_kbytes.to_string()),
+        ("fetch.max.bytes", fetch.to_string()),
+        ("max.partition.fetch.bytes", fetch.min(1 << 20).to_string()),
+    ]
+}
+
+/// The librdkafka configuration for a projection's consumer, reading ahead at most what
+/// [`read_ahead`] allows for batches of `max_bytes`.
+pub fn consumer_config(settings: &KafkaSettings, group: &str, max_bytes: usize) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &settings.bootstrap_servers)
@@ -166,15 +198,15 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         // default 45 s (settings may override both).
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
-        // librdkafka prefetches up to 64 MB per consumer by default; the worker reads ahead two
-        // batches of its own, so 16 MB keeps the broker far ahead without that much memory.
-        .set("queued.max.messages.kbytes", "16384")
-        // When that queue is full, librdkafka waits `fetch.queue.backoff.ms` (default 1 s) before
-        // fetching again: the worker empties 16 MB long before that, and then it stalls. While
-        // clearing a backlog from Tansu, 1 s cut the rate from 221,000 to 158,000 events/s,
-        // with whole half-seconds at 3,000.
+        // When its queue is full (`read_ahead`), librdkafka waits `fetch.queue.backoff.ms`
+        // (default 1 s) before fetching again: the worker empties the queue long before that,
+        // and then it stalls. While clearing a backlog from Tansu, 1 s cut the rate from 221,000
+        // to 158,000 events/s, with whole half-seconds at 3,000.
         .set("fetch.queue.backoff.ms", "10")
         .set_log_level(RDKafkaLogLevel::Warning);
+    for (name, value) in read_ahead(max_bytes, &settings.properties) {
+        config.set(name, value);
+    }
     for (name, value) in &settings.properties {
         config.set(name, value);
     }
@@ -206,9 +238,11 @@ pub struct ConsumerThread {
 }
 
 impl ConsumerThread {
-    /// Subscribes to `topics` and polls on a new thread, sending everything to `inputs`.
+    /// Subscribes to `topics` and polls on a new thread, sending everything to `inputs`; it reads
+    /// ahead for batches of `max_bytes` ([`read_ahead`]).
     pub fn start(
         settings: &KafkaSettings,
+        max_bytes: usize,
         projection: &str,
         topics: &[String],
         inputs: mpsc::Sender<Input>,
@@ -223,7 +257,7 @@ impl ConsumerThread {
             started: std::sync::Mutex::new(HashMap::new()),
         };
         let consumer: BaseConsumer<ProjectorContext> =
-            consumer_config(settings, &group).create_with_context(context)?;
+            consumer_config(settings, &group, max_bytes).create_with_context(context)?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let (commands, command_rx) = std_mpsc::channel();
@@ -268,9 +302,9 @@ impl Drop for ConsumerThread {
 /// Records sent to the worker at once, at most.
 pub const CHUNK: usize = 256;
 
-/// Bytes (keys, values, headers) after which the records polled are sent, even fewer than
-/// [`CHUNK`]: the channel to the worker holds a bounded number of chunks, so this bounds what it
-/// holds in bytes too.
+/// Bytes (keys, values, headers) a chunk of records sent to the worker holds at most, unless it is
+/// one record larger than that: the channel to the worker holds a bounded number of chunks, so
+/// this bounds what it holds in bytes too.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// How often, at most, an idle consumer reports its positions.
@@ -340,6 +374,14 @@ fn poll_loop(
                 drop(message);
                 let bytes = record_bytes(&record);
                 let epoch = epochs.get(&*record.topic).and_then(|of| of.get(&record.partition)).copied().unwrap_or(0);
+                // A record that would take the chunk past `CHUNK_BYTES` starts the next one.
+                let overflows = {
+                    let pending = consumer.context().pending.lock().expect("pending records");
+                    !pending.0.is_empty() && pending.1 + bytes > CHUNK_BYTES
+                };
+                if overflows && !consumer.context().send_pending() {
+                    break;
+                }
                 let full = {
                     let mut pending = consumer.context().pending.lock().expect("pending records");
                     pending.0.push((record, epoch));
@@ -516,7 +558,7 @@ pub fn watermarks(
     topics: &[String],
     timeout: Duration,
 ) -> KafkaResult<HashMap<TopicPartition, (i64, i64)>> {
-    let consumer: BaseConsumer = consumer_config(settings, "projector-watermarks").create()?;
+    let consumer: BaseConsumer = consumer_config(settings, "projector-watermarks", DEFAULT_BATCH_BYTES).create()?;
     let mut result = HashMap::new();
     for topic in topics {
         let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
@@ -537,6 +579,33 @@ mod tests {
     use super::*;
     use crate::settings::Settings;
 
+    /// The consumer's read-ahead follows `batch.max_bytes`, within librdkafka's limits, and
+    /// properties set in the settings win.
+    #[test]
+    fn read_ahead_follows_the_batch_bytes() {
+        let mut settings = Settings::default().kafka;
+        let get = |config: &ClientConfig, name: &str| config.get(name).map(str::to_string);
+        let defaults = consumer_config(&settings, "g", DEFAULT_BATCH_BYTES);
+        assert_eq!(get(&defaults, "queued.max.messages.kbytes").as_deref(), Some("16384"));
+        assert_eq!(get(&defaults, "fetch.max.bytes").as_deref(), Some("8388608"));
+        assert_eq!(get(&defaults, "max.partition.fetch.bytes").as_deref(), Some("1048576"));
+        let small = consumer_config(&settings, "g", 64 << 10);
+        assert_eq!(get(&small, "queued.max.messages.kbytes").as_deref(), Some("128"));
+        assert_eq!(get(&small, "fetch.max.bytes").as_deref(), Some("1000000"), "at least message.max.bytes");
+        assert_eq!(get(&small, "max.partition.fetch.bytes").as_deref(), Some("1000000"));
+        for max_bytes in [1, 64 << 10, 64 << 20, usize::MAX] {
+            let created: Result<BaseConsumer, _> = consumer_config(&settings, "g", max_bytes).create();
+            assert!(created.is_ok(), "{max_bytes}: {:?}", created.err());
+        }
+        settings.properties.insert("message.max.bytes".into(), "20000000".into());
+        settings.properties.insert("queued.max.messages.kbytes".into(), "1000".into());
+        let config = consumer_config(&settings, "g", DEFAULT_BATCH_BYTES);
+        assert_eq!(get(&config, "queued.max.messages.kbytes").as_deref(), Some("1000"));
+        assert_eq!(get(&config, "fetch.max.bytes").as_deref(), Some("20000000"));
+        let created: Result<BaseConsumer, _> = config.create();
+        assert!(created.is_ok(), "{:?}", created.err());
+    }
+
     /// librdkafka is built with OpenSSL: TLS and SASL (PLAIN, SCRAM, OAUTHBEARER) are accepted
     /// as properties. Without it, creating the consumer fails ("OpenSSL not available at build time").
     #[test]
@@ -555,7 +624,7 @@ mod tests {
                 settings.properties.insert("sasl.username".into(), "projector".into());
                 settings.properties.insert("sasl.password".into(), "secret".into());
             }
-            let created: Result<BaseConsumer, _> = consumer_config(&settings, "g").create();
+            let created: Result<BaseConsumer, _> = consumer_config(&settings, "g", DEFAULT_BATCH_BYTES).create();
             assert!(created.is_ok(), "{protocol} {mechanism:?}: {:?}", created.err());
         }
     }

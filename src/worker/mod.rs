@@ -163,13 +163,19 @@ pub async fn run_with(
         if !gate::wait_for_matching_definition(&projection, &pool, &condition, shutdown.clone()).await {
             return Ok(());
         }
-        // The channel holds a bounded number of chunks, each of at most `kafka::CHUNK` records or
-        // a little over `kafka::CHUNK_BYTES`: about two batches, by count and by bytes.
+        // The channel holds a bounded number of chunks, each of at most `kafka::CHUNK` records and
+        // `kafka::CHUNK_BYTES` (or one larger record): about two batches, by count and by bytes.
         let by_count = (settings.batch.max_events.max(crate::kafka::CHUNK) * 2).div_ceil(crate::kafka::CHUNK);
         let by_bytes = (settings.batch.max_bytes.max(1) * 2).div_ceil(crate::kafka::CHUNK_BYTES);
         let (inputs_tx, mut inputs) = mpsc::channel(by_count.min(by_bytes).max(2));
-        let consumer = ConsumerThread::start(&settings.kafka, &projection.name, &projection.topics, inputs_tx)
-            .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
+        let consumer = ConsumerThread::start(
+            &settings.kafka,
+            settings.batch.max_bytes.max(1),
+            &projection.name,
+            &projection.topics,
+            inputs_tx,
+        )
+        .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
         condition.publish();
         let lanes = settings.batch.lanes.clamp(1, settings.database.pool_size.max(1));
         let mut worker = Worker {
