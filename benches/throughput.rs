@@ -58,6 +58,15 @@ struct Args {
     entities: Option<usize>,
     #[arg(long, default_value_t = 8)]
     partitions: i32,
+    /// Each record's value padded to about this many bytes (a `padding` string in its `data`,
+    /// which the projection does not read); 0: no padding (about 280 bytes).
+    #[arg(long, default_value_t = 0)]
+    value_bytes: usize,
+    /// Each row the engine writes to `order_summary` waits this long (a trigger calling
+    /// `pg_sleep`): a slow database, so that the engine falls behind the broker and reads ahead as
+    /// far as its bounds let it. 0: none.
+    #[arg(long, default_value_t = 0.0)]
+    row_delay_ms: f64,
     /// Share of the records that are duplicates, re-published later, in percent.
     #[arg(long, default_value_t = 5)]
     duplicate_percent: usize,
@@ -79,6 +88,10 @@ struct Args {
     /// The engine's `batch.max_events`.
     #[arg(long, default_value_t = Settings::default().batch.max_events)]
     batch_max_events: usize,
+    /// The engine's `batch.max_bytes` (the bytes of a batch's records; the consumer reads ahead
+    /// from it too).
+    #[arg(long, default_value_t = Settings::default().batch.max_bytes)]
+    batch_max_bytes: usize,
     /// The engine's `batch.lanes` (parts of a batch applied concurrently).
     #[arg(long, default_value_t = Settings::default().batch.lanes)]
     lanes: usize,
@@ -134,6 +147,8 @@ struct Workload {
     duplicates: usize,
     /// Each entity's stream length (its last version).
     lengths: Vec<u32>,
+    /// Each record's value padded to about this many bytes (0: none).
+    value_bytes: usize,
 }
 
 impl Workload {
@@ -179,6 +194,7 @@ impl Workload {
             records: keyed.into_iter().map(|(_, rec)| rec).collect(),
             duplicates,
             lengths,
+            value_bytes: args.value_bytes,
         })
     }
 
@@ -232,22 +248,34 @@ fn event_type(version: u32) -> &'static str {
 }
 
 /// The record value of `entity`'s event `version`; the id is a function of both, so a duplicate
-/// carries its original's id.
-fn event_json(entity: u32, version: u32, at: Option<DateTime<Utc>>) -> Vec<u8> {
-    let data = match version {
+/// carries its original's id. With `value_bytes`, its `data` holds a `padding` string that makes
+/// the value that long.
+fn event_json(entity: u32, version: u32, at: Option<DateTime<Utc>>, value_bytes: usize) -> Vec<u8> {
+    let mut data = match version {
         1 => json!({"customer_id": customer_of(entity), "total": total_of(entity).to_string()}),
         2 => json!({"customer_id": customer_of(entity), "amount": total_of(entity).to_string()}),
         _ => json!({"note": note_of(version)}),
     };
-    serde_json::to_vec(&json!({
-        "id": Uuid::from_u64_pair(u64::from(entity), u64::from(version)).to_string(),
-        "type": event_type(version),
-        "stream_id": entity_id(entity).to_string(),
-        "stream_version": version,
-        "occurred_at": at.unwrap_or_else(|| occurred_at(version)).to_rfc3339(),
-        "data": data,
-    }))
-    .expect("event as JSON")
+    let event = |data: &Value| {
+        serde_json::to_vec(&json!({
+            "id": Uuid::from_u64_pair(u64::from(entity), u64::from(version)).to_string(),
+            "type": event_type(version),
+            "stream_id": entity_id(entity).to_string(),
+            "stream_version": version,
+            "occurred_at": at.unwrap_or_else(|| occurred_at(version)).to_rfc3339(),
+            "data": data,
+        }))
+        .expect("event as JSON")
+    };
+    let value = event(&data);
+    // `,"padding":""` is 13 bytes.
+    match value_bytes.checked_sub(value.len() + 13) {
+        Some(padding) if value_bytes > 0 => {
+            data["padding"] = Value::String("x".repeat(padding));
+            event(&data)
+        }
+        _ => value,
+    }
 }
 
 /// The example `order_summary` projection on the bench topic, plus `OrderNoted`.
@@ -456,6 +484,12 @@ impl ProducerContext for CountingContext {
     }
 }
 
+/// A producer's `message.max.bytes` for values of `value_bytes` (librdkafka's default, 1,000,000,
+/// refuses a 1,000,000-byte value with its key and envelope).
+fn message_max_bytes(value_bytes: usize) -> String {
+    (value_bytes + 65536).max(1_000_000).to_string()
+}
+
 fn send_retrying<C: ProducerContext>(
     producer: &BaseProducer<C>,
     mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
@@ -475,7 +509,8 @@ fn send_retrying<C: ProducerContext>(
 /// Publishes the whole workload, batched; returns the seconds it took. The last record of each
 /// partition is held back and published alone, in a batch of one, after the rest: Tansu reports
 /// a partition's high watermark as its last batch's base offset + 1, which is then exact (a
-/// rebuild reads up to the high watermarks).
+/// rebuild reads up to the high watermarks). The producer holds at most 16 MiB of records not yet
+/// delivered, so that what it leaves behind in the bench process is small next to the engine.
 fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
     let producer = |batch: &str| -> anyhow::Result<BaseProducer<CountingContext>> {
         Ok(ClientConfig::new()
@@ -484,7 +519,8 @@ fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
             .set("linger.ms", "20")
             .set("batch.num.messages", batch)
             .set("queue.buffering.max.messages", "500000")
-            .set("queue.buffering.max.kbytes", "1048576")
+            .set("queue.buffering.max.kbytes", "16384")
+            .set("message.max.bytes", message_max_bytes(workload.value_bytes))
             .set("message.timeout.ms", "300000")
             .create_with_context(CountingContext { failed: AtomicU64::new(0) })?)
     };
@@ -495,7 +531,7 @@ fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
     let started = Instant::now();
     let send = |producer: &BaseProducer<CountingContext>, rec: &Rec| {
         let key = entity_id(rec.entity).to_string();
-        let payload = event_json(rec.entity, rec.version, None);
+        let payload = event_json(rec.entity, rec.version, None, workload.value_bytes);
         send_retrying(
             producer,
             BaseRecord::to(&workload.topic)
@@ -532,8 +568,12 @@ fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
 /// loaded beforehand. `Err` says why.
 fn mock_fits(workload: &Workload) -> Result<(), String> {
     let count = workload.records.len().clamp(1, 1000);
-    let bytes: usize =
-        workload.records.iter().take(count).map(|r| event_json(r.entity, r.version, None).len() + 36 + 70).sum();
+    let bytes: usize = workload
+        .records
+        .iter()
+        .take(count)
+        .map(|r| event_json(r.entity, r.version, None, workload.value_bytes).len() + 36 + 70)
+        .sum();
     let per_record = bytes as f64 / count as f64;
     let largest = workload.per_partition().into_iter().max().unwrap_or(0) as f64 * per_record;
     if largest > 0.9 * 5.0 * 1024.0 * 1024.0 {
@@ -774,12 +814,13 @@ async fn latency_phase(
         plan.push((entity, workload.lengths[entity as usize], partition));
     }
     let target: i64 = per_partition.iter().sum();
-    let (topic, bootstrap_owned) = (workload.topic.clone(), bootstrap.to_string());
+    let (topic, bootstrap_owned, value_bytes) = (workload.topic.clone(), bootstrap.to_string(), workload.value_bytes);
     let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<(i32, i64, Instant)>, f64)> {
         let producer: BaseProducer<LatencyContext> = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap_owned)
             .set("enable.idempotence", "false")
             .set("linger.ms", "1")
+            .set("message.max.bytes", message_max_bytes(value_bytes))
             .create_with_context(LatencyContext { delivered: Mutex::new(Vec::new()), failed: AtomicU64::new(0) })?;
         let started = Instant::now();
         let mut sent = 0;
@@ -788,7 +829,7 @@ async fn latency_phase(
             while sent < due {
                 let (entity, version, partition) = plan[sent];
                 let key = entity_id(entity).to_string();
-                let payload = event_json(entity, version, Some(Utc::now()));
+                let payload = event_json(entity, version, Some(Utc::now()), value_bytes);
                 let record = BaseRecord::with_opaque_to(&topic, Box::new(Instant::now()))
                     .partition(partition)
                     .key(key.as_bytes())
@@ -1117,6 +1158,7 @@ fn engine_settings(url: &str, bootstrap: &str, kind: Kind, args: &Args) -> Setti
     }
     settings.http.listen = "127.0.0.1:0".into();
     settings.batch.max_events = args.batch_max_events;
+    settings.batch.max_bytes = args.batch_max_bytes;
     settings.batch.set_based = args.set_based;
     settings.batch.lanes = args.lanes;
     settings.database.pool_size = args.pool_size;
@@ -1228,6 +1270,7 @@ impl Engine {
                     .env("PROJECTOR_PROJECTIONS_DIR", &projections_dir)
                     .env("PROJECTOR_HTTP__LISTEN", "127.0.0.1:0")
                     .env("PROJECTOR_BATCH__MAX_EVENTS", settings.batch.max_events.to_string())
+                    .env("PROJECTOR_BATCH__MAX_BYTES", settings.batch.max_bytes.to_string())
                     .env("PROJECTOR_BATCH__SET_BASED", settings.batch.set_based.to_string())
                     .env("PROJECTOR_BATCH__LANES", settings.batch.lanes.to_string())
                     .env("PROJECTOR_DATABASE__POOL_SIZE", settings.database.pool_size.to_string())
@@ -1332,8 +1375,17 @@ async fn broker_mode(
         }
     };
     let bootstrap = broker.bootstrap();
+    let mb = |kb: u64| round(kb as f64 / 1024.0, 1);
+    let peak_before_producing = proc_status_kb("self", "VmHWM").unwrap_or(0);
     let load_s = tokio::task::block_in_place(|| load_topic(&bootstrap, workload))?;
-    eprintln!("  {label}: topic loaded in {load_s:.1} s");
+    let rss_after_producing = proc_status_kb("self", "VmRSS").unwrap_or(0);
+    let peak_after_producing = proc_status_kb("self", "VmHWM").unwrap_or(0);
+    eprintln!(
+        "  {label}: topic loaded in {load_s:.1} s; bench process: peak RSS before producing {} MB, RSS after producing {} MB (peak {} MB)",
+        mb(peak_before_producing),
+        mb(rss_after_producing),
+        mb(peak_after_producing)
+    );
     let mut result = json!({ "load_topic_s": round(load_s, 2) });
     if steps.naive {
         eprintln!("== naive (per-event transactions, reading the {label} topic)");
@@ -1354,6 +1406,18 @@ async fn broker_mode(
     }
     let url = dbs.create(label).await?;
     prepare_schema(&url).await?;
+    if args.row_delay_ms > 0.0 {
+        connect(&url)
+            .await?
+            .batch_execute(&format!(
+                "CREATE FUNCTION bench_row_delay() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$;
+                 CREATE TRIGGER bench_row_delay BEFORE INSERT OR UPDATE ON order_summary
+                 FOR EACH ROW EXECUTE FUNCTION bench_row_delay()",
+                args.row_delay_ms / 1000.0
+            ))
+            .await?;
+    }
     let projection = bench_projection(&workload.topic)?;
     let settings = engine_settings(&url, &bootstrap, kind, args);
     if !settings.kafka.properties.is_empty() {
@@ -1390,11 +1454,19 @@ async fn broker_mode(
             for outcome in Outcome::ALL {
                 result["projector"]["outcomes"][outcome.as_str()] = json!(metrics.outcome_count(PROJECTION, outcome));
             }
-            result["projector"]["bench_process_peak_rss_mb"] = json!(round(peak_kb as f64 / 1024.0, 1));
-            result["projector"]["bench_process_rss_before_engine_mb"] = json!(round(baseline_rss as f64 / 1024.0, 1));
-            result["projector"]["engine_rss_increase_mb"] =
-                json!(round(peak_kb.saturating_sub(baseline_rss) as f64 / 1024.0, 1));
+            result["projector"]["bench_process_peak_rss_before_producing_mb"] = json!(mb(peak_before_producing));
+            result["projector"]["bench_process_rss_after_producing_mb"] = json!(mb(rss_after_producing));
+            result["projector"]["bench_process_peak_rss_after_producing_mb"] = json!(mb(peak_after_producing));
+            result["projector"]["bench_process_peak_rss_mb"] = json!(mb(peak_kb));
+            result["projector"]["bench_process_rss_before_engine_mb"] = json!(mb(baseline_rss));
+            result["projector"]["engine_rss_increase_mb"] = json!(mb(peak_kb.saturating_sub(baseline_rss)));
             result["projector"]["rss_note"] = json!("in-process: the bench process holds the mock broker (and the topic) and the workload; the increase of its peak over its RSS before the engine started approximates the engine's own");
+            eprintln!(
+                "  memory: bench process peak RSS {} MB once the engine caught up: +{} MB over its RSS before the engine started ({} MB)",
+                mb(peak_kb),
+                mb(peak_kb.saturating_sub(baseline_rss)),
+                mb(baseline_rss)
+            );
         }
         Engine::Child { .. } => {
             let pid = engine.pid().unwrap_or(0).to_string();
@@ -1623,7 +1695,8 @@ async fn main() -> anyhow::Result<()> {
         "machine": machine(),
         "args": {
             "events": args.events, "entities": workload.entities, "partitions": args.partitions,
-            "duplicate_percent": args.duplicate_percent, "batch_max_events": args.batch_max_events, "set_based": args.set_based,
+            "duplicate_percent": args.duplicate_percent, "value_bytes": args.value_bytes, "row_delay_ms": args.row_delay_ms,
+            "batch_max_events": args.batch_max_events, "batch_max_bytes": args.batch_max_bytes, "set_based": args.set_based,
             "modes": args.modes, "latency_secs": args.latency_secs,
         },
         "workload": {
