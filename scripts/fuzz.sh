@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets (fuzz/): `definition` (the definition loader on any text) and
-# `decode` (the event decoder, parking key and value binding on any record), each for SECONDS
-# (default 30), and fails on any crash. CI runs it briefly; by hand, run it longer:
+# `decode` (a whole record, key, value or tombstone, and headers with names as bytes, through
+# everything it meets before SQL: decoding by the example projections, parking keys and messages
+# as stored, the Kafka key's text, header look-up, the parked view, value binding; each with its
+# invariants checked), each for SECONDS (default 30), and fails on any crash or broken invariant.
+# CI runs it briefly; by hand, run it longer:
 #
 #   scripts/fuzz.sh 600                       # ten minutes per target
 #   scripts/fuzz.sh 60 decode                 # one target

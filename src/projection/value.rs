@@ -243,7 +243,7 @@ fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, Bi
 const NUL: &str = "contains a NUL character (0x00), which Postgres text cannot hold";
 
 /// Whether a string or an object key anywhere in `value` holds a NUL.
-fn holds_nul(value: &Value) -> bool {
+pub fn holds_nul(value: &Value) -> bool {
     match value {
         Value::String(text) => text.contains('\0'),
         Value::Array(items) => items.iter().any(holds_nul),
