@@ -352,3 +352,49 @@ async fn event_id_dedupe_holds() {
     drop(client);
     db.drop().await;
 }
+
+/// Records of about 1 MB, with batches of 64 KiB: each batch holds one record, and the consumer
+/// reads ahead at most 1,000,000 bytes per fetch (`message.max.bytes`, less than one record) and
+/// two batches' worth in its queue (`kafka::read_ahead`). Every record still arrives whole, once,
+/// and the read models are those of the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_larger_than_a_batch_and_a_fetch_are_applied() {
+    support::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    // The mock cluster keeps 5 MB per partition: one order (at most 3 MB) per partition.
+    let topic = support::new_topic(&kafka, 5);
+    let db = TestDb::create().await;
+    let mut settings = support::settings(&kafka, &db, 100, true);
+    settings.batch.max_bytes = 64 << 10;
+    let projections = support::example_projections(&topic);
+    let streams = five_orders();
+    let facts = interleave(&streams);
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .expect("a producer");
+    for (i, mut event) in events(&facts).into_iter().enumerate() {
+        // 1 MB and 600 kB: one of each is more than a chunk handed to the worker (1 MiB).
+        let padding = if i % 2 == 0 { 1_000_000 } else { 600_000 };
+        event.value["data"]["padding"] = "x".repeat(padding).into();
+        let partition = streams.iter().position(|stream| stream[0].order == facts[i].order).expect("its order") as i32;
+        let payload = serde_json::to_vec(&event.value).expect("JSON");
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic).partition(partition).key(&event.key).payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .expect("publishing");
+    }
+    let engine = Engine::start(&settings, &projections);
+    support::wait_caught_up(&settings, &projections).await;
+    let metrics = engine.stop().await;
+    let client = db.client().await;
+    assert_read_models(&client, &facts, "1 MB records").await;
+    assert_eq!(metrics.outcome_count("order_summary", Outcome::Applied), facts.len() as u64);
+    drop(client);
+    db.drop().await;
+}
