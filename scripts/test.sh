@@ -12,20 +12,7 @@ step() { echo "==> $*"; }
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$HOME/.cargo/bin:$PATH"
 
 # PostgreSQL: the tests create and drop a database each on this server.
-if [ -z "${PROJECTOR_TEST_DATABASE_URL:-}" ]; then
-    step "checking PostgreSQL at 127.0.0.1:5432"
-    if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-        for version in $(ls /etc/postgresql 2>/dev/null); do
-            step "starting PostgreSQL $version"
-            pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
-        done
-        for _ in $(seq 1 30); do
-            pg_isready -q -h 127.0.0.1 -p 5432 && break
-            sleep 1
-        done
-        pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running at 127.0.0.1:5432" >&2; exit 1; }
-    fi
-fi
+bash scripts/start-postgres.sh
 
 # librdkafka (rdkafka-sys) is built from source: it needs a C toolchain.
 for tool in cc make; do

@@ -53,6 +53,25 @@ impl Raw {
     pub fn bytes(key: Option<&str>, value: &[u8]) -> Raw {
         Raw { key: key.map(|key| key.as_bytes().to_vec()), value: Some(value.to_vec()), headers: Vec::new() }
     }
+
+    /// This record, to `topic` and `partition` (`None`: by its key), for a producer to send.
+    pub fn to_send<'a>(&'a self, topic: &'a str, partition: Option<i32>) -> FutureRecord<'a, [u8], [u8]> {
+        let headers = OwnedHeaders::new();
+        for (name, value) in &self.headers {
+            add_header(&headers, name, value);
+        }
+        let mut future: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(partition) = partition {
+            future = future.partition(partition);
+        }
+        if let Some(key) = &self.key {
+            future = future.key(key);
+        }
+        if let Some(value) = &self.value {
+            future = future.payload(value);
+        }
+        future
+    }
 }
 
 /// Publishes `records` in order, each awaited before the next and alone in its produce request
@@ -63,25 +82,23 @@ pub async fn publish_to(bootstrap: &str, topic: &str, partition: Option<i32>, re
     let producer = one_per_batch_producer(bootstrap);
     let mut positions = Vec::with_capacity(records.len());
     for record in records {
-        let headers = OwnedHeaders::new();
-        for (name, value) in &record.headers {
-            add_header(&headers, name, value);
-        }
-        let mut future: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-        if let Some(partition) = partition {
-            future = future.partition(partition);
-        }
-        if let Some(key) = &record.key {
-            future = future.key(key);
-        }
-        if let Some(value) = &record.value {
-            future = future.payload(value);
-        }
+        let future = record.to_send(topic, partition);
         let delivered =
             producer.send(future, Duration::from_secs(30)).await.map_err(|(error, _)| error).expect("publishing");
         positions.push((delivered.partition, delivered.offset));
     }
     positions
+}
+
+/// A producer that keeps each partition's records in the order they are sent, batching them.
+pub fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "false")
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("message.max.bytes", "20000000")
+        .create()
+        .expect("producer")
 }
 
 /// A producer that sends each record alone in its produce request, one at a time, records of up

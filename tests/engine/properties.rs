@@ -126,24 +126,8 @@ fn streams(scenario: &Scenario) -> Vec<Vec<Fact>> {
 /// The records to publish, in order: the streams interleaved, then duplicates and a redelivered
 /// stretch, each copy after its original.
 fn published(scenario: &Scenario, streams: &[Vec<Fact>]) -> Vec<Fact> {
-    let mut cursors = vec![0usize; streams.len()];
-    let mut records = Vec::new();
-    let mut picks = scenario.interleaving.iter().cycle();
-    loop {
-        let open: Vec<usize> = (0..streams.len()).filter(|&i| cursors[i] < streams[i].len()).collect();
-        if open.is_empty() {
-            break;
-        }
-        let stream = open[picks.next().expect("cycle").index(open.len())];
-        records.push(streams[stream][cursors[stream]].clone());
-        cursors[stream] += 1;
-    }
-    for (original, offset) in &scenario.duplicates {
-        let original = original.index(records.len());
-        let at = original + 1 + offset.index(records.len() - original);
-        let copy = records[original].clone();
-        records.insert(at, copy);
-    }
+    let mut records = support::interleave(streams, &scenario.interleaving);
+    support::insert_copies(&mut records, &scenario.duplicates);
     if let Some((start, length)) = scenario.redelivered {
         let start = start.index(records.len());
         let end = (start + length).min(records.len());

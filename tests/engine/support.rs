@@ -223,6 +223,34 @@ pub fn outcomes(metrics: &Metrics, projection: &str) -> Vec<(&'static str, u64)>
         .collect()
 }
 
+/// `streams` interleaved, each in its own order: at each step the next of `picks` (cycled) chooses
+/// which of the streams not yet done goes on.
+pub fn interleave<T: Clone>(streams: &[Vec<T>], picks: &[proptest::sample::Index]) -> Vec<T> {
+    let mut cursors = vec![0usize; streams.len()];
+    let mut records = Vec::new();
+    let mut picks = picks.iter().cycle();
+    loop {
+        let open: Vec<usize> = (0..streams.len()).filter(|&i| cursors[i] < streams[i].len()).collect();
+        if open.is_empty() {
+            return records;
+        }
+        let stream = open[picks.next().expect("picks to choose with").index(open.len())];
+        records.push(streams[stream][cursors[stream]].clone());
+        cursors[stream] += 1;
+    }
+}
+
+/// Inserts a copy of a record after it, for each `(original, offset)`: `original` picks the
+/// record, `offset` how far after it the copy goes (a producer's retry).
+pub fn insert_copies<T: Clone>(records: &mut Vec<T>, copies: &[(proptest::sample::Index, proptest::sample::Index)]) {
+    for (original, offset) in copies {
+        let original = original.index(records.len());
+        let at = original + 1 + offset.index(records.len() - original);
+        let copy = records[original].clone();
+        records.insert(at, copy);
+    }
+}
+
 /// `SELECT count(*)` as i64.
 pub async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap_or_else(|error| panic!("`{sql}`: {error}")).get::<_, i64>(0)

@@ -11,6 +11,9 @@
 //! - `raw`: a test projection (`accounts`) and records published byte for byte.
 //! - `parking`: per-key parking, `parked retry` after a fix, `parked skip`, gap timeouts.
 //! - `hostile`: every hostile record parked or ignored with its reason, other keys unharmed.
+//! - `bytes`: a property: any bytes as keys, values and headers, mixed into valid histories with
+//!   duplicates and restarts: the read model is the fold of the valid events, and every record is
+//!   counted once in `projector_events_total` (`scripts/soak.sh` runs it for thousands of cases).
 //! - `outage`: Postgres unreachable mid-stream and back: nothing lost, nothing applied twice.
 //! - `retention`: records the broker deleted before they were read: counted, held or skipped.
 //! - `security`: Postgres TLS by `sslmode`; no password in errors.
@@ -26,6 +29,7 @@ mod model;
 #[allow(dead_code)]
 mod support;
 
+mod bytes;
 mod consumer;
 mod definition;
 mod hostile;

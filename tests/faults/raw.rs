@@ -12,14 +12,19 @@ use tokio_postgres::Client;
 /// One account per key, guarded by the account's version. `note` is required by `Deposited`
 /// unless `optional_note`: the "fix" of the parking test.
 pub fn accounts(topic: &str, optional_note: bool) -> Projection {
+    accounts_named("accounts", topic, optional_note)
+}
+
+/// [`accounts`] called `name`, into the table `name` ([`accounts_table`]).
+pub fn accounts_named(name: &str, topic: &str, optional_note: bool) -> Projection {
     let note = if optional_note { ":data.note?" } else { ":data.note" };
     let text = format!(
-        r#"name = "accounts"
+        r#"name = "{name}"
 topics = ["{topic}"]
 dedupe = "version"
 
 [table]
-name = "accounts"
+name = "{name}"
 key = "id"
 version = "version"
 
@@ -33,13 +38,18 @@ update = {{ balance = "balance + :data.amount", note = "{note}" }}
     compile_file(Path::new("accounts.toml"), &text).expect("the accounts projection compiles")
 }
 
-pub const ACCOUNTS_TABLE: &str = "CREATE TABLE accounts (
-    id      text    PRIMARY KEY,
-    version bigint  NOT NULL,
-    owner   text    NOT NULL,
-    balance numeric NOT NULL CHECK (balance >= 0),
-    note    text
-)";
+/// `CREATE TABLE name (…)`: the table [`accounts_named`] writes.
+pub fn accounts_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE {name} (
+            id      text    PRIMARY KEY,
+            version bigint  NOT NULL,
+            owner   text    NOT NULL,
+            balance numeric NOT NULL CHECK (balance >= 0),
+            note    text
+        )"
+    )
+}
 
 /// What an `accounts` test starts from: its own mock broker, topic and database (with the
 /// `accounts` table), a connection to it, settings with `max_events` per batch, and the projection.
@@ -59,14 +69,14 @@ pub async fn setup(partitions: i32, max_events: usize) -> Accounts {
     let topic = crate::support::new_topic(&kafka, partitions);
     let db = crate::support::TestDb::create().await;
     let client = db.client().await;
-    client.batch_execute(ACCOUNTS_TABLE).await.expect("accounts table");
+    client.batch_execute(&accounts_table("accounts")).await.expect("accounts table");
     let settings = crate::support::settings(&kafka, &db, max_events, true);
     let projections = vec![accounts(&topic, false)];
     let bootstrap = settings.kafka.bootstrap_servers.clone();
     Accounts { _kafka: kafka, topic, db, client, settings, projections, bootstrap }
 }
 
-pub use records::{deposited, event, opened, publish_to, Raw};
+pub use records::{deposited, event, opened, producer, publish_to, Raw};
 
 #[path = "../common/records.rs"]
 mod records;
