@@ -20,7 +20,7 @@
 //! park that account's later events behind it: `tests/faults/parking.rs` covers that).
 //! Hostile records are built from events of accounts `x-…`, which valid histories never use.
 //!
-//! Every case runs a real engine on the one mock cluster and the one database of the test: its
+//! Every case runs a real engine on a mock cluster and a database shared with other cases: its
 //! own topic, and its own projection and table (`acc_<n>`, dropped after the case). CI runs
 //! a few cases (`PROPTEST_CASES` overrides); `scripts/soak.sh` runs thousands in release mode.
 //! A failing case's seed is saved in `tests/faults/bytes.proptest-regressions`, and replayed
@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use projector::kafka::mock::MockKafka;
@@ -505,12 +505,43 @@ fn describe(planned: &[Planned], landed: &[(i32, i64)]) -> String {
     text
 }
 
-/// What the cases share: one mock cluster, one producer, one database.
-struct Shared {
+/// Cases run on one mock cluster before the next cases get a new one: the mock cluster keeps a
+/// timer for every consumer group ever joined, and each timer's rescheduling scans them all, so
+/// that thousands of groups (two a case) slow it down more and more.
+const CASES_PER_CLUSTER: u64 = 500;
+
+/// A mock cluster and a producer to it (dropped first).
+struct Cluster {
     producer: FutureProducer,
     kafka: MockKafka,
+}
+
+impl Cluster {
+    fn start() -> Arc<Cluster> {
+        let kafka = MockKafka::start(1).expect("mock kafka");
+        Arc::new(Cluster { producer: raw::producer(&kafka.bootstrap_servers()), kafka })
+    }
+}
+
+/// What the cases share: a mock cluster (the one current, and the cases started on it), a
+/// database.
+struct Shared {
+    cluster: Mutex<(Arc<Cluster>, u64)>,
     client: Client,
     db: TestDb,
+}
+
+impl Shared {
+    /// The cluster for a case to run on: a new one every [`CASES_PER_CLUSTER`] cases. The last
+    /// case done with a cluster drops it.
+    fn cluster(&self) -> Arc<Cluster> {
+        let mut current = self.cluster.lock().expect("the current cluster");
+        if current.1 == CASES_PER_CLUSTER {
+            *current = (Cluster::start(), 0);
+        }
+        current.1 += 1;
+        current.0.clone()
+    }
 }
 
 /// What the cases did, for the summary.
@@ -539,10 +570,11 @@ async fn run_case(shared: &Shared, scenario: &Scenario, tally: &Mutex<Tally>) ->
         tally.cases += 1;
         format!("acc_{}", tally.cases)
     };
-    let topic = support::new_topic(&shared.kafka, scenario.partitions);
+    let cluster = shared.cluster();
+    let topic = support::new_topic(&cluster.kafka, scenario.partitions);
     shared.client.batch_execute(&raw::accounts_table(&name)).await.expect("creating the case's table");
     let projections = vec![raw::accounts_named(&name, &topic, false)];
-    let mut settings = support::settings(&shared.kafka, &shared.db, scenario.max_events, true);
+    let mut settings = support::settings(&cluster.kafka, &shared.db, scenario.max_events, true);
     // Each engine joins a consumer group of its own: the mock cluster's coordinator can take a
     // second to let a member into a group another one just left. The checkpoints are the
     // engine's, in Postgres: an engine in a new group resumes where the last one stopped.
@@ -564,13 +596,13 @@ async fn run_case(shared: &Shared, scenario: &Scenario, tally: &Mutex<Tally>) ->
     let mut engine = start();
     let mut from = 0;
     for (to, pause) in &cuts {
-        landed.extend(publish(&shared.producer, &topic, &planned[from..*to]).await);
+        landed.extend(publish(&cluster.producer, &topic, &planned[from..*to]).await);
         from = *to;
         tokio::time::sleep(Duration::from_millis(*pause)).await;
         count(engine.stop().await);
         engine = start();
     }
-    landed.extend(publish(&shared.producer, &topic, &planned[from..]).await);
+    landed.extend(publish(&cluster.producer, &topic, &planned[from..]).await);
     let mut ends = BTreeMap::new();
     for (partition, offset) in &landed {
         let end = ends.entry(*partition).or_insert(0);
@@ -678,12 +710,10 @@ fn every_record_of_any_bytes_is_counted_once_and_the_valid_ones_fold() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let shared = runtime.block_on(async {
-        let kafka = MockKafka::start(1).expect("mock kafka");
-        let producer = raw::producer(&kafka.bootstrap_servers());
         let db = TestDb::create().await;
         projector::store::migrate(&db.url).await.expect("migrating the database");
         let client = db.client().await;
-        Shared { producer, kafka, client, db }
+        Shared { cluster: Mutex::new((Cluster::start(), 0)), client, db }
     });
     let tally = Mutex::new(Tally::default());
     let started = Instant::now();
@@ -734,9 +764,8 @@ fn every_record_of_any_bytes_is_counted_once_and_the_valid_ones_fold() {
         tally.counts.iter().map(|(outcome, count)| (outcome.as_str(), *count)).collect::<Vec<_>>(),
         tally.released
     );
-    let Shared { producer, kafka, client, db } = shared;
-    drop((producer, client));
-    drop(kafka);
+    let Shared { cluster, client, db } = shared;
+    drop((cluster, client));
     runtime.block_on(db.drop());
     // Without waiting for the lag samplers' Kafka clients that stopped engines left closing on
     // blocking threads, with no broker left to answer them.
