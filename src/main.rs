@@ -195,7 +195,11 @@ fn main() -> ExitCode {
     let _fail_points = fail::FailScenario::setup();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Blocking work still running (a lag sample waiting on a broker that is gone) must not hold
+    // the exit: `run` has already committed or rolled back everything, within its deadline.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(error) => {
             let mut message = format!("error: {error}");
