@@ -333,7 +333,7 @@ impl Databases {
 
 /// The engine's migrations, plus the bench's `note` column.
 async fn prepare_schema(url: &str) -> anyhow::Result<()> {
-    projector::store::migrate(url).await?;
+    projector::store::migrate_with(url, &projector::demo::example_projections()?).await?;
     connect(url).await?.batch_execute("ALTER TABLE order_summary ADD COLUMN IF NOT EXISTS note text").await?;
     Ok(())
 }

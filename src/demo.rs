@@ -23,15 +23,27 @@ const DEMO_DATABASE: &str = "projector_demo";
 /// The example projections, compiled from the copies embedded in the binary.
 pub fn example_projections() -> anyhow::Result<Vec<Projection>> {
     let files = [
-        ("projections/order_summary.toml", include_str!("../projections/order_summary.toml")),
-        ("projections/customer_totals.toml", include_str!("../projections/customer_totals.toml")),
+        (
+            "projections/order_summary.toml",
+            include_str!("../projections/order_summary.toml"),
+            "V1__create_order_summary",
+            include_str!("../projections/order_summary/migrations/V1__create_order_summary.sql"),
+        ),
+        (
+            "projections/customer_totals.toml",
+            include_str!("../projections/customer_totals.toml"),
+            "V1__create_customer_totals",
+            include_str!("../projections/customer_totals/migrations/V1__create_customer_totals.sql"),
+        ),
     ];
     files
         .iter()
-        .map(|(path, text)| {
-            compile_file(std::path::Path::new(path), text).map_err(|errors| {
+        .map(|(path, text, migration, sql)| {
+            let mut projection = compile_file(std::path::Path::new(path), text).map_err(|errors| {
                 anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
-            })
+            })?;
+            projection.migrations = vec![store::schema::parse(migration, sql).map_err(anyhow::Error::msg)?];
+            Ok(projection)
         })
         .collect()
 }

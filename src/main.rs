@@ -31,7 +31,7 @@ enum Command {
         #[arg(long)]
         database_url: Option<String>,
     },
-    /// Apply pending migrations and exit.
+    /// Apply pending migrations, the engine's and then each projection's (`<projections_dir>/NAME/migrations/`), and exit.
     Migrate,
     /// The embedded default: a mock Kafka cluster, the example shop events, the example projections.
     Demo,
@@ -213,7 +213,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            // Invalid settings, like invalid definitions: exit code 2 (README, Exit codes).
+            eprintln!("{}", redact_text(&format!("error: {error}")));
+            return Ok(ExitCode::from(2));
+        }
+    };
     match cli.command {
         Command::Run => {
             let projections = match load_dir(&settings.projections_dir) {
@@ -253,12 +260,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let applied = projector::store::migrate(&settings.database.url).await?;
-            if applied.is_empty() {
+            let projections = match load_dir(&settings.projections_dir) {
+                Ok(projections) => projections,
+                Err(errors) => return Ok(report_definition_errors(&errors)),
+            };
+            let (applied, waiting) = projector::store::migrate_current(&settings.database.url, &projections).await?;
+            if applied.is_empty() && waiting.is_empty() {
                 println!("database is up to date");
             }
             for migration in applied {
                 println!("applied {migration}");
+            }
+            for projection in waiting {
+                println!(
+                    "{projection}: its definition changed; its new migrations wait for `projector rebuild {projection} --shadow` \
+                     (applied to the copies) or `projector accept {projection}` (applied in place)"
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -131,7 +131,13 @@ pub async fn run(
     if projection.name.len() > 40 {
         return Err(RebuildError::NameTooLong(projection.name.clone()));
     }
-    store::migrate(&settings.database.url).await?;
+    // The other projections' migrations apply in place. This one's too for a rebuild in place
+    // (it empties the tables anyway); a shadow or point-in-time build applies them all to its
+    // copies instead, and the live tables change only at the swap.
+    let rebuilt_in_place = !args.shadow && args.until.is_none() && args.until_offsets.is_none();
+    let migrated: Vec<Projection> =
+        projections.iter().filter(|other| rebuilt_in_place || other.name != projection.name).cloned().collect();
+    store::migrate_with(&settings.database.url, &migrated).await?;
     let client = store::connect_client(&settings.database.url).await?;
 
     let watermarks = watermarks(settings, &projection.topics).await?;
@@ -269,7 +275,7 @@ async fn start_or_resume_copy(
         target_offsets: &targets,
     };
     let mut own = store::connect_client(url).await?;
-    sql::start_copy(&mut own, tables, schema, &start).await?;
+    sql::start_copy(&mut own, tables, schema, &start, &projection.migrations).await?;
     Ok((false, starts, targets))
 }
 
@@ -327,6 +333,7 @@ async fn shadow(
         retired_schema: &retired,
         checks: &projection.rebuild.checks,
         min_row_ratio: args.min_row_ratio.or(projection.rebuild.min_row_ratio),
+        history: &store::schema::history_table(&projection.name),
     };
     let mut own = store::connect_client(&settings.database.url).await?;
     let tx = own.transaction().await.map_err(|error| StoreError::postgres(&error))?;
@@ -751,7 +758,11 @@ pub async fn accept_data_loss(
 }
 
 /// `projector accept NAME`: keep the rows, apply the current definition from here on.
+/// Its migrations not yet applied (held while the definition waited) are applied first, in place.
 pub async fn accept(settings: &Settings, projection: &Projection) -> Result<u64, RebuildError> {
+    for migration in store::migrate_with(&settings.database.url, std::slice::from_ref(projection)).await? {
+        tracing::info!(%migration, "migration applied");
+    }
     let client = store::connect_client(&settings.database.url).await?;
     Ok(checkpoint::accept_definition(&client, &projection.name, &projection.hash).await?)
 }

@@ -93,6 +93,8 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         handlers,
         hash: String::new(),
         rebuild: rebuild_checks,
+        migrations_dir: crate::store::schema::dir_of(path),
+        migrations: Vec::new(),
         fields: Fields::default(),
         envelope_slots: [None; 5],
     };
@@ -284,15 +286,19 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Projection>, Vec<DefinitionError>> {
             }
         };
         match compile_file(&path, &text) {
-            Ok(projection) => match defined_in.get(&projection.name) {
+            Ok(mut projection) => match defined_in.get(&projection.name) {
                 Some(first) => errors.push(at_start(
                     &path,
                     format!("projection `{}` is already defined in `{}`", projection.name, first.display()),
                 )),
-                None => {
-                    defined_in.insert(projection.name.clone(), path);
-                    projections.push(projection);
-                }
+                None => match crate::store::schema::read_dir(&projection.migrations_dir) {
+                    Ok(migrations) => {
+                        projection.migrations = migrations;
+                        defined_in.insert(projection.name.clone(), path);
+                        projections.push(projection);
+                    }
+                    Err((file, message)) => errors.push(at_start(&file, message)),
+                },
             },
             Err(file_errors) => errors.extend(file_errors),
         }

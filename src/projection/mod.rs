@@ -41,6 +41,11 @@ pub struct Projection {
     pub hash: String,
     /// Checks a shadow rebuild must pass before the swap (`[rebuild]`); not part of the hash.
     pub rebuild: RebuildChecks,
+    /// Where its read model's migrations live ([`crate::store::schema::dir_of`]).
+    pub migrations_dir: PathBuf,
+    /// Its read model's migrations, in version order (read by [`load_dir`]; none from
+    /// [`compile_file`] alone); not part of the hash.
+    pub migrations: Vec<refinery::Migration>,
     /// Every JSON path the envelope and the statements read: what decoding looks for.
     pub fields: fields::Fields,
     /// The slots of the envelope's fields read from the JSON value: type, id, key, version,

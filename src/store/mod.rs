@@ -7,6 +7,7 @@ pub mod error;
 pub mod fast;
 pub mod parked;
 pub mod rebuild;
+pub mod schema;
 pub mod stored;
 pub mod tls;
 
@@ -81,9 +82,17 @@ pub async fn connect_with_search_path(url: &str, size: usize, search_path: Optio
     Ok(pool)
 }
 
-/// Applies the migrations in `migrations/` that this database has not seen yet, each exactly
-/// once, under an advisory lock so that instances starting together do not race.
+/// Applies the engine's own migrations (`migrations/`, embedded: schema `projector`) that this
+/// database has not seen yet, each exactly once, under an advisory lock so that instances
+/// starting together do not race.
 pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
+    migrate_with(url, &[]).await
+}
+
+/// [`migrate`], then the read models' migrations of each projection ([`schema`]), under the same
+/// lock. Returns what was applied: the engine's as `V<n>__<name>`, the projections' as
+/// `<projection>: V<n>__<name>`.
+pub async fn migrate_with(url: &str, projections: &[crate::projection::Projection]) -> Result<Vec<String>, StoreError> {
     let tls::Target { config, tls, .. } = tls::target(url)?;
     let (mut client, connection) = config.connect(tls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
     let driver = tokio::spawn(connection);
@@ -92,12 +101,68 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
         .await
         .map_err(|error| StoreError::Migrate(describe(&error)))?;
-    let result = embedded::migrations::runner().run_async(&mut client).await;
+    let result = migrate_locked(&mut client, projections).await;
     let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await;
     drop(client);
     let _ = driver.await;
-    let report = result.map_err(|error| StoreError::Migrate(error.to_string()))?;
-    Ok(report.applied_migrations().iter().map(|migration| migration.to_string()).collect())
+    result
+}
+
+/// [`migrate`], then the migrations of each of `projections` whose read model its current
+/// definition built (or that has none yet). A projection whose checkpoints another definition of
+/// it wrote waits for a rebuild or `projector accept` (the worker's definition gate), and so do
+/// its migrations: the live tables keep serving the old definition meanwhile (a shadow rebuild
+/// applies them to its copies; `accept` in place). Returns the migrations applied and the
+/// projections whose migrations wait.
+pub async fn migrate_current(
+    url: &str,
+    projections: &[crate::projection::Projection],
+) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    let mut applied = migrate(url).await?;
+    let client = connect_client(url).await?;
+    let (mut current, mut waiting) = (Vec::new(), Vec::new());
+    for projection in projections {
+        let hashes = checkpoint::adopt_legacy_hash(&client, projection).await?;
+        if hashes.iter().all(|hash| *hash == projection.hash) {
+            current.push(projection.clone());
+        } else if !projection.migrations.is_empty() {
+            waiting.push(projection.name.clone());
+        }
+    }
+    applied.extend(migrate_with(url, &current).await?);
+    Ok((applied, waiting))
+}
+
+/// What [`migrate_with`] does once it holds the lock.
+async fn migrate_locked(
+    client: &mut tokio_postgres::Client,
+    projections: &[crate::projection::Projection],
+) -> Result<Vec<String>, StoreError> {
+    forget_shop_migration(client).await.map_err(|error| StoreError::Migrate(describe(&error)))?;
+    let report = embedded::migrations::runner()
+        .run_async(client)
+        .await
+        .map_err(|error| StoreError::Migrate(error.to_string()))?;
+    let mut applied: Vec<String> = report.applied_migrations().iter().map(|migration| migration.to_string()).collect();
+    applied.extend(schema::apply(client, projections).await?);
+    Ok(applied)
+}
+
+/// The engine's migration `V2__shop_read_models` created the example shop's tables in every
+/// database; they now come with the example projections (`projections/*/migrations`, whose first
+/// migrations create them only if they do not exist). A database migrated before keeps its tables
+/// and their rows; the engine's history forgets V2, which it no longer has.
+async fn forget_shop_migration(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let history = client.query_one("SELECT to_regclass('refinery_schema_history') IS NOT NULL", &[]).await?;
+    if history.get(0) {
+        let forgotten = client
+            .execute("DELETE FROM refinery_schema_history WHERE version = 2 AND name = 'shop_read_models'", &[])
+            .await?;
+        if forgotten > 0 {
+            tracing::info!("the engine's migration V2__shop_read_models is forgotten: the tables it made (order_summary, customer_totals) are kept, and now belong to the example projections' own migrations");
+        }
+    }
+    Ok(())
 }
 
 /// Prepares every statement of every projection against the live schema; returns one message per

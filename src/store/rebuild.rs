@@ -207,23 +207,47 @@ pub async fn schema_of(client: &impl GenericClient, table: &str) -> Result<Optio
     }
 }
 
-/// Creates `schema` afresh with an empty copy of each table (`LIKE … INCLUDING ALL`: columns,
-/// defaults, constraints, indexes, identity, comments) and the same grants, and starts the build.
+/// The table in a build's schema that records the migrations its tables were built by (refinery's
+/// layout, as the projection's history table `projector.migrations_<name>`).
+pub const BUILD_HISTORY: &str = "projector_migrations";
+
+/// Creates `schema` afresh with an empty table for each of `tables`, with the live tables' grants,
+/// and starts the build. A projection with migrations (`declared`) gets its tables from them, all
+/// applied in `schema` (first in `search_path`), and their history in [`BUILD_HISTORY`]: the
+/// declared schema, which may differ from the live one (columns added, dropped or changed;
+/// indexes). One without gets copies of the live tables (`LIKE … INCLUDING ALL`: columns,
+/// defaults, constraints, indexes, identity, comments).
 pub async fn start_copy(
     client: &mut Client,
     tables: &[(String, String)],
     schema: &str,
     start: &BuildStart<'_>,
+    declared: &[refinery::Migration],
 ) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(postgres)?;
     lock_checkpoints(&tx, &[start.target]).await?;
     tx.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
         .await
         .map_err(postgres)?;
+    if !declared.is_empty() {
+        build_declared(&tx, schema, start.projection, declared).await?;
+    }
     for (live_schema, table) in tables {
-        tx.batch_execute(&format!("CREATE TABLE {schema}.{table} (LIKE {live_schema}.{table} INCLUDING ALL)"))
+        if declared.is_empty() {
+            tx.batch_execute(&format!("CREATE TABLE {schema}.{table} (LIKE {live_schema}.{table} INCLUDING ALL)"))
+                .await
+                .map_err(postgres)?;
+        } else if tx
+            .query_one("SELECT to_regclass($1) IS NULL", &[&format!("{schema}.{table}")])
             .await
-            .map_err(postgres)?;
+            .map_err(postgres)?
+            .get(0)
+        {
+            return Err(StoreError::Migrate(format!(
+                "the migrations of `{}` do not create `{table}`, a table its statements write",
+                start.projection
+            )));
+        }
         let grants = tx
             .query(
                 "SELECT format('GRANT %s ON TABLE %I.%I TO %s', a.privilege_type, $2::text, $3::text,
@@ -240,6 +264,44 @@ pub async fn start_copy(
     }
     reset_engine_rows(&tx, start).await?;
     tx.commit().await.map_err(postgres)
+}
+
+/// Applies every one of `declared` in `schema`, in order, and records them in its
+/// [`BUILD_HISTORY`].
+async fn build_declared(
+    tx: &Transaction<'_>,
+    schema: &str,
+    projection: &str,
+    declared: &[refinery::Migration],
+) -> Result<(), StoreError> {
+    let current: String = tx.query_one("SELECT current_setting('search_path')", &[]).await.map_err(postgres)?.get(0);
+    tx.batch_execute(&format!("SET LOCAL search_path = {schema}, {current}")).await.map_err(postgres)?;
+    for migration in declared {
+        tx.batch_execute(migration.sql().unwrap_or_default()).await.map_err(|error| {
+            StoreError::Migrate(format!(
+                "migration {migration} of `{projection}`, applied in the build's schema `{schema}`: {}",
+                describe(&error)
+            ))
+        })?;
+    }
+    tx.batch_execute(&format!("SET LOCAL search_path = {current}")).await.map_err(postgres)?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE {schema}.{BUILD_HISTORY} (version INT4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255), checksum VARCHAR(255))"
+    ))
+    .await
+    .map_err(postgres)?;
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    for migration in declared {
+        tx.execute(
+            &format!(
+                "INSERT INTO {schema}.{BUILD_HISTORY} (version, name, applied_on, checksum) VALUES ($1, $2, $3, $4)"
+            ),
+            &[&migration.version(), &migration.name(), &now, &migration.checksum().to_string()],
+        )
+        .await
+        .map_err(postgres)?;
+    }
+    Ok(())
 }
 
 /// Why a swap did not happen; the live tables are untouched in every case.
@@ -261,6 +323,9 @@ pub struct Swap<'a> {
     pub retired_schema: &'a str,
     pub checks: &'a [String],
     pub min_row_ratio: Option<f64>,
+    /// The projection's migration history table (`projector.migrations_<name>`): a shadow built
+    /// by the projection's migrations hands its [`BUILD_HISTORY`] over to it.
+    pub history: &'a str,
 }
 
 /// In ONE transaction: lock, check, move the live tables to `retired_schema` and the shadow tables
@@ -313,6 +378,28 @@ pub async fn swap(tx: Transaction<'_>, swap: &Swap<'_>) -> Result<Vec<String>, S
         ))
         .await
         .map_err(postgres)?;
+    }
+    let built_by_migrations: bool = tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{}.{BUILD_HISTORY}", swap.shadow_schema)])
+        .await
+        .map_err(postgres)?
+        .get(0);
+    if built_by_migrations {
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {history} (version INT4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255), checksum VARCHAR(255));
+             DELETE FROM {history};
+             INSERT INTO {history} (version, name, applied_on, checksum)
+                  SELECT version, name, applied_on, checksum FROM {shadow}.{BUILD_HISTORY};
+             DROP TABLE {shadow}.{BUILD_HISTORY}",
+            history = swap.history,
+            shadow = swap.shadow_schema
+        ))
+        .await
+        .map_err(postgres)?;
+        report.push(format!(
+            "the tables were built by the projection's migrations; their history is in {}",
+            swap.history
+        ));
     }
     let retired_label = format!("{}~{}", swap.projection, swap.retired_schema);
     tx.execute(

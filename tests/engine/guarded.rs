@@ -57,7 +57,7 @@ fn counts(report: &BatchReport) -> (u64, u64, u64) {
 #[tokio::test]
 async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
     let db = TestDb::create().await;
-    projector::store::migrate(&db.url).await.expect("migrations");
+    projector::store::migrate_with(&db.url, &support::example_projections(TOPIC)).await.expect("migrations");
     let pool = projector::store::connect(&db.url, 2).await.expect("pool");
     let projection = support::example_projection(TOPIC, "order_summary").remove(0);
     let (a, b, c) = (
@@ -140,7 +140,7 @@ sql = "UPDATE {table} SET p3 = p3 || '+' || :data.carrier, version = :version WH
 #[tokio::test]
 async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
     let db = TestDb::create().await;
-    projector::store::migrate(&db.url).await.expect("migrations");
+    projector::store::migrate_with(&db.url, &support::example_projections(TOPIC)).await.expect("migrations");
     let pool = projector::store::connect(&db.url, 2).await.expect("pool");
     let client = db.client().await;
     // `pcols`, and a table called like the rows the set-based statements read.

@@ -711,7 +711,12 @@ fn every_record_of_any_bytes_is_counted_once_and_the_valid_ones_fold() {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let shared = runtime.block_on(async {
         let db = TestDb::create().await;
-        projector::store::migrate(&db.url).await.expect("migrating the database");
+        projector::store::migrate_with(
+            &db.url,
+            &projector::demo::example_projections().expect("the example projections"),
+        )
+        .await
+        .expect("migrating the database");
         let client = db.client().await;
         Shared { cluster: Mutex::new((Cluster::start(), 0)), client, db }
     });

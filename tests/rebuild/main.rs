@@ -659,3 +659,274 @@ async fn a_swap_whose_shadow_cannot_catch_up_gives_up_in_time_and_the_live_proje
     drop(client);
     db.drop().await;
 }
+
+/// Accounts, as first deployed: `branch` kept, `balance` an integer.
+const ACCOUNTS_V1: &str = r#"topics = ["TOPIC"]
+
+[table]
+name = "accounts"
+key = "account_id"
+
+[on.AccountOpened]
+insert = { owner = ":data.owner", branch = ":data.branch", balance = "0" }
+
+[on.MoneyDeposited]
+update = { balance = "balance + :data.amount" }
+"#;
+
+/// Accounts, changed: `branch` dropped, `deposits` added, `balance` numeric with cents.
+const ACCOUNTS_V2: &str = r#"topics = ["TOPIC"]
+
+[table]
+name = "accounts"
+key = "account_id"
+
+[on.AccountOpened]
+insert = { owner = ":data.owner", balance = "0" }
+
+[on.MoneyDeposited]
+update = { balance = "balance + :data.amount", deposits = "deposits + 1" }
+"#;
+
+const ACCOUNTS_MIGRATION_1: &str = "CREATE TABLE accounts (
+    account_id text PRIMARY KEY, owner text NOT NULL, branch text NOT NULL, balance integer NOT NULL, version bigint NOT NULL
+);";
+
+const ACCOUNTS_MIGRATION_2: &str = "ALTER TABLE accounts DROP COLUMN branch;
+ALTER TABLE accounts ADD COLUMN deposits bigint NOT NULL DEFAULT 0;
+ALTER TABLE accounts ALTER COLUMN balance TYPE numeric(14,2);
+CREATE INDEX accounts_by_owner ON accounts (owner);";
+
+fn accounts(topic: &str, text: &str, migrations: &[(&str, &str)]) -> Projection {
+    let mut projection =
+        projector::projection::compile_file(std::path::Path::new("accounts.toml"), &text.replace("TOPIC", topic))
+            .expect("the accounts projection compiles");
+    projection.migrations =
+        migrations.iter().map(|(name, sql)| projector::store::schema::parse(name, sql).expect("a migration")).collect();
+    projection
+}
+
+/// `count` events of each account of `range`, from version `from_version` (1: opened; then
+/// deposits of `i + 1` for account `i`, or `i + 1.25` with `cents`), round-robin over accounts.
+fn account_events(
+    range: std::ops::Range<usize>,
+    count: i64,
+    from_version: i64,
+    cents: bool,
+) -> Vec<projector::demo::ShopEvent> {
+    let mut events = Vec::new();
+    for round in 0..count {
+        for i in range.clone() {
+            let key = format!("acc-{i:03}");
+            let version = from_version + round;
+            if version == 1 {
+                events.push(projector::demo::shop_event(
+                    &key,
+                    1,
+                    "AccountOpened",
+                    serde_json::json!({"owner": format!("owner-{}", i % 7), "branch": "north"}),
+                ));
+            } else {
+                let amount = if cents { serde_json::json!(format!("{}.25", i + 1)) } else { serde_json::json!(i + 1) };
+                events.push(projector::demo::shop_event(
+                    &key,
+                    version,
+                    "MoneyDeposited",
+                    serde_json::json!({"amount": amount}),
+                ));
+            }
+        }
+    }
+    events
+}
+
+/// The accounts projection as first deployed (V1) and changed (V1, V2).
+fn accounts_before_and_after(topic: &str) -> (Projection, Projection) {
+    let first = ("V1__create_accounts", ACCOUNTS_MIGRATION_1);
+    (
+        accounts(topic, ACCOUNTS_V1, &[first]),
+        accounts(topic, ACCOUNTS_V2, &[first, ("V2__cents_and_deposits", ACCOUNTS_MIGRATION_2)]),
+    )
+}
+
+/// Publishes `events`, and returns an engine running `v1` once it has applied them.
+async fn run_first_definition(
+    settings: &Settings,
+    topic: &str,
+    v1: &Projection,
+    events: Vec<projector::demo::ShopEvent>,
+) -> Engine {
+    projector::demo::publish(&settings.kafka.bootstrap_servers, topic, &events).await.expect("publishing");
+    let engine = Engine::start(settings, std::slice::from_ref(v1));
+    support::wait_caught_up(settings, std::slice::from_ref(v1)).await;
+    engine
+}
+
+async fn columns_of(client: &tokio_postgres::Client, table: &str) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+              WHERE table_name = $1 AND table_schema = current_schema() ORDER BY column_name",
+            &[&table],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_ships_by_shadow_rebuild_under_live_traffic_without_readers_seeing_it_half_done() {
+    let Setup { _kafka, topic, db, settings, .. } = setup(3, 20).await;
+    let (v1, v2) = accounts_before_and_after(&topic);
+    // 60 accounts opened with 3 deposits each, under the first definition.
+    let client = db.client().await;
+    let old_engine = run_first_definition(&settings, &topic, &v1, account_events(0..60, 4, 1, false)).await;
+    let before = columns_of(&client, "accounts").await;
+    assert!(
+        before.contains(&("branch".into(), "text".into())) && before.contains(&("balance".into(), "integer".into()))
+    );
+
+    // A reader polls the live table through the whole change: never missing, never empty or
+    // partial, never going back, and its columns either all old or all new.
+    let stop_reader = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop_reader.clone();
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let client = support::connect(&url).await;
+            let (mut last, mut reads, mut shapes) = ((0i64, 0i64), 0u64, Vec::<Vec<(String, String)>>::new());
+            while !stop.load(Ordering::SeqCst) {
+                let row = client
+                    .query_one("SELECT count(*), coalesce(sum(version), 0)::int8 FROM accounts", &[])
+                    .await
+                    .expect("the live table is always there");
+                let now: (i64, i64) = (row.get(0), row.get(1));
+                assert!(now.0 >= 60 && now.0 >= last.0 && now.1 >= last.1, "reader saw {last:?} then {now:?}");
+                let shape = columns_of(&client, "accounts").await;
+                if shapes.last() != Some(&shape) {
+                    shapes.push(shape);
+                }
+                last = now;
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (reads, shapes)
+        })
+    };
+    // Live traffic all along: deposits 4 to 6 of the first 60 accounts, 20 new accounts.
+    let producer = {
+        let (bootstrap, topic) = (settings.kafka.bootstrap_servers.clone(), topic.clone());
+        tokio::spawn(async move {
+            let mut more = account_events(0..60, 3, 5, false);
+            more.extend(account_events(60..80, 3, 1, false));
+            for chunk in more.chunks(10) {
+                projector::demo::publish(&bootstrap, &topic, chunk).await.expect("publishing");
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            more.len()
+        })
+    };
+
+    let report = rebuild(&settings, std::slice::from_ref(&v2), RebuildArgs { shadow: true, ..args("accounts") })
+        .await
+        .expect("shadow rebuild with the new schema");
+    assert!(
+        report.notes.iter().any(|note| note.contains("built by the projection's migrations")),
+        "{:?}",
+        report.notes
+    );
+    producer.await.expect("producer");
+    // The old definition's engine no longer writes (its checkpoints are the new definition's);
+    // the new one's starts, applies nothing in place (V1 would fail a second time), and goes on.
+    let old_metrics = old_engine.stop().await;
+    let new_engine = Engine::start(&settings, std::slice::from_ref(&v2));
+    let mut last = account_events(0..60, 1, 8, true);
+    last.extend(account_events(60..80, 1, 4, true));
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &last).await.expect("publishing");
+    support::wait_caught_up(&settings, std::slice::from_ref(&v2)).await;
+    stop_reader.store(true, Ordering::SeqCst);
+    let (reads, shapes) = reader.await.expect("the reader never saw a missing, partial or older table");
+    assert!(reads > 20, "the reader polled throughout ({reads} reads)");
+    let after = vec![
+        ("account_id".to_string(), "text".to_string()),
+        ("balance".into(), "numeric".into()),
+        ("deposits".into(), "bigint".into()),
+        ("owner".into(), "text".into()),
+        ("version".into(), "bigint".into()),
+    ];
+    assert_eq!(shapes, [before, after], "the reader saw the old columns, then the new ones, nothing between");
+    let index: bool =
+        client.query_one("SELECT to_regclass('accounts_by_owner') IS NOT NULL", &[]).await.expect("index").get(0);
+    assert!(index, "the new index came with the swap");
+    let history: Vec<i32> = client
+        .query("SELECT version FROM projector.migrations_accounts ORDER BY version", &[])
+        .await
+        .expect("history")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(history, [1, 2]);
+
+    // The fold: accounts 0..60 have 6 integer deposits, then one with cents under the new
+    // definition; 60..80 have 2, then one with cents.
+    let rows = client
+        .query("SELECT account_id, balance::text, deposits, version FROM accounts ORDER BY account_id", &[])
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 80);
+    for row in rows {
+        let account: String = row.get(0);
+        let i: i64 = account[4..].parse().expect("account number");
+        let integer_deposits = if i < 60 { 6 } else { 2 };
+        let balance = format!("{}.25", (i + 1) * (integer_deposits + 1));
+        let expected = (balance, integer_deposits + 1, integer_deposits + 2);
+        assert_eq!((row.get::<_, String>(1), row.get::<_, i64>(2), row.get::<_, i64>(3)), expected, "{account}");
+    }
+    let parked = support::outcomes(&new_engine.stop().await, "accounts");
+    assert_eq!(parked.iter().find(|(outcome, _)| *outcome == "parked").map(|(_, n)| *n), Some(0));
+    let old_parked = support::outcomes(&old_metrics, "accounts");
+    assert_eq!(old_parked.iter().find(|(outcome, _)| *outcome == "parked").map(|(_, n)| *n), Some(0));
+    drop(client);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_definitions_migrations_wait_for_its_rebuild_or_accept() {
+    let Setup { _kafka, topic, db, settings, .. } = setup(2, 20).await;
+    let (v1, v2) = accounts_before_and_after(&topic);
+    let client = db.client().await;
+    run_first_definition(&settings, &topic, &v1, account_events(0..10, 2, 1, false)).await.stop().await;
+    let old = columns_of(&client, "accounts").await;
+
+    // The new definition's engine starts; the projection waits, and so do its migrations: the
+    // live table keeps the columns the old definition's rows were written with.
+    let engine = Engine::start(&settings, std::slice::from_ref(&v2));
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &account_events(0..10, 1, 3, true))
+        .await
+        .expect("publishing");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(columns_of(&client, "accounts").await, old, "V2 waits");
+    let versions: i64 = client.query_one("SELECT sum(version)::int8 FROM accounts", &[]).await.expect("sum").get(0);
+    assert_eq!(versions, 20, "nothing applied by the waiting definition");
+
+    // `projector accept`: V2 applied in place, then the new definition runs on the kept rows.
+    projector::rebuild::accept(&settings, &v2).await.expect("accept");
+    assert!(columns_of(&client, "accounts").await.iter().any(|(column, _)| column == "deposits"));
+    support::wait_caught_up(&settings, std::slice::from_ref(&v2)).await;
+    let rows = client
+        .query("SELECT account_id, balance::text, deposits, version FROM accounts ORDER BY account_id", &[])
+        .await
+        .expect("rows");
+    for row in rows {
+        let account: String = row.get(0);
+        let i: i64 = account[4..].parse().expect("account number");
+        // One integer deposit under the old definition (not counted in `deposits`), one with cents.
+        let expected = (format!("{}.25", 2 * (i + 1)), 1, 3);
+        assert_eq!((row.get::<_, String>(1), row.get::<_, i64>(2), row.get::<_, i64>(3)), expected, "{account}");
+    }
+    engine.stop().await;
+    drop(client);
+    db.drop().await;
+}
