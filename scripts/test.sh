@@ -51,6 +51,12 @@ fi
 step "cargo test --release $*"
 cargo test --release "$@"
 
+# The example projections' fixtures (README: Testing a projection), through the binary.
+if [ $# -eq 0 ]; then
+    step "projector test: the example projections' fixtures"
+    cargo run --release --quiet -- test
+fi
+
 # The benchmark harness on a tiny workload, to keep it working (its numbers mean nothing here); it
 # fails when a read model it built is wrong. Skipped when arguments select particular tests.
 if [ $# -eq 0 ]; then

@@ -28,4 +28,5 @@ pub mod rebuild;
 pub mod settings;
 pub mod status;
 pub mod store;
+pub mod testing;
 pub mod worker;
