@@ -1,11 +1,12 @@
 //! Wiring only: connect, migrate, check the projections against the schema, run one worker per
 //! projection until shutdown, drain.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::lag::Mode;
 use crate::metrics::Metrics;
@@ -39,6 +40,22 @@ pub async fn run(
     projections: Vec<Projection>,
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
+    let (_keep, reloads) = mpsc::channel(1);
+    run_reloading(settings, projections, metrics, shutdown, reloads).await
+}
+
+/// [`run`], reloading the projections from `settings.projections_dir` at each message on
+/// `reloads` (SIGHUP): new definitions start (their migrations applied first), removed ones stop
+/// after committing their batch in flight, changed ones are restarted under the definition gate
+/// (refused until rebuilt or accepted); when a definition is invalid nothing changes and each
+/// error is logged with file and line, the running projections going on.
+pub async fn run_reloading(
+    settings: &Settings,
+    projections: Vec<Projection>,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), AppError> {
     if projections.is_empty() {
         return Err(AppError::NoProjections(settings.projections_dir.display().to_string()));
@@ -75,52 +92,67 @@ pub async fn run(
     let _observability =
         crate::http::Observability::start(settings, &projections, own_pool, metrics.clone(), Mode::Live).await;
 
-    let (stop, stopped) = watch::channel(false);
-    let mut workers = tokio::task::JoinSet::new();
-    let mut names = std::collections::HashMap::new();
-    let all: Vec<String> = projections.iter().map(|projection| projection.name.clone()).collect();
+    let mut workers = Workers::default();
+    let mut all: Vec<String> = projections.iter().map(|projection| projection.name.clone()).collect();
     for projection in projections {
-        let projection = Arc::new(projection);
-        tracing::info!(projection = %projection.name, topics = ?projection.topics, "projection starting");
-        let (pool, settings, metrics, stopped) = (pool.clone(), settings.clone(), metrics.clone(), stopped.clone());
-        let name = projection.name.clone();
-        let task = workers.spawn(async move { worker::run(projection, pool, &settings, metrics, stopped).await });
-        names.insert(task.id(), name);
+        workers.start(projection, &pool, settings, &metrics);
     }
 
     // A projection that fails for good stops the engine: the others commit their batches in
     // flight, and the process exits non-zero so that the operator (or the orchestrator) sees it.
     let mut failures = Vec::new();
     tokio::pin!(shutdown);
-    // Until the shutdown signal, or the first worker to end (which only a failure does).
-    tokio::select! {
-        _ = &mut shutdown => {}
-        finished = workers.join_next_with_id() => match finished {
-            None => {}
-            Some(Ok((id, Ok(())))) => {
-                // A worker ends by itself only at shutdown: one that ended before is a
-                // projection no longer running, so the engine stops rather than look healthy.
-                let name = names.remove(&id).unwrap_or_default();
-                metrics.set_state(&name, "failed");
-                tracing::error!(projection = %name, "projection worker ended unexpectedly: stopping the engine");
-                failures.push(format!("the worker of `{name}` ended unexpectedly"));
-            }
-            Some(Ok((id, Err(error)))) => {
-                names.remove(&id);
-                tracing::error!(%error, "projection failed: stopping the engine");
-                failures.push(error.to_string());
-            }
-            Some(Err(panic)) => {
-                if let Some(name) = names.remove(&panic.id()) {
-                    metrics.set_state(&name, "failed");
+    // Until the shutdown signal, or the first worker to end (which only a failure does, or a
+    // reload that stopped it).
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reloads.recv() => {
+                let running = reload(settings, &pool, &metrics, &mut workers).await;
+                if let Some(running) = running {
+                    _observability.set_projections(&running);
+                    for projection in running {
+                        if !all.contains(&projection.name) {
+                            all.push(projection.name);
+                        }
+                    }
                 }
-                tracing::error!(%panic, "projection worker panicked: stopping the engine");
-                failures.push(format!("worker panicked: {panic}"));
             }
-        },
+            finished = workers.set.join_next_with_id(), if !workers.set.is_empty() => match finished {
+                None => {}
+                Some(Ok((id, Ok(())))) if workers.retiring.remove(&id) => {
+                    let name = workers.names.remove(&id).unwrap_or_default();
+                    tracing::info!(projection = %name, "projection stopped (reload)");
+                }
+                Some(Ok((id, Ok(())))) => {
+                    // A worker ends by itself only at shutdown: one that ended before is a
+                    // projection no longer running, so the engine stops rather than look healthy.
+                    let name = workers.names.remove(&id).unwrap_or_default();
+                    metrics.set_state(&name, "failed");
+                    tracing::error!(projection = %name, "projection worker ended unexpectedly: stopping the engine");
+                    failures.push(format!("the worker of `{name}` ended unexpectedly"));
+                    break;
+                }
+                Some(Ok((id, Err(error)))) => {
+                    workers.names.remove(&id);
+                    tracing::error!(%error, "projection failed: stopping the engine");
+                    failures.push(error.to_string());
+                    break;
+                }
+                Some(Err(panic)) => {
+                    if let Some(name) = workers.names.remove(&panic.id()) {
+                        metrics.set_state(&name, "failed");
+                    }
+                    tracing::error!(%panic, "projection worker panicked: stopping the engine");
+                    failures.push(format!("worker panicked: {panic}"));
+                    break;
+                }
+            },
+        }
     }
     tracing::info!("shutting down: committing batches in flight");
-    let _ = stop.send(true);
+    workers.stop_all();
+    let Workers { set: mut workers, mut names, .. } = workers;
     // Each worker commits (or rolls back) its batches in flight and leaves its group, within the
     // deadline; past it, what is left is aborted: its transactions roll back, nothing is lost.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(settings.shutdown_timeout_secs);
@@ -162,4 +194,136 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The running workers: one task per projection, each with its own stop signal.
+#[derive(Default)]
+struct Workers {
+    set: tokio::task::JoinSet<Result<(), worker::WorkerError>>,
+    /// Task → projection.
+    names: HashMap<tokio::task::Id, String>,
+    /// Projection → its definition's hash, its stop signal and its task.
+    running: HashMap<String, (String, watch::Sender<bool>, tokio::task::Id)>,
+    /// Tasks a reload asked to stop: their end is no failure.
+    retiring: HashSet<tokio::task::Id>,
+}
+
+impl Workers {
+    fn start(
+        &mut self,
+        projection: Projection,
+        pool: &deadpool_postgres::Pool,
+        settings: &Settings,
+        metrics: &Metrics,
+    ) {
+        tracing::info!(projection = %projection.name, topics = ?projection.topics, "projection starting");
+        let (stop, stopped) = watch::channel(false);
+        let (name, hash) = (projection.name.clone(), projection.hash.clone());
+        let (projection, pool, settings, metrics) =
+            (Arc::new(projection), pool.clone(), settings.clone(), metrics.clone());
+        let task = self.set.spawn(async move { worker::run(projection, pool, &settings, metrics, stopped).await });
+        self.names.insert(task.id(), name.clone());
+        self.running.insert(name, (hash, stop, task.id()));
+    }
+
+    /// Asks `name`'s worker to stop after its batch in flight.
+    fn retire(&mut self, name: &str) {
+        if let Some((_, stop, id)) = self.running.remove(name) {
+            let _ = stop.send(true);
+            self.retiring.insert(id);
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (_, stop, _) in self.running.values() {
+            let _ = stop.send(true);
+        }
+    }
+}
+
+/// Reloads the projections folder: starts, stops and restarts workers to match it. Returns the
+/// projections running afterwards, or `None` when nothing changed (an invalid definition).
+async fn reload(
+    settings: &Settings,
+    pool: &deadpool_postgres::Pool,
+    metrics: &Metrics,
+    workers: &mut Workers,
+) -> Option<Vec<Projection>> {
+    tracing::info!(dir = %settings.projections_dir.display(), "reloading the projections (SIGHUP)");
+    let loaded = match crate::projection::load_dir(&settings.projections_dir) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            for error in &errors {
+                tracing::error!("reload: {error}");
+            }
+            tracing::error!(
+                errors = errors.len(),
+                "reload refused: the definitions do not load; the running projections go on unchanged"
+            );
+            return None;
+        }
+    };
+    let gone: Vec<String> = workers
+        .running
+        .keys()
+        .filter(|name| !loaded.iter().any(|projection| projection.name == **name))
+        .cloned()
+        .collect();
+    for name in gone {
+        tracing::info!(projection = %name, "reload: its definition is gone: stopping it after its batch in flight");
+        workers.retire(&name);
+    }
+    let fresh: Vec<Projection> = loaded
+        .iter()
+        .filter(|projection| workers.running.get(&projection.name).is_none_or(|(hash, _, _)| *hash != projection.hash))
+        .cloned()
+        .collect();
+    if fresh.is_empty() {
+        tracing::info!("reload: no definition changed");
+    } else {
+        // New and changed ones: migrations first (a changed one's wait for its rebuild), then
+        // their statements against the schema; one that does not fit is not started.
+        let waiting = match store::migrate_current(&settings.database.url, &fresh).await {
+            Ok((applied, waiting)) => {
+                for migration in applied {
+                    tracing::info!(%migration, "migration applied");
+                }
+                waiting
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload: migrations failed; the new and changed projections are not started");
+                return Some(running_projections(&loaded, workers));
+            }
+        };
+        let client = match pool.get().await {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::error!(%error, "reload: no database connection; the new and changed projections are not started");
+                return Some(running_projections(&loaded, workers));
+            }
+        };
+        for projection in fresh {
+            if !waiting.contains(&projection.name) {
+                let problems = store::check_statements(&client, std::slice::from_ref(&projection)).await;
+                if !problems.is_empty() {
+                    for problem in problems {
+                        tracing::error!("reload: {problem}");
+                    }
+                    tracing::error!(projection = %projection.name, "reload: not started: its statements do not fit the database");
+                    continue;
+                }
+            }
+            if workers.running.contains_key(&projection.name) {
+                tracing::info!(projection = %projection.name, "reload: its definition changed: restarting it");
+                workers.retire(&projection.name);
+            }
+            workers.start(projection, pool, settings, metrics);
+        }
+    }
+    Some(running_projections(&loaded, workers))
+}
+
+/// Those of `loaded` that have a worker.
+fn running_projections(loaded: &[Projection], workers: &Workers) -> Vec<Projection> {
+    loaded.iter().filter(|projection| workers.running.contains_key(&projection.name)).cloned().collect()
 }

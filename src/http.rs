@@ -31,7 +31,8 @@ const READY_STATES: [&str; 2] = ["running", "paused"];
 
 /// What `/health/ready` looks at.
 pub struct Health {
-    projections: Vec<String>,
+    /// The projections running now (a reload changes them).
+    projections: std::sync::RwLock<Vec<String>>,
     metrics: Metrics,
     pool: Pool,
     kafka: Arc<Mutex<KafkaReachability>>,
@@ -59,6 +60,8 @@ impl Health {
         let kafka = self.kafka.lock().expect("not poisoned").check(self.kafka_max_age);
         let projections: BTreeMap<String, String> = self
             .projections
+            .read()
+            .expect("not poisoned")
             .iter()
             .map(|name| (name.clone(), self.metrics.current_state(name).unwrap_or("starting").to_string()))
             .collect();
@@ -116,6 +119,9 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response {
 /// The HTTP server and the lag sampler of one engine; both stop when this is dropped.
 pub struct Observability {
     pub health: Arc<Health>,
+    /// What the lag sampler measures.
+    targets: Arc<std::sync::RwLock<Vec<Target>>>,
+    metrics: Metrics,
     /// The address the HTTP server listens on (`None`: it could not bind, see the log).
     pub address: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -138,20 +144,22 @@ impl Observability {
         for projection in projections {
             metrics.register_projection(&projection.name, projection.handlers.keys().map(String::as_str));
         }
+        let metrics_for_reload = metrics.clone();
         let interval = Duration::from_millis(settings.http.lag_refresh_ms.max(1));
         let kafka = Arc::new(Mutex::new(KafkaReachability::default()));
         let health = Arc::new(Health {
-            projections: projections.iter().map(|p| p.name.clone()).collect(),
+            projections: std::sync::RwLock::new(projections.iter().map(|p| p.name.clone()).collect()),
             metrics: metrics.clone(),
             pool: pool.clone(),
             kafka: kafka.clone(),
             kafka_max_age: interval * 3 + Duration::from_secs(15),
         });
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let targets = Arc::new(std::sync::RwLock::new(Target::of(projections)));
         let sampler = lag::Sampler {
             settings: settings.kafka.clone(),
             pool,
-            targets: Target::of(projections),
+            targets: targets.clone(),
             mode,
             metrics: metrics.clone(),
             kafka,
@@ -176,7 +184,16 @@ impl Observability {
                 None
             }
         };
-        Observability { health, address, tasks, _stop: stop }
+        Observability { health, targets, metrics: metrics_for_reload, address, tasks, _stop: stop }
+    }
+
+    /// The projections running now, after a reload: readiness and lag follow them.
+    pub fn set_projections(&self, projections: &[Projection]) {
+        for projection in projections {
+            self.metrics.register_projection(&projection.name, projection.handlers.keys().map(String::as_str));
+        }
+        *self.health.projections.write().expect("not poisoned") = projections.iter().map(|p| p.name.clone()).collect();
+        *self.targets.write().expect("not poisoned") = Target::of(projections);
     }
 }
 

@@ -371,7 +371,8 @@ impl KafkaReachability {
 pub struct Sampler {
     pub settings: KafkaSettings,
     pub pool: Pool,
-    pub targets: Vec<Target>,
+    /// The projections to measure (a reload changes them).
+    pub targets: Arc<std::sync::RwLock<Vec<Target>>>,
     pub mode: Mode,
     pub metrics: Metrics,
     /// Updated after every attempt, for the readiness check.
@@ -391,7 +392,7 @@ impl Sampler {
 async fn run_sampler(
     settings: KafkaSettings,
     pool: Pool,
-    targets: Vec<Target>,
+    targets: Arc<std::sync::RwLock<Vec<Target>>>,
     mode: Mode,
     metrics: Metrics,
     kafka: Arc<std::sync::Mutex<KafkaReachability>>,
@@ -414,7 +415,8 @@ async fn run_sampler(
     };
     let mut warned = false;
     loop {
-        let (returned, measured) = measure(probe, &pool, &targets).await;
+        let current = targets.read().expect("not poisoned").clone();
+        let (returned, measured) = measure(probe, &pool, &current).await;
         probe = returned;
         match measured {
             Ok(projections) => {

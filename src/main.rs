@@ -252,7 +252,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(projections) => projections,
                 Err(errors) => return Ok(report_definition_errors(&errors)),
             };
-            projector::app::run(&settings, projections, Metrics::new(), shutdown_signal()).await?;
+            // SIGHUP reloads the projections folder.
+            let (reload, reloads) = tokio::sync::mpsc::channel(1);
+            let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    let _ = reload.try_send(());
+                }
+            });
+            projector::app::run_reloading(&settings, projections, Metrics::new(), shutdown_signal(), reloads).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { dir, database_url } => {
