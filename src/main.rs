@@ -269,6 +269,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(projections) => projections,
                 Err(errors) => return Ok(report_definition_errors(&errors)),
             };
+            let fixture_errors: Vec<String> = projections
+                .iter()
+                .filter_map(|projection| projector::testing::load_fixtures(projection).err())
+                .collect();
+            if !fixture_errors.is_empty() {
+                for error in &fixture_errors {
+                    eprintln!("{error}");
+                }
+                eprintln!("{} fixture file(s) do not parse", fixture_errors.len());
+                return Ok(ExitCode::from(2));
+            }
             if let Some(url) = database_url {
                 let pool = projector::store::connect(&url, 1).await?;
                 let client = pool.get().await?;

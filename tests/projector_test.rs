@@ -127,6 +127,14 @@ fn a_broken_fixture_or_unknown_projection_exits_2_naming_the_file_and_line() {
     assert_eq!(output.status.code(), Some(2), "{}", printed(&output));
     assert!(printed(&output).contains(&format!("{}:4:", broken.display())), "{}", printed(&output));
 
+    // `projector validate` reads the fixtures too.
+    let validated = Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["validate", &projections.display().to_string()])
+        .output()
+        .expect("projector validate");
+    assert_eq!(validated.status.code(), Some(2), "{}", printed(&validated));
+    assert!(printed(&validated).contains(&format!("{}:4:", broken.display())), "{}", printed(&validated));
+
     let unknown = projector_test(&projections, &["nope"]);
     assert_eq!(unknown.status.code(), Some(2), "{}", printed(&unknown));
     assert!(printed(&unknown).contains("no projection named `nope`"), "{}", printed(&unknown));

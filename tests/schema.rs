@@ -7,9 +7,8 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::Duration;
 
-use common::{projector_subcommand, wait_for, LogDir, Projector, TestDb};
+use common::{projector_subcommand, LogDir, Projector, TestDb};
 use projector::demo::shop_event;
 use projector::kafka::mock::MockKafka;
 use tokio_postgres::Client;
@@ -249,23 +248,12 @@ async fn run_applies_a_new_projections_migrations_before_it_starts() {
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("the log");
     command.stdout(file.try_clone().expect("the log")).stderr(file);
     let projector = Projector::spawn(command, &log, "run");
-    wait_for("the accounts read model", Duration::from_secs(60), || async {
-        let rows = client
-            .query("SELECT account_id, owner, balance::text, version FROM accounts ORDER BY account_id", &[])
-            .await
-            .map_err(|error| error.to_string())?;
-        let rows: Vec<(String, String, String, i64)> =
-            rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3))).collect();
-        let expected = [
-            ("acc-1".to_string(), "Ada".to_string(), "40".to_string(), 2),
-            ("acc-2".to_string(), "Grace".to_string(), "0".to_string(), 1),
-        ];
-        if rows == expected {
-            Ok(())
-        } else {
-            Err(format!("{rows:?}"))
-        }
-    })
+    common::wait_for_rows(
+        &client,
+        &projector,
+        "SELECT account_id, owner, balance::text, version::text FROM accounts ORDER BY account_id",
+        &[&["acc-1", "Ada", "40", "2"], &["acc-2", "Grace", "0", "1"]],
+    )
     .await;
     projector.assert_running();
     assert_eq!(history(&client).await.len(), 2);

@@ -532,3 +532,24 @@ impl Drop for Projector {
         }
     }
 }
+
+/// Waits (up to 60 s) until `query`, whose columns are all text, returns `expected`, row by
+/// row, with `projector` running all along.
+pub async fn wait_for_rows(client: &Client, projector: &Projector, query: &str, expected: &[&[&str]]) {
+    wait_for(query, Duration::from_secs(60), || async {
+        projector.assert_running();
+        let rows = client.query(query, &[]).await.map_err(|error| error.to_string())?;
+        let rows: Vec<Vec<String>> =
+            rows.iter().map(|row| (0..row.len()).map(|i| row.get::<_, String>(i)).collect()).collect();
+        if rows
+            .iter()
+            .map(|row| row.iter().map(String::as_str).collect::<Vec<_>>())
+            .eq(expected.iter().map(|row| row.to_vec()))
+        {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    })
+    .await;
+}
