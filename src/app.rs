@@ -123,6 +123,12 @@ pub async fn run_reloading(
                 Some(Ok((id, Ok(())))) if workers.retiring.remove(&id) => {
                     let name = workers.names.remove(&id).unwrap_or_default();
                     tracing::info!(projection = %name, "projection stopped (reload)");
+                    if let Some(at) = workers.forgotten.iter().position(|gone| *gone == name) {
+                        if !workers.running.contains_key(&name) {
+                            metrics.forget_projection(&name);
+                        }
+                        workers.forgotten.remove(at);
+                    }
                 }
                 Some(Ok((id, Ok(())))) => {
                     // A worker ends by itself only at shutdown: one that ended before is a
@@ -206,6 +212,8 @@ struct Workers {
     running: HashMap<String, (String, watch::Sender<bool>, tokio::task::Id)>,
     /// Tasks a reload asked to stop: their end is no failure.
     retiring: HashSet<tokio::task::Id>,
+    /// Projections a reload removed: their gauges go once their worker has stopped.
+    forgotten: Vec<String>,
 }
 
 impl Workers {
@@ -272,6 +280,7 @@ async fn reload(
     for name in gone {
         tracing::info!(projection = %name, "reload: its definition is gone: stopping it after its batch in flight");
         workers.retire(&name);
+        workers.forgotten.push(name);
     }
     let fresh: Vec<Projection> = loaded
         .iter()

@@ -6,6 +6,8 @@
 //! offset or an error text. The registry is the engine's own, not the process-wide default, so
 //! that several engines can run in one process (the tests do).
 
+use std::collections::HashMap;
+
 use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -314,6 +316,20 @@ impl Metrics {
         }
     }
 
+    /// Drops the gauges of a projection that no longer runs (a reload removed it): its state,
+    /// checkpoints, end offsets, lag, last commit and backoff would otherwise keep their last
+    /// values (and alerts on them firing). Its counters stay: they only ever count what happened.
+    pub fn forget_projection(&self, projection: &str) {
+        forget_series(&self.state, &["projection", "state"], projection);
+        forget_series(&self.checkpoint, &["projection", "topic", "partition"], projection);
+        forget_series(&self.log_end, &["projection", "topic", "partition"], projection);
+        forget_series(&self.lag_messages, &["projection", "topic", "partition", "mode"], projection);
+        forget_series(&self.lag_seconds, &["projection", "topic", "partition", "mode"], projection);
+        forget_series(&self.last_commit, &["projection"], projection);
+        forget_series(&self.retry_backoff, &["projection"], projection);
+        forget_series(&self.rebuild_progress, &["projection"], projection);
+    }
+
     /// Sets `projector_rebuild_progress_ratio` (0 to 1).
     pub fn set_rebuild_progress(&self, projection: &str, ratio: f64) {
         self.rebuild_progress.with_label_values(&[projection]).set(ratio.clamp(0.0, 1.0));
@@ -428,6 +444,26 @@ mod tests {
         #[cfg(target_os = "linux")]
         for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
             assert!(text.contains(name), "{name} missing");
+        }
+    }
+}
+
+/// Removes every series of `vec` (labels `names`, in their declared order) whose `projection`
+/// label is `projection`.
+fn forget_series<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    names: &[&str],
+    projection: &str,
+) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> =
+                metric.get_label().iter().map(|pair| (pair.name(), pair.value())).collect();
+            if labels.get("projection") == Some(&projection) {
+                let values: Vec<&str> =
+                    names.iter().map(|name| labels.get(name).copied().unwrap_or_default()).collect();
+                let _ = vec.remove_label_values(&values);
+            }
         }
     }
 }

@@ -89,7 +89,11 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     );
     let log = dir.path.join("projector.log");
     let mut command = projector_command(&db.url, &bootstrap, "reload", &log);
-    command.env("PROJECTOR_PROJECTIONS_DIR", &projections);
+    let http = format!("127.0.0.1:{}", common::free_port());
+    command
+        .env("PROJECTOR_PROJECTIONS_DIR", &projections)
+        .env("PROJECTOR_HTTP__LISTEN", &http)
+        .env("PROJECTOR_HTTP__LAG_REFRESH_MS", "200");
     let projector = Projector::spawn(command, &log, "run");
     projector.wait_started(Duration::from_secs(60)).await;
 
@@ -175,6 +179,15 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(count(&client, ledger_checkpoint).await, stopped_at, "the removed projection reads nothing more");
     assert_eq!(count(&client, "SELECT sum(amount)::int8 FROM ledger").await, 15);
+    // Readiness and the gauges follow: the removed projection is neither waited for nor reported.
+    let (_, ready) = common::scrape::http_get(&http, "/health/ready").await.expect("/health/ready");
+    assert!(ready.contains("\"accounts\"") && !ready.contains("ledger"), "{ready}");
+    let (_, metrics) = common::scrape::http_get(&http, "/metrics").await.expect("/metrics");
+    let exposition = common::scrape::Exposition::parse(&metrics);
+    for gauge in ["projector_projection_state", "projector_consumer_lag_messages", "projector_checkpoint_offset"] {
+        assert_eq!(exposition.count(gauge, &[("projection", "ledger")]), 0, "{gauge} of the removed projection");
+        assert!(exposition.count(gauge, &[("projection", "accounts")]) > 0, "{gauge} of accounts");
+    }
 
     let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30)).await;
     assert!(status.success(), "clean shutdown after reloads: {status}");
