@@ -384,6 +384,26 @@ impl Default for Metrics {
     }
 }
 
+/// Removes every series of `vec` (labels `names`, in their declared order) whose `projection`
+/// label is `projection`.
+fn forget_series<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    names: &[&str],
+    projection: &str,
+) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> =
+                metric.get_label().iter().map(|pair| (pair.name(), pair.value())).collect();
+            if labels.get("projection") == Some(&projection) {
+                let values: Vec<&str> =
+                    names.iter().map(|name| labels.get(name).copied().unwrap_or_default()).collect();
+                let _ = vec.remove_label_values(&values);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,26 +464,6 @@ mod tests {
         #[cfg(target_os = "linux")]
         for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
             assert!(text.contains(name), "{name} missing");
-        }
-    }
-}
-
-/// Removes every series of `vec` (labels `names`, in their declared order) whose `projection`
-/// label is `projection`.
-fn forget_series<T: prometheus::core::MetricVecBuilder>(
-    vec: &prometheus::core::MetricVec<T>,
-    names: &[&str],
-    projection: &str,
-) {
-    for family in vec.collect() {
-        for metric in family.get_metric() {
-            let labels: HashMap<&str, &str> =
-                metric.get_label().iter().map(|pair| (pair.name(), pair.value())).collect();
-            if labels.get("projection") == Some(&projection) {
-                let values: Vec<&str> =
-                    names.iter().map(|name| labels.get(name).copied().unwrap_or_default()).collect();
-                let _ = vec.remove_label_values(&values);
-            }
         }
     }
 }
