@@ -48,8 +48,8 @@ pub async fn run(
 /// [`run`], reloading the projections from `settings.projections_dir` at each message on
 /// `reloads` (SIGHUP): new definitions start (their migrations applied first), removed ones stop
 /// after committing their batch in flight, changed ones are restarted under the definition gate
-/// (refused until rebuilt or accepted); when a definition is invalid nothing changes and each
-/// error is logged with file and line, the running projections going on.
+/// (refused until rebuilt or accepted); an invalid definition is logged with file and line and
+/// changes nothing (a new one does not start, a running one goes on as it was).
 pub async fn run_reloading(
     settings: &Settings,
     projections: Vec<Projection>,
@@ -214,6 +214,8 @@ struct Workers {
     retiring: HashSet<tokio::task::Id>,
     /// Projections a reload removed: their gauges go once their worker has stopped.
     forgotten: Vec<String>,
+    /// The definitions running.
+    projections: Vec<Projection>,
 }
 
 impl Workers {
@@ -227,6 +229,8 @@ impl Workers {
         tracing::info!(projection = %projection.name, topics = ?projection.topics, "projection starting");
         let (stop, stopped) = watch::channel(false);
         let (name, hash) = (projection.name.clone(), projection.hash.clone());
+        self.projections.retain(|running| running.name != projection.name);
+        self.projections.push(projection.clone());
         let (projection, pool, settings, metrics) =
             (Arc::new(projection), pool.clone(), settings.clone(), metrics.clone());
         let task = self.set.spawn(async move { worker::run(projection, pool, &settings, metrics, stopped).await });
@@ -236,6 +240,7 @@ impl Workers {
 
     /// Asks `name`'s worker to stop after its batch in flight.
     fn retire(&mut self, name: &str) {
+        self.projections.retain(|running| running.name != name);
         if let Some((_, stop, id)) = self.running.remove(name) {
             let _ = stop.send(true);
             self.retiring.insert(id);
@@ -250,7 +255,7 @@ impl Workers {
 }
 
 /// Reloads the projections folder: starts, stops and restarts workers to match it. Returns the
-/// projections running afterwards, or `None` when nothing changed (an invalid definition).
+/// projections running afterwards, or `None` when the folder cannot be read.
 async fn reload(
     settings: &Settings,
     pool: &deadpool_postgres::Pool,
@@ -258,23 +263,42 @@ async fn reload(
     workers: &mut Workers,
 ) -> Option<Vec<Projection>> {
     tracing::info!(dir = %settings.projections_dir.display(), "reloading the projections (SIGHUP)");
-    let loaded = match crate::projection::load_dir(&settings.projections_dir) {
+    let (loaded, errors) = match crate::projection::load_dir_partly(&settings.projections_dir) {
         Ok(loaded) => loaded,
         Err(errors) => {
             for error in &errors {
                 tracing::error!("reload: {error}");
             }
             tracing::error!(
-                errors = errors.len(),
-                "reload refused: the definitions do not load; the running projections go on unchanged"
+                "reload refused: the projections folder cannot be read; the running projections go on unchanged"
             );
             return None;
         }
     };
+    // A definition that does not load is reported, and changes nothing: a new one does not
+    // start, a running one goes on as it was (its file or its folder has an error).
+    for error in &errors {
+        tracing::error!("reload: {error}");
+    }
+    let broken = |projection: &Projection| {
+        let folder = projection.file.with_extension("");
+        errors.iter().any(|error| error.file == projection.file || error.file.starts_with(&folder))
+    };
+    let mut kept: Vec<Projection> = workers
+        .projections
+        .iter()
+        .filter(|projection| broken(projection) && !loaded.iter().any(|other| other.name == projection.name))
+        .cloned()
+        .collect();
+    if !errors.is_empty() {
+        let names: Vec<&str> = kept.iter().map(|projection| projection.name.as_str()).collect();
+        tracing::error!(errors = errors.len(), unchanged = ?names,
+            "reload: definitions that do not load are not started, and those of them running go on as they were");
+    }
     let gone: Vec<String> = workers
         .running
         .keys()
-        .filter(|name| !loaded.iter().any(|projection| projection.name == **name))
+        .filter(|name| !loaded.iter().chain(&kept).any(|projection| projection.name == **name))
         .cloned()
         .collect();
     for name in gone {
@@ -329,7 +353,9 @@ async fn reload(
             workers.start(projection, pool, settings, metrics);
         }
     }
-    Some(running_projections(&loaded, workers))
+    let mut running = running_projections(&loaded, workers);
+    running.append(&mut kept);
+    Some(running)
 }
 
 /// Those of `loaded` that have a worker.

@@ -124,13 +124,25 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     assert!(log_text[from..].contains("migration applied"), "ledger's migration applied on reload");
     assert_eq!(log_text[from..].matches("projection starting").count(), 1, "only the new projection started");
 
-    // An invalid definition: reported with its file and line; nothing changes, everything runs.
+    // Invalid definitions, a new one and a running one's, reported with file and line: the new
+    // one does not start, the running one goes on as it was; a valid new one in the same reload
+    // starts.
     write(&projections, "broken.toml", "topics = [\"bank.accounts\"]\n\n[on.X]\nsql = 42\n");
+    write(&projections, "ledger.toml", &format!("{LEDGER}\n[on.Oops]\nsql = \"SELECT\"\nnonsense = 1\n"));
+    write(&projections, "journal.toml", &LEDGER.replace("INTO ledger", "INTO journal"));
+    write(
+        &projections,
+        "journal/migrations/V1__create_journal.sql",
+        "CREATE TABLE journal (entry_id text PRIMARY KEY, amount numeric NOT NULL);",
+    );
     let from = log_length(&log);
     projector.signal(Signal::SIGHUP);
-    wait_logged(&log, from, "reload refused").await;
+    wait_logged(&log, from, "definitions that do not load are not started").await;
+    wait_logged(&log, from, "projection starting projection=journal").await;
     let tail = std::fs::read_to_string(&log).unwrap_or_default()[from..].to_string();
     assert!(tail.contains(&format!("{}:4:", projections.join("broken.toml").display())), "{tail}");
+    assert!(tail.contains(&projections.join("ledger.toml").display().to_string()), "{tail}");
+    assert!(!tail.contains("projection=ledger"), "the running ledger is left as it was: {tail}");
     common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 4)]).await;
     common::produce_one_per_batch(
         &bootstrap,
@@ -140,6 +152,8 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     .await;
     wait_count(&client, &projector, "SELECT sum(balance)::int8 FROM accounts", 30).await;
     wait_count(&client, &projector, "SELECT sum(amount)::int8 FROM ledger", 10).await;
+    wait_count(&client, &projector, "SELECT sum(amount)::int8 FROM journal", 10).await;
+    write(&projections, "ledger.toml", LEDGER);
     std::fs::remove_file(projections.join("broken.toml")).expect("removing");
 
     // A changed definition: restarted under the definition gate, refused until rebuilt or

@@ -259,6 +259,17 @@ pub fn legacy_hash(projection: &Projection) -> String {
 
 /// Compiles every `*.toml` file of `dir`, in file name order, reporting all errors of all files.
 pub fn load_dir(dir: &Path) -> Result<Vec<Projection>, Vec<DefinitionError>> {
+    let (projections, errors) = load_dir_partly(dir)?;
+    if errors.is_empty() {
+        Ok(projections)
+    } else {
+        Err(errors)
+    }
+}
+
+/// [`load_dir`], keeping the projections that compiled beside the errors of those that did not
+/// (a reload starts what it can). `Err` only when the folder itself cannot be read.
+pub fn load_dir_partly(dir: &Path) -> Result<(Vec<Projection>, Vec<DefinitionError>), Vec<DefinitionError>> {
     let at_start =
         |file: &Path, message: String| DefinitionError { file: file.to_path_buf(), line: 1, column: 1, message };
     let entries = std::fs::read_dir(dir).map_err(|e| vec![at_start(dir, format!("cannot read the folder: {e}"))])?;
@@ -303,11 +314,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Projection>, Vec<DefinitionError>> {
             Err(file_errors) => errors.extend(file_errors),
         }
     }
-    if errors.is_empty() {
-        Ok(projections)
-    } else {
-        Err(errors)
-    }
+    Ok((projections, errors))
 }
 
 struct Context<'t> {

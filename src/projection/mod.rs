@@ -22,7 +22,7 @@ pub mod value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub use compile::{compile_file, load_dir, DefinitionError};
+pub use compile::{compile_file, load_dir, load_dir_partly, DefinitionError};
 pub use event::{DecodeError, Decoded, Event, Record};
 
 /// One compiled projection, ready to run.
