@@ -208,14 +208,12 @@ struct Workers {
     set: tokio::task::JoinSet<Result<(), worker::WorkerError>>,
     /// Task → projection.
     names: HashMap<tokio::task::Id, String>,
-    /// Projection → its definition's hash, its stop signal and its task.
-    running: HashMap<String, (String, watch::Sender<bool>, tokio::task::Id)>,
+    /// Projection → its definition, its stop signal and its task.
+    running: HashMap<String, (Projection, watch::Sender<bool>, tokio::task::Id)>,
     /// Tasks a reload asked to stop: their end is no failure.
     retiring: HashSet<tokio::task::Id>,
     /// Projections a reload removed: their gauges go once their worker has stopped.
     forgotten: Vec<String>,
-    /// The definitions running.
-    projections: Vec<Projection>,
 }
 
 impl Workers {
@@ -228,19 +226,16 @@ impl Workers {
     ) {
         tracing::info!(projection = %projection.name, topics = ?projection.topics, "projection starting");
         let (stop, stopped) = watch::channel(false);
-        let (name, hash) = (projection.name.clone(), projection.hash.clone());
-        self.projections.retain(|running| running.name != projection.name);
-        self.projections.push(projection.clone());
+        let definition = projection.clone();
         let (projection, pool, settings, metrics) =
             (Arc::new(projection), pool.clone(), settings.clone(), metrics.clone());
         let task = self.set.spawn(async move { worker::run(projection, pool, &settings, metrics, stopped).await });
-        self.names.insert(task.id(), name.clone());
-        self.running.insert(name, (hash, stop, task.id()));
+        self.names.insert(task.id(), definition.name.clone());
+        self.running.insert(definition.name.clone(), (definition, stop, task.id()));
     }
 
     /// Asks `name`'s worker to stop after its batch in flight.
     fn retire(&mut self, name: &str) {
-        self.projections.retain(|running| running.name != name);
         if let Some((_, stop, id)) = self.running.remove(name) {
             let _ = stop.send(true);
             self.retiring.insert(id);
@@ -285,8 +280,9 @@ async fn reload(
         errors.iter().any(|error| error.file == projection.file || error.file.starts_with(&folder))
     };
     let mut kept: Vec<Projection> = workers
-        .projections
-        .iter()
+        .running
+        .values()
+        .map(|(projection, _, _)| projection)
         .filter(|projection| broken(projection) && !loaded.iter().any(|other| other.name == projection.name))
         .cloned()
         .collect();
@@ -308,7 +304,9 @@ async fn reload(
     }
     let fresh: Vec<Projection> = loaded
         .iter()
-        .filter(|projection| workers.running.get(&projection.name).is_none_or(|(hash, _, _)| *hash != projection.hash))
+        .filter(|projection| {
+            workers.running.get(&projection.name).is_none_or(|(running, _, _)| running.hash != projection.hash)
+        })
         .cloned()
         .collect();
     if fresh.is_empty() {

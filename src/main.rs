@@ -422,7 +422,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             match format {
                 TestFormat::Text => {
-                    print!("{}", projector::testing::text(&report, &projector::testing::labels(&selected)))
+                    print!("{}", projector::testing::text(&report))
                 }
                 TestFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 TestFormat::Junit => print!("{}", projector::testing::junit(&report)),

@@ -197,6 +197,9 @@ pub struct FixtureResult {
     pub fixture: String,
     pub description: Option<String>,
     pub runs: Vec<RunResult>,
+    /// Each event's label for the text report (type and id, as the projection reads them).
+    #[serde(skip)]
+    pub labels: Vec<String>,
 }
 
 impl FixtureResult {
@@ -304,7 +307,7 @@ async fn run_fixture(
     fixture: &Fixture,
     seed: u64,
 ) -> Result<FixtureResult, TestError> {
-    let keys = keys_of(projection, fixture);
+    let (keys, labels) = keys_of(projection, fixture);
     let written: Vec<usize> = (0..fixture.events.len()).collect();
     let mut runs: Vec<(String, Vec<usize>)> = vec![
         ("as written".into(), written.clone()),
@@ -340,13 +343,16 @@ async fn run_fixture(
         fixture: fixture.file.display().to_string(),
         description: fixture.description.clone(),
         runs: results,
+        labels,
     })
 }
 
 /// The fixture's events grouped by the key the engine orders them by (events with none each on
-/// their own), each group in the order written.
-fn keys_of(projection: &Projection, fixture: &Fixture) -> Vec<(String, Vec<usize>)> {
+/// their own), each group in the order written; and a label per event (its type and id, as the
+/// projection reads them) for reports.
+fn keys_of(projection: &Projection, fixture: &Fixture) -> (Vec<(String, Vec<usize>)>, Vec<String>) {
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut labels = Vec::with_capacity(fixture.events.len());
     for (i, event) in fixture.events.iter().enumerate() {
         let record = record_of(event, "fixture", 0);
         let decoded = projection.decode(&record);
@@ -355,12 +361,21 @@ fn keys_of(projection: &Projection, fixture: &Fixture) -> Vec<(String, Vec<usize
             _ => None,
         }
         .unwrap_or_else(|| format!("(event {})", i + 1));
+        labels.push(match &decoded {
+            Decoded::Handled { event, .. } => match &event.event_id {
+                Some(id) => format!("({} {id})", event.event_type),
+                None => format!("({})", event.event_type),
+            },
+            Decoded::Ignored { event_type } => format!("({event_type}, ignored)"),
+            Decoded::Tombstone => "(tombstone)".into(),
+            Decoded::Poison { .. } => "(not decodable)".into(),
+        });
         match groups.iter_mut().find(|(known, _)| *known == key) {
             Some((_, members)) => members.push(i),
             None => groups.push((key, vec![i])),
         }
     }
-    groups
+    (groups, labels)
 }
 
 /// A random interleaving of the groups, each group's order kept.
@@ -526,7 +541,7 @@ fn describe_row(columns: &[String], row: &[Option<String>], show: &dyn Fn(&Optio
 }
 
 /// The report as text, for a terminal.
-pub fn text(report: &TestReport, fixtures: &BTreeMap<String, Vec<String>>) -> String {
+pub fn text(report: &TestReport) -> String {
     let mut out = String::new();
     for result in &report.fixtures {
         let runs = result.runs.len();
@@ -539,7 +554,7 @@ pub fn text(report: &TestReport, fixtures: &BTreeMap<String, Vec<String>>) -> St
             let order: Vec<String> = run
                 .order
                 .iter()
-                .map(|i| match fixtures.get(&result.fixture).and_then(|labels| labels.get(i - 1)) {
+                .map(|i| match result.labels.get(i - 1) {
                     Some(label) => format!("{i} {label}"),
                     None => i.to_string(),
                 })
@@ -558,31 +573,6 @@ pub fn text(report: &TestReport, fixtures: &BTreeMap<String, Vec<String>>) -> St
         report.seed
     ));
     out
-}
-
-/// A label per event of each fixture (its type and id, when the projection reads them), for
-/// reports: fixture file → labels.
-pub fn labels(projections: &[Projection]) -> BTreeMap<String, Vec<String>> {
-    let mut labels = BTreeMap::new();
-    for projection in projections {
-        for fixture in load_fixtures(projection).unwrap_or_default() {
-            let events = fixture
-                .events
-                .iter()
-                .map(|event| match projection.decode(&record_of(event, "fixture", 0)) {
-                    Decoded::Handled { event, .. } => match &event.event_id {
-                        Some(id) => format!("({} {id})", event.event_type),
-                        None => format!("({})", event.event_type),
-                    },
-                    Decoded::Ignored { event_type } => format!("({event_type}, ignored)"),
-                    Decoded::Tombstone => "(tombstone)".into(),
-                    Decoded::Poison { .. } => "(not decodable)".into(),
-                })
-                .collect();
-            labels.insert(fixture.file.display().to_string(), events);
-        }
-    }
-    labels
 }
 
 /// The report as JUnit XML: a test suite per projection, a test case per fixture and run.
