@@ -39,9 +39,9 @@ use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 use projector::metrics::Metrics;
+use projector::outcome::Outcome;
 use projector::projection::{compile_file, Projection};
 use projector::settings::{property_variable, Settings};
-use projector::store::apply::Outcome;
 
 const PROJECTION: &str = "order_summary";
 /// The bench's only addition to the example projection: an update that can repeat.

@@ -64,7 +64,6 @@ pub async fn run_reloading(
     for warning in crate::kafka::property_warnings(&settings.kafka) {
         tracing::warn!("{warning}");
     }
-    store::fast::set_based_enabled(settings.batch.set_based);
     let pool = store::connect(&settings.database.url, settings.database.pool_size).await?;
     let (applied, waiting) = store::migrate_current(&settings.database.url, &projections).await?;
     for migration in applied {
@@ -79,7 +78,7 @@ pub async fn run_reloading(
         // checked against the live tables: its migrations are not applied to them.
         let current: Vec<Projection> =
             projections.iter().filter(|projection| !waiting.contains(&projection.name)).cloned().collect();
-        let problems = store::check_statements(&client, &current).await;
+        let problems = store::check_statements(&client, &current, settings.batch.set_based).await;
         if !problems.is_empty() {
             return Err(AppError::Statements(problems));
         }
@@ -189,7 +188,7 @@ pub async fn run_reloading(
     }
     pool.close();
     for name in &all {
-        let counts: Vec<String> = crate::store::apply::Outcome::ALL
+        let counts: Vec<String> = crate::outcome::Outcome::ALL
             .iter()
             .map(|outcome| format!("{} {}", outcome.as_str(), metrics.outcome_count(name, *outcome)))
             .collect();
@@ -335,7 +334,8 @@ async fn reload(
         };
         for projection in fresh {
             if !waiting.contains(&projection.name) {
-                let problems = store::check_statements(&client, std::slice::from_ref(&projection)).await;
+                let problems =
+                    store::check_statements(&client, std::slice::from_ref(&projection), settings.batch.set_based).await;
                 if !problems.is_empty() {
                     for problem in problems {
                         tracing::error!("reload: {problem}");

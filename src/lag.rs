@@ -25,11 +25,11 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::checkpoint::TopicPartition;
 use crate::kafka::consumer_config;
 use crate::metrics::{LagSample, Metrics};
 use crate::projection::Projection;
 use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES};
-use crate::store::checkpoint::TopicPartition;
 use crate::store::{describe, StoreError};
 
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`settings`]: the engine's settings file and environment overrides.
 //! - [`projection`]: PURE: definition files compiled into projections; event decoding; binding.
+//! - [`checkpoint`]: PURE: partitions, checkpoint moves, which records are still to apply, progress.
+//! - [`outcome`]: PURE: what happened to each event, and what a batch did.
 //! - [`kafka`]: one consumer per projection, rebalance callbacks bridged to the worker.
 //! - [`store`]: the only place that speaks SQL: pool, migrations, checkpoints, batch application.
 //! - [`worker`]: per projection: batch, apply, retry, record metrics.
@@ -17,11 +19,13 @@
 //! - [`demo`]: `projector demo`, the embedded default on librdkafka's mock cluster.
 
 pub mod app;
+pub mod checkpoint;
 pub mod demo;
 pub mod http;
 pub mod kafka;
 pub mod lag;
 pub mod metrics;
+pub mod outcome;
 pub mod parked;
 pub mod projection;
 pub mod rebuild;

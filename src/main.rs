@@ -283,7 +283,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(url) = database_url {
                 let pool = projector::store::connect(&url, 1).await?;
                 let client = pool.get().await?;
-                let problems = projector::store::check_statements(&client, &projections).await;
+                let problems =
+                    projector::store::check_statements(&client, &projections, settings.batch.set_based).await;
                 if !problems.is_empty() {
                     for problem in &problems {
                         eprintln!("{problem}");

@@ -14,7 +14,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::store::apply::{BatchReport, Outcome};
+use crate::outcome::{BatchReport, Outcome};
 
 /// The engine's metrics. Cloning shares them.
 #[derive(Clone)]

@@ -24,10 +24,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+use crate::checkpoint::{self as offsets, Offsets, TopicPartition};
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::settings::Settings;
-use crate::store::checkpoint::{self, TopicPartition};
+use crate::store::checkpoint;
 use crate::store::rebuild::{self as sql, BuildStart, Swap, SwapError};
 use crate::store::{self, StoreError};
 use crate::worker::{self, WorkerOptions};
@@ -67,9 +68,17 @@ pub enum RebuildError {
     #[error("rebuild interrupted at {done} of {total} events: run the same command again to resume")]
     Interrupted { done: u64, total: u64 },
     #[error("kafka: {0}")]
-    Kafka(String),
+    Kafka(#[from] rdkafka::error::KafkaError),
     #[error("projection stopped: {0}")]
-    Worker(String),
+    Worker(#[from] worker::WorkerError),
+    #[error("the build's worker ended early (see the log above)")]
+    WorkerEnded,
+    /// The build's worker was still busy (its batch waiting for a lock) when it was to stop.
+    #[error("the build's worker did not stop within {seconds} s: aborted, its batch in flight rolled back")]
+    WorkerStuck { seconds: u64 },
+    /// A task of the build panicked or was cancelled.
+    #[error("a task of the build failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -83,7 +92,7 @@ pub struct RebuildArgs {
     pub restart: bool,
     pub accept_data_loss: bool,
     pub until: Option<DateTime<Utc>>,
-    pub until_offsets: Option<HashMap<TopicPartition, i64>>,
+    pub until_offsets: Option<Offsets>,
     pub into: Option<String>,
     /// Swap once the shadow is at most this many events behind the live end offsets.
     pub max_lag: i64,
@@ -146,8 +155,8 @@ pub async fn run(
             return Err(RebuildError::NoPartitions(topic.clone()));
         }
     }
-    let starts: HashMap<TopicPartition, i64> = watermarks.iter().map(|(p, (low, _))| (p.clone(), *low)).collect();
-    let ends: HashMap<TopicPartition, i64> = watermarks.iter().map(|(p, (_, high))| (p.clone(), *high)).collect();
+    let starts: Offsets = watermarks.iter().map(|(p, (low, _))| (p.clone(), *low)).collect();
+    let ends: Offsets = watermarks.iter().map(|(p, (_, high))| (p.clone(), *high)).collect();
     let missing: Vec<String> = {
         let mut missing: Vec<String> = starts
             .iter()
@@ -177,8 +186,8 @@ async fn in_place(
     projections: &[Projection],
     args: &RebuildArgs,
     mut client: tokio_postgres::Client,
-    starts: HashMap<TopicPartition, i64>,
-    ends: HashMap<TopicPartition, i64>,
+    starts: Offsets,
+    ends: Offsets,
     metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
@@ -256,10 +265,10 @@ async fn start_or_resume_copy(
     mode: &str,
     schema: &str,
     tables: &[(String, String)],
-    starts: HashMap<TopicPartition, i64>,
-    targets: HashMap<TopicPartition, i64>,
+    starts: Offsets,
+    targets: Offsets,
     url: &str,
-) -> Result<(bool, HashMap<TopicPartition, i64>, HashMap<TopicPartition, i64>), RebuildError> {
+) -> Result<(bool, Offsets, Offsets), RebuildError> {
     let existing = sql::find(client, &projection.name, alias).await?;
     let resumable = matches!(&existing, Some(row) if row.state == "running" && row.mode == mode && row.definition_hash == projection.hash);
     if resumable && !args.restart {
@@ -285,8 +294,8 @@ async fn shadow(
     projection: &Projection,
     args: &RebuildArgs,
     client: &tokio_postgres::Client,
-    starts: HashMap<TopicPartition, i64>,
-    ends: HashMap<TopicPartition, i64>,
+    starts: Offsets,
+    ends: Offsets,
     metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
@@ -395,8 +404,8 @@ async fn as_of(
     projection: &Projection,
     args: &RebuildArgs,
     client: &tokio_postgres::Client,
-    starts: HashMap<TopicPartition, i64>,
-    ends: HashMap<TopicPartition, i64>,
+    starts: Offsets,
+    ends: Offsets,
     metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
@@ -412,7 +421,7 @@ async fn as_of(
     for (partition, offset) in args.until_offsets.iter().flatten() {
         limits.insert(partition.clone(), *offset);
     }
-    let limits: HashMap<TopicPartition, i64> = limits
+    let limits: Offsets = limits
         .into_iter()
         .map(|(partition, limit)| {
             let start = starts.get(&partition).copied().unwrap_or(0);
@@ -484,13 +493,12 @@ async fn watermarks(
 ) -> Result<HashMap<TopicPartition, (i64, i64)>, RebuildError> {
     let (kafka, topics) = (settings.kafka.clone(), topics.to_vec());
     tokio::task::spawn_blocking(move || crate::kafka::watermarks(&kafka, &topics, Duration::from_secs(10)))
-        .await
-        .map_err(|error| RebuildError::Kafka(error.to_string()))?
-        .map_err(|error| RebuildError::Kafka(error.to_string()))
+        .await?
+        .map_err(RebuildError::Kafka)
 }
 
 /// End offsets of the partitions of `topics` now.
-async fn current_ends(settings: &Settings, topics: &[String]) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
+async fn current_ends(settings: &Settings, topics: &[String]) -> Result<Offsets, RebuildError> {
     let watermarks = watermarks(settings, topics).await?;
     Ok(watermarks.into_iter().map(|(partition, (_, high))| (partition, high)).collect())
 }
@@ -501,8 +509,8 @@ async fn build(
     settings: &Settings,
     projection: Projection,
     pool: deadpool_postgres::Pool,
-    starts: &HashMap<TopicPartition, i64>,
-    targets: &HashMap<TopicPartition, i64>,
+    starts: &Offsets,
+    targets: &Offsets,
     options: WorkerOptions,
     metrics: Metrics,
     interrupt: impl Future<Output = ()>,
@@ -520,8 +528,8 @@ struct Build {
     name: String,
     topics: Vec<String>,
     pool: deadpool_postgres::Pool,
-    starts: HashMap<TopicPartition, i64>,
-    targets: HashMap<TopicPartition, i64>,
+    starts: Offsets,
+    targets: Offsets,
     total: u64,
     done_at_start: u64,
     started: Instant,
@@ -530,7 +538,7 @@ struct Build {
     stop: watch::Sender<bool>,
     worker: tokio::task::JoinHandle<Result<(), worker::WorkerError>>,
     /// For builds as of a time: where each partition's first record at or after it was found.
-    reached: Option<Arc<std::sync::Mutex<HashMap<TopicPartition, i64>>>>,
+    reached: Option<Arc<std::sync::Mutex<Offsets>>>,
     _observability: crate::http::Observability,
 }
 
@@ -539,8 +547,8 @@ impl Build {
         settings: &Settings,
         projection: Projection,
         pool: deadpool_postgres::Pool,
-        starts: &HashMap<TopicPartition, i64>,
-        targets: &HashMap<TopicPartition, i64>,
+        starts: &Offsets,
+        targets: &Offsets,
         mut options: WorkerOptions,
         metrics: Metrics,
     ) -> Build {
@@ -570,7 +578,7 @@ impl Build {
         let name = projection.name.clone();
         let topics = projection.topics.clone();
         let done_at_start = match load(&pool, &name).await {
-            Ok(stored) => progress_of(&stored, starts, targets),
+            Ok(stored) => offsets::progress(&stored, starts, targets),
             Err(_) => 0,
         };
         progress.set_position(done_at_start);
@@ -600,15 +608,11 @@ impl Build {
     }
 
     /// The offset each partition must reach: its target, or sooner where the end was found.
-    fn effective_targets(&self) -> HashMap<TopicPartition, i64> {
-        let reached = self.reached.as_ref().map(|reached| reached.lock().expect("reached offsets").clone());
-        self.targets
-            .iter()
-            .map(|(partition, target)| {
-                let found = reached.as_ref().and_then(|reached| reached.get(partition)).copied();
-                (partition.clone(), found.map_or(*target, |found| found.min(*target)))
-            })
-            .collect()
+    fn effective_targets(&self) -> Offsets {
+        match &self.reached {
+            Some(reached) => offsets::capped(&self.targets, &reached.lock().expect("reached offsets")),
+            None => self.targets.clone(),
+        }
     }
 
     /// Waits until the checkpoints reach the targets (with `follow_lag`: then also until they are
@@ -621,41 +625,33 @@ impl Build {
     ) -> Result<(), RebuildError> {
         loop {
             let stored = self.wait_tick(interrupt).await?;
-            let reached_targets = self
-                .effective_targets()
-                .iter()
-                .all(|(partition, target)| stored.get(partition).copied().unwrap_or(0) >= *target);
-            if !reached_targets {
+            if !offsets::reached(&stored, &self.effective_targets()) {
                 continue;
             }
             let Some(max_lag) = follow_lag else { return Ok(()) };
             let ends = current_ends(settings, &self.topics).await?;
-            let lag: i64 = ends.iter().map(|(p, end)| (end - stored.get(p).copied().unwrap_or(0)).max(0)).sum();
-            if lag <= max_lag {
+            if offsets::lag(&ends, &stored) <= max_lag {
                 return Ok(());
             }
         }
     }
 
-    /// Waits until the checkpoints are at or past `offsets` on every partition, or `interrupt`.
+    /// Waits until the checkpoints are at or past `targets` on every partition, or `interrupt`.
     async fn reach(
         &mut self,
-        offsets: &HashMap<TopicPartition, i64>,
+        targets: &Offsets,
         interrupt: &mut (impl Future<Output = ()> + Unpin),
     ) -> Result<(), RebuildError> {
         loop {
             let stored = self.wait_tick(interrupt).await?;
-            if offsets.iter().all(|(partition, offset)| stored.get(partition).copied().unwrap_or(0) >= *offset) {
+            if offsets::reached(&stored, targets) {
                 return Ok(());
             }
         }
     }
 
     /// One progress tick: sleeps a little, fails if the worker ended, returns the checkpoints.
-    async fn wait_tick(
-        &mut self,
-        interrupt: &mut (impl Future<Output = ()> + Unpin),
-    ) -> Result<HashMap<TopicPartition, i64>, RebuildError> {
+    async fn wait_tick(&mut self, interrupt: &mut (impl Future<Output = ()> + Unpin)) -> Result<Offsets, RebuildError> {
         loop {
             tokio::select! {
                 _ = &mut *interrupt => {
@@ -665,10 +661,10 @@ impl Build {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             if self.worker.is_finished() {
-                return Err(RebuildError::Worker("the build's worker ended early (see the log above)".into()));
+                return Err(RebuildError::WorkerEnded);
             }
             let Ok(stored) = load(&self.pool, &self.name).await else { continue };
-            let done = progress_of(&stored, &self.starts, &self.targets);
+            let done = offsets::progress(&stored, &self.starts, &self.targets);
             self.progress.set_position(done);
             if self.total > 0 {
                 let label = self.name.split('~').next().unwrap_or(&self.name);
@@ -686,10 +682,7 @@ impl Build {
             Ok(stopped) => stopped,
             Err(_) => {
                 worker.abort();
-                Err(RebuildError::Worker(format!(
-                    "the build's worker did not stop within {} s: aborted, its batch in flight rolled back",
-                    bound.as_secs()
-                )))
+                Err(RebuildError::WorkerStuck { seconds: bound.as_secs() })
             }
         }
     }
@@ -699,36 +692,16 @@ impl Build {
         let _ = self.stop.send(true);
         let worker_result = self.worker.await;
         self.progress.finish_and_clear();
-        match worker_result {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(RebuildError::Worker(error.to_string())),
-            Err(error) => return Err(RebuildError::Worker(error.to_string())),
-        }
+        worker_result??;
         let stored = load(&self.pool, &self.name).await?;
-        let events = progress_of(&stored, &self.starts, &self.targets).saturating_sub(self.done_at_start);
+        let events = offsets::progress(&stored, &self.starts, &self.targets).saturating_sub(self.done_at_start);
         Ok(RebuildReport { events, seconds: self.started.elapsed().as_secs_f64(), resumed: false, notes: Vec::new() })
     }
 }
 
-async fn load(pool: &deadpool_postgres::Pool, name: &str) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+async fn load(pool: &deadpool_postgres::Pool, name: &str) -> Result<Offsets, StoreError> {
     let client = pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
     checkpoint::load_all(&**client, name).await
-}
-
-/// Events done towards `targets`: per partition, how far the checkpoint is past its start.
-pub fn progress_of(
-    stored: &HashMap<TopicPartition, i64>,
-    starts: &HashMap<TopicPartition, i64>,
-    targets: &HashMap<TopicPartition, i64>,
-) -> u64 {
-    targets
-        .iter()
-        .map(|(partition, target)| {
-            let start = starts.get(partition).copied().unwrap_or(0);
-            let at = stored.get(partition).copied().unwrap_or(start).clamp(start, (*target).max(start));
-            (at - start) as u64
-        })
-        .sum()
 }
 
 /// `projector drop-retired NAME`: drops the tables earlier shadow swaps kept.
@@ -748,7 +721,7 @@ pub async fn accept_data_loss(
     settings: &Settings,
     projection: &Projection,
 ) -> Result<Vec<(TopicPartition, i64, i64)>, RebuildError> {
-    let low: HashMap<TopicPartition, i64> = watermarks(settings, &projection.topics)
+    let low: Offsets = watermarks(settings, &projection.topics)
         .await?
         .into_iter()
         .map(|(partition, (low, _))| (partition, low))

@@ -103,7 +103,7 @@ async fn add_rebuilds(pool: &deadpool_postgres::Pool, report: &mut Report) -> Re
         let stored = store::checkpoint::load_all(&**client, &row.target).await?;
         let total: i64 =
             row.target_offsets.iter().map(|(p, t)| (t - row.start_offsets.get(p).copied().unwrap_or(0)).max(0)).sum();
-        let done = crate::rebuild::progress_of(&stored, &row.start_offsets, &row.target_offsets);
+        let done = crate::checkpoint::progress(&stored, &row.start_offsets, &row.target_offsets);
         for partition in &mut projection.partitions {
             let key = (partition.topic.clone(), partition.partition);
             let (Some(target), start) =

@@ -15,8 +15,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Move;
 use crate::projection::{Decoded, Projection, Record};
-use crate::store::apply::{apply_batch, ApplyError, Batch};
+use crate::store::apply::{apply_batch, Batch, Handling};
+use crate::store::fast::Applier;
 use crate::store::{self, StoreError};
 
 /// Runs of each kind with a random order, per fixture.
@@ -279,7 +281,7 @@ impl Scratch {
         let pool = store::connect(&scratch_url, 2).await?;
         {
             let client = pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
-            let problems = store::check_statements(&client, std::slice::from_ref(projection)).await;
+            let problems = store::check_statements(&client, std::slice::from_ref(projection), true).await;
             if !problems.is_empty() {
                 drop(client);
                 let scratch = Scratch { server: url.to_string(), name, pool };
@@ -452,6 +454,8 @@ async fn deliver(scratch: &Scratch, projection: &Projection, fixture: &Fixture, 
             record_of(event, &topic, *offset - 1)
         })
         .collect();
+    // As `projector run` applies them by default (`batch.set_based`).
+    let applier = Applier::default();
     let mut start = 0;
     while start < records.len() {
         let partition = records[start].partition;
@@ -463,14 +467,14 @@ async fn deliver(scratch: &Scratch, projection: &Projection, fixture: &Fixture, 
         let from = if chunk[0].offset == 0 { None } else { Some(chunk[0].offset) };
         let batch = Batch {
             records: chunk,
-            moves: vec![((topic.clone(), partition), from, chunk[chunk.len() - 1].offset + 1)],
+            moves: vec![Move { partition: (topic.clone(), partition), from, to: chunk[chunk.len() - 1].offset + 1 }],
         };
         let mut client = scratch.pool.get().await.map_err(|error| error.to_string())?;
         let mut isolate = false;
         loop {
-            match apply_batch(&mut client, projection, &batch, None, isolate).await {
+            match apply_batch(&mut client, &applier, projection, &batch, None, isolate).await {
                 Ok(_) => break,
-                Err(ApplyError::Isolate(_) | ApplyError::Mispredicted(_)) if !isolate => isolate = true,
+                Err(error) if error.handling() == Handling::Isolate && !isolate => isolate = true,
                 Err(error) => return Err(error.to_string()),
             }
         }

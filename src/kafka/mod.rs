@@ -23,9 +23,9 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::checkpoint::TopicPartition;
 use crate::projection::Record;
 use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES};
-use crate::store::checkpoint::TopicPartition;
 
 /// What the consumer thread tells a projection's worker, in order.
 pub enum Input {

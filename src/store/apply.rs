@@ -1,82 +1,25 @@
 //! Applying one batch: every event's statements, the held-event releases they unlock, and the
 //! checkpoint moves, in ONE transaction. Each event gets exactly one [`Outcome`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use deadpool_postgres::Transaction;
-use postgres_types::ToSql;
 
-use super::checkpoint::{self, TopicPartition};
-pub use super::error::{class_of, ApplyError, ErrorClass};
-use super::fast::{self, Fast};
+use super::checkpoint;
+pub use super::error::{class_of, ApplyError, ErrorClass, Handling};
+use super::fast::{self, Applier, Fast};
+use super::plan::{Bound, Planner};
 use super::{describe, stored};
-use crate::projection::value::{bind_all, SqlValue};
+use crate::checkpoint::{Move, TopicPartition};
+use crate::outcome::{BatchReport, Outcome};
+use crate::projection::value::bind_all;
 use crate::projection::{Decoded, Dedupe, Event, Handler, Projection, Record, StatementKind};
-
-/// What happened to one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Outcome {
-    /// Its statements changed the read model.
-    Applied,
-    /// Already reflected (row at or past its version, or its id already processed): nothing changed.
-    Duplicate,
-    /// Its predecessor has not been applied yet: held in `projector.held_events`.
-    Gap,
-    /// The projection does not handle its type (or it is a tombstone).
-    Ignored,
-    /// It cannot be applied (malformed, a value that does not fit, a constraint it violates):
-    /// parked in `projector.dead_letters`.
-    Parked,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 5] =
-        [Outcome::Applied, Outcome::Duplicate, Outcome::Gap, Outcome::Ignored, Outcome::Parked];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Gap => "gap",
-            Outcome::Ignored => "ignored",
-            Outcome::Parked => "parked",
-        }
-    }
-}
 
 /// A batch to apply: records in arrival order, and where each partition's checkpoint moves.
 pub struct Batch<'a> {
     pub records: &'a [Record],
-    /// (partition, stored checkpoint the batch started from, next offset after the batch).
-    pub moves: Vec<(TopicPartition, Option<i64>, i64)>,
-}
-
-/// What a committed batch did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct BatchReport {
-    /// (event type label, outcome) to count. Labels are handled types, `other` or `invalid`.
-    pub outcomes: BTreeMap<(String, Outcome), u64>,
-    /// Held events applied because their predecessor arrived (also counted as `applied`).
-    pub released: u64,
-    /// Applied by the fast path ([`super::fast`]).
-    pub fast: bool,
-}
-
-impl BatchReport {
-    pub(super) fn count(&mut self, label: &str, outcome: Outcome) {
-        // Once per event: the label is copied only the first time a batch counts it.
-        let counted = self.outcomes.iter_mut().find(|((known, of), _)| *of == outcome && known == label);
-        match counted {
-            Some((_, count)) => *count += 1,
-            None => {
-                self.outcomes.insert((label.to_string(), outcome), 1);
-            }
-        }
-    }
-
-    pub fn total(&self, outcome: Outcome) -> u64 {
-        self.outcomes.iter().filter(|((_, o), _)| *o == outcome).map(|(_, n)| n).sum()
-    }
+    /// Where each partition's checkpoint moves, from the stored value the batch started at.
+    pub moves: Vec<Move>,
 }
 
 /// Why one event was not applied or held.
@@ -100,6 +43,7 @@ fn event_db(during: &'static str) -> impl Fn(tokio_postgres::Error) -> EventErro
 /// decoding can overlap with the previous batch's transaction; a retry decodes them again.
 pub async fn apply_batch<'p>(
     client: &mut deadpool_postgres::Object,
+    applier: &Applier,
     projection: &'p Projection,
     batch: &Batch<'_>,
     decoded: Option<Vec<Decoded<'p>>>,
@@ -109,19 +53,20 @@ pub async fn apply_batch<'p>(
         Some(decoded) if decoded.len() == batch.records.len() => decoded,
         _ => batch.records.iter().map(|record| projection.decode(record)).collect(),
     };
-    match apply_decoded(client, projection, batch, &decoded, isolate).await {
-        Err(error @ ApplyError::Database { class: ErrorClass::Poison, .. }) if !isolate => {
-            Err(ApplyError::Isolate(error.to_string()))
+    match apply_decoded(client, applier, projection, batch, &decoded, isolate).await {
+        Err(ApplyError::Database { class: ErrorClass::Poison, during, source }) if !isolate => {
+            Err(ApplyError::Isolate { at: during.to_string(), source })
         }
         result => result,
     }
 }
 
-async fn apply_decoded(
+async fn apply_decoded<'p>(
     client: &mut deadpool_postgres::Object,
-    projection: &Projection,
+    applier: &Applier,
+    projection: &'p Projection,
     batch: &Batch<'_>,
-    decoded: &[Decoded<'_>],
+    decoded: &[Decoded<'p>],
     isolate: bool,
 ) -> Result<BatchReport, ApplyError> {
     let mut report = BatchReport::default();
@@ -146,9 +91,9 @@ async fn apply_decoded(
     let planner_off = !isolate && matches!(projection.dedupe, Dedupe::Version(_));
     // One round trip: the checkpoints' compare-and-sets, the keys' states and the planner's
     // settings, pipelined.
-    let moves = futures::future::try_join_all(batch.moves.iter().map(|(partition, from, to)| {
-        checkpoint::compare_and_set(&tx, &projection.name, partition, *from, *to, &projection.hash)
-    }));
+    let moves = futures::future::try_join_all(
+        batch.moves.iter().map(|move_| checkpoint::compare_and_set(&tx, &projection.name, move_, &projection.hash)),
+    );
     let planner = async {
         match planner_off {
             true => tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off").await,
@@ -157,8 +102,8 @@ async fn apply_decoded(
     };
     let (moved, states, planner) = tokio::join!(moves, key_states(&tx, projection, &keys), planner);
     let moved = moved.map_err(ApplyError::during("moving the checkpoints"))?;
-    for ((partition, _, _), cas) in batch.moves.iter().zip(moved) {
-        refused(projection, partition, cas)?;
+    for (move_, cas) in batch.moves.iter().zip(moved) {
+        refused(projection, &move_.partition, cas)?;
     }
     let KeyStates { mut held, mut parked } = states?;
     planner.map_err(ApplyError::during("setting the planner"))?;
@@ -168,7 +113,7 @@ async fn apply_decoded(
         return Ok(report);
     }
     if !isolate && held.is_empty() && parked.is_empty() {
-        if let Fast::Done(report) = fast::try_apply(&tx, projection, batch.records, decoded).await? {
+        if let Fast::Done(report) = fast::try_apply(&tx, applier, projection, batch.records, decoded).await? {
             tx.commit().await.map_err(ApplyError::during("committing"))?;
             return Ok(report);
         }
@@ -324,26 +269,15 @@ async fn process(
     Ok(Processed { label: event.event_type.clone(), outcome, key: event.key.clone() })
 }
 
-/// Prepares each statement (cached per connection) and binds the event's values to the types
-/// Postgres inferred, before anything runs: a value that does not fit parks the event untouched.
-async fn bind_handler(
+/// The event's plan ([`Planner::plan`]): a value that does not fit parks the event untouched.
+async fn bind_handler<'s>(
     tx: &Transaction<'_>,
-    handler: &Handler,
+    handler: &'s Handler,
     event: &Event,
     record: &Record,
-) -> Result<Vec<(tokio_postgres::Statement, Vec<SqlValue>)>, EventError> {
-    let mut bound = Vec::with_capacity(handler.statements.len());
-    for statement in &handler.statements {
-        let prepared = tx.prepare_cached(&statement.sql).await.map_err(event_db("preparing a statement"))?;
-        let values = bind_all(statement, prepared.params(), event, record)
-            .map_err(|error| EventError::Poison(format!("{} (statement at {})", error, statement.origin)))?;
-        bound.push((prepared, values));
-    }
-    Ok(bound)
-}
-
-fn as_params(values: &[SqlValue]) -> Vec<&(dyn ToSql + Sync)> {
-    values.iter().map(|value| &**value as &(dyn ToSql + Sync)).collect()
+) -> Result<Vec<Bound>, EventError> {
+    let planned = Planner::default().plan(tx, handler, event, record).await;
+    planned.map_err(event_db("preparing a statement"))?.map_err(EventError::Poison)
 }
 
 async fn apply_deduped_by_id(
@@ -365,8 +299,8 @@ async fn apply_deduped_by_id(
     if tx.execute(&mark, &[&projection.name, &stored_id]).await.map_err(event_db("recording the event id"))? == 0 {
         return Ok(Outcome::Duplicate);
     }
-    for (statement, values) in &bound {
-        tx.execute(statement, &as_params(values)).await.map_err(event_db(STATEMENT))?;
+    for bound in &bound {
+        tx.execute(&bound.statement, &bound.params()).await.map_err(event_db(STATEMENT))?;
     }
     Ok(Outcome::Applied)
 }
@@ -386,19 +320,20 @@ async fn apply_versioned(
         return Err(EventError::Poison("event has no key or no version".into()));
     };
     let bound = bind_handler(tx, handler, event, record).await?;
-    let (guard, guard_values) = &bound[0];
-    if tx.execute(guard, &as_params(guard_values)).await.map_err(event_db(STATEMENT))? > 0 {
-        for (statement, values) in &bound[1..] {
-            tx.execute(statement, &as_params(values)).await.map_err(event_db(STATEMENT))?;
+    let guard = &bound[0];
+    if tx.execute(&guard.statement, &guard.params()).await.map_err(event_db(STATEMENT))? > 0 {
+        for bound in &bound[1..] {
+            tx.execute(&bound.statement, &bound.params()).await.map_err(event_db(STATEMENT))?;
         }
         return Ok(Outcome::Applied);
     }
 
     // Nothing changed: tell a duplicate from a gap by the row's current version.
-    let lookup = tx.prepare_cached(&table.version_lookup.sql).await.map_err(event_db("looking up the version"))?;
-    let key_value = bind_all(&table.version_lookup, lookup.params(), event, record)
+    let statement = tx.prepare_cached(&table.version_lookup.sql).await.map_err(event_db("looking up the version"))?;
+    let values = bind_all(&table.version_lookup, statement.params(), event, record)
         .map_err(|error| EventError::Poison(error.to_string()))?;
-    let row = tx.query_opt(&lookup, &as_params(&key_value)).await.map_err(event_db("looking up the version"))?;
+    let lookup = Bound { statement, values };
+    let row = tx.query_opt(&lookup.statement, &lookup.params()).await.map_err(event_db("looking up the version"))?;
     let found = match row {
         Some(row) => match row.try_get::<_, Option<i64>>(0) {
             Ok(Some(version)) => Some(version),
@@ -434,9 +369,9 @@ async fn apply_versioned(
             // The predecessor may have committed between the guard and the look-up (in another
             // lane or instance: a key's events in several partitions): the look-up sees it, the
             // guard did not. Once more, now that the row is there.
-            if tx.execute(guard, &as_params(guard_values)).await.map_err(event_db(STATEMENT))? > 0 {
-                for (statement, values) in &bound[1..] {
-                    tx.execute(statement, &as_params(values)).await.map_err(event_db(STATEMENT))?;
+            if tx.execute(&guard.statement, &guard.params()).await.map_err(event_db(STATEMENT))? > 0 {
+                for bound in &bound[1..] {
+                    tx.execute(&bound.statement, &bound.params()).await.map_err(event_db(STATEMENT))?;
                 }
                 return Ok(Outcome::Applied);
             }
@@ -603,10 +538,8 @@ pub(super) async fn try_event(
                 let message =
                     if during == STATEMENT { describe(&error) } else { format!("{during}: {}", describe(&error)) };
                 if !isolate {
-                    return Err(ApplyError::Isolate(format!(
-                        "`{}` partition {} offset {}: {message}",
-                        record.topic, record.partition, record.offset
-                    )));
+                    let at = format!("`{}` partition {} offset {}", record.topic, record.partition, record.offset);
+                    return Err(ApplyError::Isolate { at, source: error });
                 }
                 message
             }
@@ -836,6 +769,7 @@ pub struct Swept {
 /// first held event are tried.
 pub async fn release_ready(
     client: &mut deadpool_postgres::Object,
+    applier: &Applier,
     projection: &Projection,
     partitions: &[(TopicPartition, i64)],
 ) -> Result<Swept, ApplyError> {
@@ -868,7 +802,7 @@ pub async fn release_ready(
     }
     // Keys stored by digest cannot be looked up in the read model: they are always tried.
     let plain: Vec<&str> = held.iter().map(|(key, _)| key.as_str()).filter(|key| !key.starts_with("sha256:")).collect();
-    let rows = fast::current_versions(&tx, table, &plain).await?;
+    let rows = fast::current_versions(&tx, applier, table, &plain).await?;
     let ready: Vec<&str> = held
         .iter()
         .filter(|(key, first)| {
@@ -897,16 +831,10 @@ async fn hold_checkpoints(
     partitions: &[(TopicPartition, i64)],
 ) -> Result<(), ApplyError> {
     for (partition, checkpoint) in partitions {
-        let kept = checkpoint::compare_and_set(
-            tx,
-            &projection.name,
-            partition,
-            Some(*checkpoint),
-            *checkpoint,
-            &projection.hash,
-        )
-        .await
-        .map_err(ApplyError::during("moving the checkpoints"))?;
+        let stay = Move::stay(partition.clone(), *checkpoint);
+        let kept = checkpoint::compare_and_set(tx, &projection.name, &stay, &projection.hash)
+            .await
+            .map_err(ApplyError::during("moving the checkpoints"))?;
         refused(projection, partition, kept)?;
     }
     Ok(())

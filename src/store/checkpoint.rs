@@ -9,9 +9,8 @@ use std::collections::HashMap;
 use tokio_postgres::GenericClient;
 
 use super::{describe, StoreError};
-
-/// A partition of a topic.
-pub type TopicPartition = (String, i32);
+use crate::checkpoint::Move;
+pub use crate::checkpoint::TopicPartition;
 
 /// Stored checkpoints of one projection for the given partitions (absent: never checkpointed).
 pub async fn load(
@@ -64,12 +63,11 @@ pub enum Cas {
 pub async fn compare_and_set(
     client: &impl deadpool_postgres::GenericClient,
     projection: &str,
-    partition: &TopicPartition,
-    from: Option<i64>,
-    to: i64,
+    move_: &Move,
     definition_hash: &str,
 ) -> Result<Cas, tokio_postgres::Error> {
-    debug_assert!(from.is_none_or(|from| from <= to), "a checkpoint never moves backwards");
+    debug_assert!(move_.is_forward(), "a checkpoint never moves backwards");
+    let Move { partition, from, to } = move_;
     let changed = match from {
         Some(from) => {
             let statement = client

@@ -1,10 +1,11 @@
-//! Why a batch did not commit, and the class of each database error: only the class decides
-//! whether a batch is retried, an event parked, or the engine stopped.
+//! Why a batch did not commit, the class of each database error, and what is done about each:
+//! [`ApplyError::handling`] is the one place that decides whether a batch is retried (isolated or
+//! with backoff), its partitions re-read, the projection stopped, or the engine stopped.
 
 use tokio_postgres::error::SqlState;
 
-use super::checkpoint::TopicPartition;
 use super::describe;
+use crate::checkpoint::TopicPartition;
 
 /// How a failure is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,24 @@ pub fn class_of_state(state: &SqlState) -> ErrorClass {
     }
 }
 
+/// What the worker does about a batch that did not commit ([`ApplyError::handling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// Retry at once, each event in a savepoint of its own, so that the event whose data a
+    /// statement failed on is parked alone (also when the fast path's prediction did not hold).
+    Isolate,
+    /// Retry with backoff: transient, or poison that no one event explains. After
+    /// `retry.max_attempts` in a row the projection is reported `failed` while it keeps retrying.
+    Retry,
+    /// Another instance moved a checkpoint: re-read the lane's partitions from the stored
+    /// checkpoints.
+    Reread,
+    /// The checkpoints carry another definition: the projection stops until they match.
+    StopProjection,
+    /// Neither retrying nor parking can fix it: the engine stops.
+    Fail,
+}
+
 /// Why a batch did not commit. Its transaction is rolled back in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -74,16 +93,26 @@ pub enum ApplyError {
         .partition.0, .partition.1
     )]
     DefinitionChanged { partition: TopicPartition, stored: String, running: String },
-    /// The fast path's prediction did not hold: retry on the careful path.
-    #[error("fast path declined after writing: {0}")]
-    Mispredicted(String),
-    /// A statement failed on an event's data while the batch's events were not isolated: retry
-    /// with each event in a savepoint of its own, so that only that event is parked.
-    #[error("a statement failed on an event's data: {0}")]
-    Isolate(String),
+    /// The fast path's prediction did not hold (`why`; `source`, when a statement failed on
+    /// data): retry on the careful path.
+    #[error("fast path declined after writing: {why}")]
+    Mispredicted {
+        why: String,
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
+    /// A statement failed on an event's data (`at`: which event, or what was being done) while
+    /// the batch's events were not isolated: retry with each event in a savepoint of its own, so
+    /// that only that event is parked.
+    #[error("a statement failed on an event's data: {at}: {}", describe(.source))]
+    Isolate {
+        at: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// No connection could be had.
     #[error("cannot get a connection: {0}")]
-    Pool(String),
+    Pool(#[from] deadpool_postgres::PoolError),
     /// A database error, with what was being done.
     #[error("{during}: {}", describe(.source))]
     Database {
@@ -105,16 +134,36 @@ impl ApplyError {
         move |source| ApplyError::database(during, source)
     }
 
-    /// The class of a failure that is not one of the control signals above (fenced, definition
-    /// changed, mispredicted, isolate), which the worker answers each in its own way.
+    /// A failure that no one event explains, with only its details for the log.
+    pub fn mispredicted(why: impl Into<String>) -> ApplyError {
+        ApplyError::Mispredicted { why: why.into(), source: None }
+    }
+
+    /// The class of the failure: a database error's by its SQLSTATE; no connection is transient;
+    /// the control signals (fenced, another definition, mispredicted, isolate) are transient too:
+    /// nothing is wrong with the database.
     pub fn class(&self) -> ErrorClass {
         match self {
             ApplyError::Database { class, .. } => *class,
             ApplyError::Pool(_) => ErrorClass::Transient,
             ApplyError::Fenced { .. }
             | ApplyError::DefinitionChanged { .. }
-            | ApplyError::Mispredicted(_)
-            | ApplyError::Isolate(_) => ErrorClass::Transient,
+            | ApplyError::Mispredicted { .. }
+            | ApplyError::Isolate { .. } => ErrorClass::Transient,
+        }
+    }
+
+    /// What is done about it: the signals each have their own answer; any other failure is
+    /// answered by its class alone.
+    pub fn handling(&self) -> Handling {
+        match self {
+            ApplyError::Mispredicted { .. } | ApplyError::Isolate { .. } => Handling::Isolate,
+            ApplyError::Fenced { .. } => Handling::Reread,
+            ApplyError::DefinitionChanged { .. } => Handling::StopProjection,
+            ApplyError::Database { .. } | ApplyError::Pool(_) => match self.class() {
+                ErrorClass::Fatal => Handling::Fail,
+                ErrorClass::Transient | ErrorClass::Poison => Handling::Retry,
+            },
         }
     }
 }
@@ -122,6 +171,18 @@ impl ApplyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_signal_and_class_has_its_handling() {
+        let partition = ("orders".to_string(), 0);
+        assert_eq!(ApplyError::Fenced { partition: partition.clone() }.handling(), Handling::Reread);
+        let changed = ApplyError::DefinitionChanged { partition, stored: "a".into(), running: "b".into() };
+        assert_eq!(changed.handling(), Handling::StopProjection);
+        assert_eq!(ApplyError::mispredicted("a key moved").handling(), Handling::Isolate);
+        assert_eq!(ApplyError::mispredicted("a key moved").class(), ErrorClass::Transient);
+        let timeout = deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait);
+        assert_eq!(ApplyError::Pool(timeout).handling(), Handling::Retry);
+    }
 
     #[test]
     fn each_sqlstate_has_its_class() {

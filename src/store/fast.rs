@@ -17,7 +17,7 @@
 //!   careful path.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use deadpool_postgres::Transaction;
@@ -25,10 +25,11 @@ use futures::stream::{FuturesOrdered, TryStreamExt};
 use postgres_protocol::types::ArrayDimension;
 use postgres_types::{IsNull, Kind, ToSql, Type};
 
-use super::apply::{ApplyError, BatchReport, ErrorClass, Outcome};
+use super::error::{class_of, ApplyError, ErrorClass};
+use super::plan::{Bound, Planner};
 use super::{describe, stored};
+use crate::outcome::{BatchReport, Outcome};
 use crate::projection::set_based::SetBased;
-use crate::projection::value::{bind_all, SqlValue};
 use crate::projection::{Decoded, Dedupe, Event, Handler, Projection, Record, StatementKind, VersionedTable};
 
 /// What the fast path did.
@@ -45,43 +46,31 @@ struct Planned<'p> {
     /// The entity key (versioned projections).
     key: Option<String>,
     sources: &'p [crate::projection::Statement],
-    statements: Vec<(tokio_postgres::Statement, Vec<SqlValue>)>,
+    statements: Vec<Bound>,
 }
 
-pub async fn try_apply(
+/// Applies the batch's records (decoded as `decoded`) on the fast path, or declines before
+/// writing anything.
+pub async fn try_apply<'p>(
     tx: &Transaction<'_>,
-    projection: &Projection,
+    applier: &Applier,
+    projection: &'p Projection,
     records: &[Record],
-    decoded: &[Decoded<'_>],
+    decoded: &[Decoded<'p>],
 ) -> Result<Fast, ApplyError> {
     // Bind everything first: an event that does not bind declines (the careful path parks it).
     let mut report = BatchReport::default();
     let mut events = Vec::with_capacity(records.len());
-    // Each statement prepared once per batch (the connection's cache is keyed by the text).
-    let mut prepared_for: Vec<(&crate::projection::Statement, tokio_postgres::Statement)> = Vec::new();
+    let mut planner = Planner::default();
     for (record, decoded) in records.iter().zip(decoded) {
         match decoded {
             Decoded::Tombstone | Decoded::Ignored { .. } => report.count("other", Outcome::Ignored),
             Decoded::Poison { .. } => return Ok(declined(projection, "an event does not decode")),
             Decoded::Handled { event, handler } => {
-                let mut statements = Vec::with_capacity(handler.statements.len());
-                for statement in &handler.statements {
-                    let prepared = match prepared_for.iter().find(|(known, _)| std::ptr::eq(*known, statement)) {
-                        Some((_, prepared)) => prepared.clone(),
-                        None => {
-                            let prepared = tx
-                                .prepare_cached(&statement.sql)
-                                .await
-                                .map_err(ApplyError::during("preparing a statement"))?;
-                            prepared_for.push((statement, prepared.clone()));
-                            prepared
-                        }
-                    };
-                    let Ok(values) = bind_all(statement, prepared.params(), event, record) else {
-                        return Ok(declined(projection, "an event's values do not bind"));
-                    };
-                    statements.push((prepared, values));
-                }
+                let planned = planner.plan(tx, handler, event, record);
+                let Ok(statements) = planned.await.map_err(ApplyError::during("preparing a statement"))? else {
+                    return Ok(declined(projection, "an event's values do not bind"));
+                };
                 let planned =
                     Planned { index: events.len(), key: event.key.clone(), sources: &handler.statements, statements };
                 events.push((event, *handler, planned));
@@ -97,8 +86,8 @@ pub async fn try_apply(
             }
             // Hash and merge joins are off (`apply_batch`): each row is found through the key's
             // index, in the look-up as in the set-based statements.
-            if let Some(waves) = guarded_waves(projection, &events) {
-                let outcomes = apply_guarded(tx, table, &events, &waves).await?;
+            if let Some(waves) = guarded_waves(applier, projection, &events) {
+                let outcomes = apply_guarded(tx, applier, table, &events, &waves).await?;
                 for ((event, _, _), outcome) in events.iter().zip(outcomes) {
                     report.count(&event.event_type, outcome);
                 }
@@ -106,7 +95,7 @@ pub async fn try_apply(
                 return Ok(Fast::Done(report));
             }
             let keys: Vec<&str> = events.iter().filter_map(|(event, _, _)| event.key.as_deref()).collect();
-            let mut current = current_versions(tx, table, &keys).await?;
+            let mut current = current_versions(tx, applier, table, &keys).await?;
             for (event, handler, planned) in events {
                 let key = event.key.as_deref().expect("checked above");
                 let version = event.version.expect("checked above");
@@ -166,7 +155,7 @@ pub async fn try_apply(
                     .await
                     .map_err(ApplyError::during("recording event ids"))?;
                 if inserted as usize != new_ids.len() {
-                    return Err(ApplyError::Mispredicted(format!(
+                    return Err(ApplyError::mispredicted(format!(
                         "{} of {} new event ids were already processed",
                         new_ids.len() as u64 - inserted,
                         new_ids.len()
@@ -176,7 +165,7 @@ pub async fn try_apply(
         }
     }
 
-    if let Some(waves) = set_based_waves(projection, applied.iter().collect()) {
+    if let Some(waves) = set_based_waves(applier, projection, applied.iter().collect()) {
         apply_set_based(tx, &waves).await?;
         report.fast = true;
         return Ok(Fast::Done(report));
@@ -187,31 +176,42 @@ pub async fn try_apply(
     let guarded = matches!(projection.dedupe, Dedupe::Version(_));
     let mut pipeline = FuturesOrdered::new();
     for planned in &applied {
-        for (index, (statement, values)) in planned.statements.iter().enumerate() {
-            let params: Vec<&(dyn postgres_types::ToSql + Sync)> =
-                values.iter().map(|value| &**value as &(dyn postgres_types::ToSql + Sync)).collect();
+        for (index, bound) in planned.statements.iter().enumerate() {
+            let params = bound.params();
             let must_change = guarded && index == 0;
-            pipeline.push_back(async move { tx.execute(statement, &params).await.map(|rows| (rows, must_change)) });
+            pipeline
+                .push_back(async move { tx.execute(&bound.statement, &params).await.map(|rows| (rows, must_change)) });
         }
     }
     let results: Vec<(u64, bool)> = pipeline.try_collect().await.map_err(fast_error)?;
     if let Some(position) = results.iter().position(|(rows, must_change)| *must_change && *rows == 0) {
-        return Err(ApplyError::Mispredicted(format!("guarded statement {position} of the batch changed no row")));
+        return Err(ApplyError::mispredicted(format!("guarded statement {position} of the batch changed no row")));
     }
     report.fast = true;
     Ok(Fast::Done(report))
 }
 
-static SET_BASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Turns set-based application on or off for this process (`batch.set_based`).
-pub fn set_based_enabled(enabled: bool) {
-    SET_BASED.store(enabled, std::sync::atomic::Ordering::Relaxed);
+/// What applying batches keeps beyond a projection, per engine: its settings and the version
+/// look-ups it built. Cloned into each worker; clones share the look-ups.
+#[derive(Clone)]
+pub struct Applier {
+    /// Events of one statement applied by one statement over arrays (`batch.set_based`).
+    pub set_based: bool,
+    /// The version look-up's text per (table, key column): see [`lookup_sql`].
+    lookups: Arc<Mutex<HashMap<(String, String), String>>>,
 }
 
-/// Whether set-based application is on for this process (`batch.set_based`, on by default).
-pub fn set_based_is_enabled() -> bool {
-    SET_BASED.load(std::sync::atomic::Ordering::Relaxed)
+impl Applier {
+    pub fn new(set_based: bool) -> Applier {
+        Applier { set_based, lookups: Arc::default() }
+    }
+}
+
+impl Default for Applier {
+    /// As `batch.set_based` is by default: on.
+    fn default() -> Applier {
+        Applier::new(true)
+    }
 }
 
 /// Events of one statement applied by one set-based statement: no two share a key.
@@ -224,8 +224,12 @@ struct Group<'a, 'p> {
 /// with a set-based form, in waves: wave `w` holds the `w`-th applied event of each key, grouped
 /// by statement. Applying the waves in order keeps every key's order; within a wave no two
 /// events share a key, so each group can be one statement. `None`: apply event by event.
-fn set_based_waves<'a, 'p>(projection: &Projection, applied: Vec<&'a Planned<'p>>) -> Option<Vec<Vec<Group<'a, 'p>>>> {
-    if !set_based_is_enabled() || !matches!(projection.dedupe, Dedupe::Version(_)) || applied.len() < 2 {
+fn set_based_waves<'a, 'p>(
+    applier: &Applier,
+    projection: &Projection,
+    applied: Vec<&'a Planned<'p>>,
+) -> Option<Vec<Vec<Group<'a, 'p>>>> {
+    if !applier.set_based || !matches!(projection.dedupe, Dedupe::Version(_)) || applied.len() < 2 {
         return None;
     }
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
@@ -255,6 +259,7 @@ fn set_based_waves<'a, 'p>(projection: &Projection, applied: Vec<&'a Planned<'p>
 /// with a set-based form. Each guard then decides alone whether its event applies, exactly as
 /// the prediction would; `apply_guarded` explains the events it refused.
 fn guarded_waves<'a, 'p>(
+    applier: &Applier,
     projection: &Projection,
     events: &'a [(&Event, &Handler, Planned<'p>)],
 ) -> Option<Vec<Vec<Group<'a, 'p>>>> {
@@ -265,7 +270,7 @@ fn guarded_waves<'a, 'p>(
         return None;
     }
     let planned: Vec<&'a Planned<'p>> = events.iter().map(|(_, _, planned)| planned).collect();
-    set_based_waves(projection, planned)
+    set_based_waves(applier, projection, planned)
 }
 
 /// Runs the waves, each group returning the keys it changed, then explains every event whose
@@ -275,13 +280,14 @@ fn guarded_waves<'a, 'p>(
 /// by event. Returns each event's outcome, in batch order.
 async fn apply_guarded(
     tx: &Transaction<'_>,
+    applier: &Applier,
     table: &VersionedTable,
     events: &[(&Event, &Handler, Planned<'_>)],
     waves: &[Vec<Group<'_, '_>>],
 ) -> Result<Vec<Outcome>, ApplyError> {
     let mut statements: Vec<(tokio_postgres::Statement, Vec<Column<'_>>, &Group)> = Vec::new();
     for group in waves.iter().flatten() {
-        let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
+        let types: Vec<String> = group.events[0].statements[0].statement.params().iter().map(sql_type).collect();
         let sql = group.set.sql_returning(&types, &table.key_column);
         let prepared = tx.prepare_cached(&sql).await.map_err(ApplyError::during("preparing a set-based statement"))?;
         statements.push((prepared, columns(group, types.len()), group));
@@ -322,7 +328,7 @@ async fn apply_guarded(
         }
     }
     let keys: Vec<&str> = refused.keys().copied().collect();
-    let now = current_versions(tx, table, &keys).await?;
+    let now = current_versions(tx, applier, table, &keys).await?;
     for (key, mut indexes) in refused {
         indexes.sort_unstable();
         let version = |index: usize| events[index].0.version.expect("guarded events have versions");
@@ -342,19 +348,19 @@ async fn apply_guarded(
                     _ => at == Some(v - 1),
                 };
                 if !follows {
-                    return Err(ApplyError::Mispredicted(format!("key `{key}`: version {v} applied after {at:?}")));
+                    return Err(ApplyError::mispredicted(format!("key `{key}`: version {v} applied after {at:?}")));
                 }
                 at = Some(v);
             } else if at.is_some_and(|at| at >= v) {
                 outcomes[index] = Outcome::Duplicate;
             } else {
-                return Err(ApplyError::Mispredicted(format!(
+                return Err(ApplyError::mispredicted(format!(
                     "key `{key}`: version {v} does not follow the row's version {at:?}"
                 )));
             }
         }
         if at != now.get(key).copied().flatten() {
-            return Err(ApplyError::Mispredicted(format!("key `{key}` is at {:?}, not {at:?}", now.get(key))));
+            return Err(ApplyError::mispredicted(format!("key `{key}` is at {:?}, not {at:?}", now.get(key))));
         }
     }
     Ok(outcomes)
@@ -364,7 +370,9 @@ async fn apply_guarded(
 fn columns<'a>(group: &Group<'a, '_>, width: usize) -> Vec<Column<'a>> {
     (0..width)
         .map(|j| {
-            Column(group.events.iter().map(|planned| &*planned.statements[0].1[j] as &(dyn ToSql + Sync)).collect())
+            Column(
+                group.events.iter().map(|planned| &*planned.statements[0].values[j] as &(dyn ToSql + Sync)).collect(),
+            )
         })
         .collect()
 }
@@ -374,7 +382,7 @@ fn columns<'a>(group: &Group<'a, '_>, width: usize) -> Vec<Column<'a>> {
 async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> Result<(), ApplyError> {
     let mut statements: Vec<(tokio_postgres::Statement, Vec<Column<'_>>, u64)> = Vec::new();
     for group in waves.iter().flatten() {
-        let types: Vec<String> = group.events[0].statements[0].0.params().iter().map(sql_type).collect();
+        let types: Vec<String> = group.events[0].statements[0].statement.params().iter().map(sql_type).collect();
         let prepared = tx
             .prepare_cached(&group.set.sql(&types))
             .await
@@ -388,7 +396,7 @@ async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> 
     }
     let results: Vec<(u64, u64)> = pipeline.try_collect().await.map_err(fast_error)?;
     if let Some((rows, size)) = results.iter().find(|(rows, size)| rows != size) {
-        return Err(ApplyError::Mispredicted(format!("a set-based statement for {size} events changed {rows} rows")));
+        return Err(ApplyError::mispredicted(format!("a set-based statement for {size} events changed {rows} rows")));
     }
     Ok(())
 }
@@ -441,8 +449,8 @@ fn declined(projection: &Projection, why: &str) -> Fast {
 /// A statement failing on the fast path: data errors go to the careful path, which parks the
 /// event responsible alone.
 fn fast_error(error: tokio_postgres::Error) -> ApplyError {
-    match super::error::class_of(&error) {
-        ErrorClass::Poison => ApplyError::Mispredicted(describe(&error)),
+    match class_of(&error) {
+        ErrorClass::Poison => ApplyError::Mispredicted { why: describe(&error), source: Some(error) },
         _ => ApplyError::database("applying the batch", error),
     }
 }
@@ -450,10 +458,11 @@ fn fast_error(error: tokio_postgres::Error) -> ApplyError {
 /// The version of each key's row now (`None`: no row), in one round trip.
 pub(super) async fn current_versions(
     tx: &Transaction<'_>,
+    applier: &Applier,
     table: &VersionedTable,
     keys: &[&str],
 ) -> Result<HashMap<String, Option<i64>>, ApplyError> {
-    let sql = lookup_sql(tx, table).await?;
+    let sql = lookup_sql(tx, applier, table).await?;
     let statement = tx.prepare_cached(&sql).await.map_err(ApplyError::during("preparing the version look-up"))?;
     // A key Postgres cannot read as the key column's type (a NUL, a malformed uuid) fails the
     // look-up as data: the careful path then parks its event.
@@ -463,13 +472,12 @@ pub(super) async fn current_versions(
     Ok(rows.into_iter().map(|row| (row.get::<_, String>(0), row.get::<_, Option<i64>>(1))).collect())
 }
 
-/// `SELECT key::text, version FROM table WHERE key = ANY($1::text[]::<key type>[])`: the key
-/// column's own type keeps its index usable. Built once per table. A key written differently from
-/// its text form (an upper-case uuid) is then not found: the prediction fails safe (the batch
-/// goes the careful way).
-async fn lookup_sql(tx: &Transaction<'_>, table: &VersionedTable) -> Result<String, ApplyError> {
-    static CACHE: OnceLock<Mutex<HashMap<(String, String), String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
+/// `SELECT t.key::text, t.version FROM unnest($1::text[]) JOIN table t ON t.key = key::<key type>`:
+/// each key cast to the key column's own type keeps its index usable. Built once per table and
+/// engine. A key written differently from its text form (an upper-case uuid) is then not found:
+/// the prediction fails safe (the batch goes the careful way).
+async fn lookup_sql(tx: &Transaction<'_>, applier: &Applier, table: &VersionedTable) -> Result<String, ApplyError> {
+    let cache = &applier.lookups;
     let cache_key = (table.table.clone(), table.key_column.clone());
     if let Some(sql) = cache.lock().expect("lookup cache").get(&cache_key) {
         return Ok(sql.clone());
@@ -483,10 +491,9 @@ async fn lookup_sql(tx: &Transaction<'_>, table: &VersionedTable) -> Result<Stri
         .await
         .map_err(ApplyError::during("reading the key column's type"))?;
     let key_type: String = row.get(0);
-    // A join with `unnest`, run with hash and merge joins off (see `try_apply`): a nested
-    // loop probing the key's index once per key. (`= ANY(array)` was planned, with the array's
-    // hundreds of keys known, as a sequential scan of the whole table filtering on a hash of the
-    // keys: its cost grew with the table.)
+    // Run with hash and merge joins off (see `apply_batch`): a nested loop probing the key's
+    // index once per key, whatever the table's size. (`= ANY(array)` is planned as a sequential
+    // scan filtering on a hash of the keys, whose cost grows with the table.)
     let sql = format!(
         "SELECT t.{key}::text, t.{version}::bigint FROM unnest($1::text[]) AS projector_keys(key)
            JOIN {table} AS t ON t.{key} = projector_keys.key::{key_type}",

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod fast;
 pub mod parked;
+pub mod plan;
 pub mod rebuild;
 pub mod schema;
 pub mod stored;
@@ -165,11 +166,13 @@ async fn forget_shop_migration(client: &tokio_postgres::Client) -> Result<(), to
     Ok(())
 }
 
-/// Prepares every statement of every projection against the live schema; returns one message per
-/// statement that does not fit it (missing table or column, type mismatch, …), with file and line.
+/// Prepares every statement of every projection against the live schema (with `set_based`, also
+/// the forms that apply many events at once); returns one message per statement that does not
+/// fit it (missing table or column, type mismatch, …), with file and line.
 pub async fn check_statements(
     client: &tokio_postgres::Client,
     projections: &[crate::projection::Projection],
+    set_based: bool,
 ) -> Vec<String> {
     let mut problems = Vec::new();
     for projection in projections {
@@ -186,7 +189,7 @@ pub async fn check_statements(
                 Err(error) => Some(describe(&error)),
                 Ok(prepared) => match (&statement.set_based, &projection.dedupe) {
                     // Its form for many events at once, as the fast path would run it.
-                    (Some(set), crate::projection::Dedupe::Version(table)) if fast::set_based_is_enabled() => {
+                    (Some(set), crate::projection::Dedupe::Version(table)) if set_based => {
                         let types: Vec<String> = prepared.params().iter().map(fast::sql_type).collect();
                         client.prepare(&set.sql_returning(&types, &table.key_column)).await.err().map(|error| {
                             format!(

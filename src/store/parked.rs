@@ -8,8 +8,9 @@
 use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 
-use super::apply::{label_of, release_key, try_event, ApplyError, BatchReport, Outcome, Processed, Released, Source};
+use super::apply::{label_of, release_key, try_event, ApplyError, Processed, Released, Source};
 use super::{describe, stored, StoreError};
+use crate::outcome::{BatchReport, Outcome};
 use crate::projection::{Projection, Record};
 
 /// One parked event.

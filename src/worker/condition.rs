@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use crate::checkpoint::TopicPartition;
 use crate::metrics::Metrics;
-use crate::store::checkpoint::TopicPartition;
 
 /// Something that keeps a projection from doing its work.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

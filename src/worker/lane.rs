@@ -11,10 +11,12 @@ use rand::Rng;
 use tokio::sync::{oneshot, watch};
 
 use super::condition::{Condition, Problem};
-use super::Move;
+use crate::checkpoint::Move;
 use crate::metrics::Metrics;
+use crate::outcome::BatchReport;
 use crate::projection::{Decoded, Projection, Record};
-use crate::store::apply::{apply_batch, ApplyError, Batch, BatchReport, ErrorClass};
+use crate::store::apply::{apply_batch, ApplyError, Batch, Handling};
+use crate::store::fast::Applier;
 
 /// How a lane's batch ended.
 pub(super) enum Lane {
@@ -86,6 +88,7 @@ impl RetryPolicy {
 /// One lane's part of a batch, with what it needs to run on a task of its own.
 pub(super) struct LaneJob {
     pub projection: Arc<Projection>,
+    pub applier: Applier,
     pub pool: Pool,
     pub shutdown: watch::Receiver<bool>,
     pub condition: Arc<Condition>,
@@ -105,6 +108,7 @@ impl LaneJob {
     pub async fn run(self) -> InFlight {
         let LaneJob {
             projection,
+            applier,
             pool,
             shutdown,
             condition,
@@ -130,6 +134,7 @@ impl LaneJob {
         } else {
             let run = LaneRun {
                 projection: &projection,
+                applier: &applier,
                 pool: &pool,
                 shutdown: &shutdown,
                 condition: &condition,
@@ -150,6 +155,7 @@ impl LaneJob {
 /// What applying a lane's records needs.
 struct LaneRun<'a> {
     projection: &'a Projection,
+    applier: &'a Applier,
     pool: &'a Pool,
     shutdown: &'a watch::Receiver<bool>,
     condition: &'a Condition,
@@ -174,9 +180,9 @@ impl<'a> LaneRun<'a> {
             let result = match self.pool.get().await {
                 Ok(mut client) => {
                     let batch = Batch { records, moves: moves.to_vec() };
-                    apply_batch(&mut client, projection, &batch, decoded.take(), isolate).await
+                    apply_batch(&mut client, self.applier, projection, &batch, decoded.take(), isolate).await
                 }
-                Err(error) => Err(ApplyError::Pool(error.to_string())),
+                Err(error) => Err(ApplyError::Pool(error)),
             };
             let error = match result {
                 Ok(report) => {
@@ -187,27 +193,28 @@ impl<'a> LaneRun<'a> {
                 }
                 Err(error) => error,
             };
-            match error {
-                ApplyError::Mispredicted(message) => {
-                    tracing::debug!(projection = %projection.name, %message, "fast path declined: retrying the batch event by event");
+            match error.handling() {
+                Handling::Isolate => {
+                    match &error {
+                        ApplyError::Mispredicted { why, .. } => {
+                            tracing::debug!(projection = %projection.name, why, "fast path declined: retrying the batch event by event")
+                        }
+                        _ => tracing::info!(projection = %projection.name, error = %error,
+                            "a statement failed on an event's data: retrying the batch event by event"),
+                    }
                     isolate = true;
                 }
-                ApplyError::Isolate(message) => {
-                    tracing::info!(projection = %projection.name, %message,
-                        "a statement failed on an event's data: retrying the batch event by event");
-                    isolate = true;
-                }
-                ApplyError::Fenced { partition } => {
-                    tracing::warn!(projection = %projection.name, topic = %partition.0, partition = partition.1,
+                Handling::Reread => {
+                    tracing::warn!(projection = %projection.name, %error,
                         "checkpoint moved by another instance: batch rolled back, re-reading from the stored checkpoint");
                     return Lane::Fenced;
                 }
-                ApplyError::DefinitionChanged { .. } => return Lane::DefinitionChanged(error.to_string()),
-                error if error.class() == ErrorClass::Fatal => {
+                Handling::StopProjection => return Lane::DefinitionChanged(error.to_string()),
+                Handling::Fail => {
                     tracing::error!(projection = %projection.name, %error, "batch failed and cannot be retried");
                     return Lane::Fatal(error.to_string());
                 }
-                error => {
+                Handling::Retry => {
                     attempt += 1;
                     if *self.shutdown.borrow() && attempt > 3 {
                         tracing::warn!(projection = %projection.name, %error, "giving up the batch in flight at shutdown: it was rolled back and will be read again");
@@ -270,9 +277,10 @@ mod tests {
         }
         let (_stop, shutdown) = watch::channel(true);
         let (done, next) = oneshot::channel();
-        let moves = vec![(("shop.orders".to_string(), 0), Some(10), 11)];
+        let moves = vec![Move { partition: ("shop.orders".to_string(), 0), from: Some(10), to: 11 }];
         let job = LaneJob {
             projection: projection(),
+            applier: Applier::default(),
             pool: refusing_pool(),
             shutdown,
             condition: Arc::new(Condition::new("order_summary", metrics.clone(), false)),
@@ -321,6 +329,7 @@ mod tests {
         let (done, _next) = oneshot::channel();
         let job = LaneJob {
             projection: projection(),
+            applier: Applier::default(),
             pool: refusing_pool(),
             shutdown,
             condition: condition.clone(),
@@ -329,7 +338,7 @@ mod tests {
             lane: 2,
             generation: 0,
             records: Vec::new(),
-            moves: vec![(("shop.orders".to_string(), 0), Some(10), 11)],
+            moves: vec![Move { partition: ("shop.orders".to_string(), 0), from: Some(10), to: 11 }],
             previous: None,
             done,
         };

@@ -9,17 +9,10 @@
 use std::time::{Duration, Instant};
 
 use super::condition::Problem;
-use super::{Ended, Move, Worker, WorkerError};
+use super::{Ended, Worker, WorkerError};
+use crate::checkpoint::{Lost, Move, TopicPartition};
 use crate::settings::OnDataLoss;
-use crate::store::checkpoint::{self, Cas, TopicPartition};
-
-/// Why a partition is held: its checkpoint when the loss was found, and where the broker's log
-/// started then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Lost {
-    pub checkpoint: i64,
-    pub low: i64,
-}
+use crate::store::checkpoint::{self, Cas};
 
 impl Worker {
     /// The consumer could not read a partition from its position: compares every owned
@@ -59,7 +52,11 @@ impl Worker {
                 .partitions
                 .iter()
                 .filter(|(_, state)| state.lost.is_none())
-                .map(|(partition, state)| (partition.clone(), state.checkpoint, state.checkpoint.unwrap_or(0)))
+                .map(|(partition, state)| Move {
+                    partition: partition.clone(),
+                    from: state.checkpoint,
+                    to: state.checkpoint.unwrap_or(0),
+                })
                 .collect();
             self.resync(&moves).await;
         }
@@ -144,7 +141,7 @@ impl Worker {
                 self.condition.clear(&Problem::DataLoss(partition.clone()));
                 self.seek(partition.clone(), Some(to));
             }
-            Ok(Cas::Fenced) => self.resync(&[(partition.clone(), Some(from), from)]).await,
+            Ok(Cas::Fenced) => self.resync(&[Move::stay(partition.clone(), from)]).await,
             Ok(Cas::OtherDefinition(stored)) => {
                 self.ended.get_or_insert(Ended::DefinitionChanged(format!(
                     "the checkpoint of `{}` partition {} was written by another definition ({stored})",

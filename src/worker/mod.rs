@@ -25,37 +25,27 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use self::condition::{Condition, Problem};
 use self::lane::{Chain, InFlight, Lane, LaneJob, Pending, RetryPolicy};
+use crate::checkpoint::{add_advance, is_of, moves_of, Move, PartitionState, TopicPartition};
 use crate::kafka::{Command, ConsumerThread, Input};
 use crate::metrics::Metrics;
+use crate::outcome::{BatchReport, Outcome};
 use crate::projection::{Projection, Record};
 use crate::settings::{OnDataLoss, Settings};
-use crate::store::apply::{park_expired_gaps, release_ready, ApplyError, BatchReport, ErrorClass, Outcome};
-use crate::store::checkpoint::{self, TopicPartition};
+use crate::store::apply::{park_expired_gaps, release_ready, ApplyError, Handling};
+use crate::store::checkpoint;
+use crate::store::fast::Applier;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("projection `{projection}`: kafka: {message}")]
-    Kafka { projection: String, message: String },
+    #[error("projection `{projection}`: kafka: {source}")]
+    Kafka {
+        projection: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
     #[error("projection `{projection}` stopped: {message}")]
     Fatal { projection: String, message: String },
-}
-
-/// A checkpoint move: the partition, its stored checkpoint (the compare-and-set's expected value),
-/// and the next offset after the batch.
-pub type Move = (TopicPartition, Option<i64>, i64);
-
-/// Where a partition stands, as this worker knows it.
-#[derive(Debug, Default)]
-struct PartitionState {
-    /// The stored checkpoint (`None`: never checkpointed): the compare-and-set's expected value.
-    checkpoint: Option<i64>,
-    /// Where the consumer stands past the last record it delivered (transaction markers,
-    /// aborted records): the checkpoint moves there with the next batch.
-    advance: Option<i64>,
-    /// The broker no longer holds this partition from the checkpoint on: not read until an
-    /// operator moves the checkpoint (`kafka.on_data_loss = "fail"`).
-    lost: Option<lost::Lost>,
 }
 
 /// How [`Worker::consume`] ended.
@@ -84,6 +74,8 @@ pub struct WorkerOptions {
 
 struct Worker {
     projection: Arc<Projection>,
+    /// Settings and caches of applying batches, shared by the worker's lanes and sweeps.
+    applier: Applier,
     pool: Pool,
     metrics: Metrics,
     condition: Arc<Condition>,
@@ -153,6 +145,7 @@ pub async fn run_with(
         max_attempts: settings.retry.max_attempts.max(1),
         max_backoff: Duration::from_millis(settings.retry.max_backoff_ms.max(1)),
     };
+    let applier = Applier::new(settings.batch.set_based);
     let mut restarts = 0;
     loop {
         // A fault the tests inject (feature `failpoints`): the worker ends as if its work were done.
@@ -175,11 +168,12 @@ pub async fn run_with(
             &projection.topics,
             inputs_tx,
         )
-        .map_err(|error| WorkerError::Kafka { projection: projection.name.clone(), message: error.to_string() })?;
+        .map_err(|source| WorkerError::Kafka { projection: projection.name.clone(), source })?;
         condition.publish();
         let lanes = settings.batch.lanes.clamp(1, settings.database.pool_size.max(1));
         let mut worker = Worker {
             projection: projection.clone(),
+            applier: applier.clone(),
             pool: pool.clone(),
             metrics: metrics.clone(),
             condition: condition.clone(),
@@ -359,15 +353,17 @@ impl Worker {
         Ok(self.ended.take().unwrap_or(ended))
     }
 
-    /// Drops records of partitions we do not own, polled before a seek, or already checkpointed.
+    /// Drops records of partitions we do not own, polled before a seek, already checkpointed, or
+    /// at or past where a rebuild "as of" stops.
     fn accepts(&self, record: &Record, epoch: u64) -> bool {
         // Once per record: the maps (a few partitions each) are scanned, not hashed with a copy
         // of the topic.
-        let same = |known: &TopicPartition| is_of(record, known);
+        let same = |known: &TopicPartition| is_of(&record.topic, record.partition, known);
         let Some(state) = self.partitions.iter().find(|(known, _)| same(known)).map(|(_, state)| state) else {
             return false;
         };
-        if self.stop_offsets.iter().find(|(known, _)| same(known)).is_some_and(|(_, stop)| record.offset >= *stop) {
+        let stop = self.stop_offsets.iter().find(|(known, _)| same(known)).map(|(_, stop)| *stop);
+        if !state.accepts(record.offset, stop) {
             return false;
         }
         if let Some(stop) = self.stop_at_time_ms {
@@ -382,8 +378,6 @@ impl Worker {
             }
         }
         epoch == self.epochs.iter().find(|(known, _)| same(known)).map_or(0, |(_, epoch)| *epoch)
-            && state.lost.is_none()
-            && state.checkpoint.is_none_or(|next| record.offset >= next)
     }
 
     /// Takes the consumer's positions: a partition whose consumer stands past its checkpoint with
@@ -395,20 +389,14 @@ impl Worker {
             if self.epochs.get(&partition).copied().unwrap_or(0) != epoch {
                 continue;
             }
-            let mut to = position;
-            if let Some(stop) = self.stop_offsets.get(&partition) {
-                to = to.min(*stop);
-            }
+            let mut stop = self.stop_offsets.get(&partition).copied();
             if self.stop_at_time_ms.is_some() {
                 if let Some(reached) = self.reached.lock().expect("reached offsets").get(&partition) {
-                    to = to.min(*reached);
+                    stop = Some(stop.map_or(*reached, |stop| stop.min(*reached)));
                 }
             }
             let Some(state) = self.partitions.get_mut(&partition) else { continue };
-            if state.lost.is_none() && state.checkpoint.is_none_or(|checkpoint| to > checkpoint) {
-                state.advance = Some(state.advance.map_or(to, |advance| advance.max(to)));
-                any = true;
-            }
+            any |= state.advance_to(position, stop);
         }
         any
     }
@@ -457,29 +445,22 @@ impl Worker {
             lanes[lane].push(record);
         }
         self.batch_bytes = 0;
-        let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| self.moves_of(records)).collect();
+        let expected = |partition: &TopicPartition| self.partitions.get(partition).and_then(|state| state.checkpoint);
+        let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| moves_of(records, expected)).collect();
         let advances: Vec<(TopicPartition, i64)> = self
             .partitions
             .iter_mut()
             .filter_map(|(partition, state)| state.advance.take().map(|to| (partition.clone(), to)))
             .collect();
         for (partition, to) in advances {
-            let moves = &mut lane_moves[self.lane_of(&partition.0, partition.1)];
-            match moves.iter_mut().find(|(known, _, _)| *known == partition) {
-                Some((_, _, at)) => *at = (*at).max(to),
-                None => {
-                    let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
-                    if from.is_none_or(|from| to > from) {
-                        moves.push((partition, from, to));
-                    }
-                }
-            }
+            let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
+            add_advance(&mut lane_moves[self.lane_of(&partition.0, partition.1)], partition, from, to);
         }
         for (lane, (records, moves)) in lanes.into_iter().zip(lane_moves).enumerate() {
             if moves.is_empty() {
                 continue;
             }
-            for (partition, _, to) in &moves {
+            for Move { partition, to, .. } in &moves {
                 if let Some(state) = self.partitions.get_mut(partition) {
                     state.checkpoint = Some(*to);
                 }
@@ -488,6 +469,7 @@ impl Worker {
             let (done, next) = oneshot::channel();
             let job = LaneJob {
                 projection: self.projection.clone(),
+                applier: self.applier.clone(),
                 pool: self.pool.clone(),
                 shutdown: self.shutdown.clone(),
                 condition: self.condition.clone(),
@@ -531,7 +513,9 @@ impl Worker {
             Lane::Fenced | Lane::Skipped => {
                 if done.generation == self.chains[done.lane].generation && !*self.shutdown.borrow() {
                     self.chains[done.lane].generation += 1;
-                    batch.retain(|record| !done.moves.iter().any(|(partition, _, _)| is_of(record, partition)));
+                    batch.retain(|record| {
+                        !done.moves.iter().any(|known| is_of(&record.topic, record.partition, &known.partition))
+                    });
                     self.resync(&done.moves).await;
                 }
             }
@@ -567,25 +551,6 @@ impl Worker {
         }
     }
 
-    /// Where each partition of `records` moves: from its expected checkpoint to past its last record.
-    fn moves_of(&self, records: &[Record]) -> Vec<Move> {
-        // A lane holds a few partitions: found by a scan, the topic copied once per partition.
-        let mut moves: Vec<Move> = Vec::new();
-        for record in records {
-            let found = moves.iter_mut().find(|(partition, _, _)| is_of(record, partition));
-            match found {
-                Some((_, _, to)) => *to = (*to).max(record.offset + 1),
-                None => {
-                    let partition = (record.topic.to_string(), record.partition);
-                    let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
-                    moves.push((partition, from, record.offset + 1));
-                }
-            }
-        }
-        moves.sort_by(|a, b| a.0.cmp(&b.0));
-        moves
-    }
-
     /// Records a committed lane: checkpoint gauges, metrics, and the advisory Kafka commit. (The
     /// expected checkpoints moved when the batch started.)
     fn committed(&mut self, moves: &[Move], report: &BatchReport, events: usize, seconds: f64) {
@@ -593,7 +558,7 @@ impl Worker {
             self.may_hold = true;
         }
         let mut committed = Vec::with_capacity(moves.len());
-        for (partition, _, to) in moves {
+        for Move { partition, to, .. } in moves {
             self.metrics
                 .checkpoint
                 .with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
@@ -618,7 +583,7 @@ impl Worker {
         }
         let result = match self.pool.get().await {
             Ok(mut client) => park_expired_gaps(&mut client, &self.projection, &owned, timeout.as_secs()).await,
-            Err(error) => Err(ApplyError::Pool(error.to_string())),
+            Err(error) => Err(ApplyError::Pool(error)),
         };
         match result {
             Ok(0) => {}
@@ -637,8 +602,8 @@ impl Worker {
     async fn release_ready(&mut self) -> Result<(), WorkerError> {
         let owned = self.owned_checkpoints();
         let result = match self.pool.get().await {
-            Ok(mut client) => release_ready(&mut client, &self.projection, &owned).await,
-            Err(error) => Err(ApplyError::Pool(error.to_string())),
+            Ok(mut client) => release_ready(&mut client, &self.applier, &self.projection, &owned).await,
+            Err(error) => Err(ApplyError::Pool(error)),
         };
         match result {
             Ok(swept) => {
@@ -671,31 +636,31 @@ impl Worker {
         owned: Vec<(TopicPartition, i64)>,
         what: &str,
     ) -> Result<(), WorkerError> {
-        match error {
-            ApplyError::Fenced { partition } => {
+        match (error.handling(), &error) {
+            (Handling::Reread, ApplyError::Fenced { partition }) => {
                 tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
                     "checkpoint moved by another instance: re-reading from the stored checkpoint");
                 let moves: Vec<Move> = owned
                     .into_iter()
-                    .filter(|(owned, _)| *owned == partition)
-                    .map(|(partition, checkpoint)| (partition, Some(checkpoint), checkpoint))
+                    .filter(|(owned, _)| owned == partition)
+                    .map(|(partition, checkpoint)| Move::stay(partition, checkpoint))
                     .collect();
                 self.resync(&moves).await;
             }
-            error @ ApplyError::DefinitionChanged { .. } => {
+            (Handling::StopProjection, _) => {
                 self.ended.get_or_insert(Ended::DefinitionChanged(error.to_string()));
             }
-            error if error.class() == ErrorClass::Fatal => {
+            (Handling::Fail, _) => {
                 return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message: error.to_string() })
             }
-            error => tracing::warn!(projection = %self.projection.name, %error, "{what}; trying again later"),
+            _ => tracing::warn!(projection = %self.projection.name, %error, "{what}; trying again later"),
         }
         Ok(())
     }
 
     /// After a fenced batch: take the stored checkpoints as the truth and re-read from them.
     async fn resync(&mut self, moves: &[Move]) {
-        let partitions: Vec<TopicPartition> = moves.iter().map(|(partition, _, _)| partition.clone()).collect();
+        let partitions: Vec<TopicPartition> = moves.iter().map(|known| known.partition.clone()).collect();
         let Some(stored) = self.load_checkpoints(&partitions).await else {
             return;
         };
@@ -717,11 +682,6 @@ impl Worker {
         self.epochs.insert(partition.clone(), epoch);
         let _ = self.commands.send(Command::Seek { partition, offset, epoch });
     }
-}
-
-/// Whether `record` is of `partition`, compared without copying its topic.
-fn is_of(record: &Record, (topic, partition): &TopicPartition) -> bool {
-    *partition == record.partition && **topic == *record.topic
 }
 
 /// Completes once shutdown is asked for (or nobody can ask any more). The receiver's guard is

@@ -3,9 +3,12 @@
 //! duplicates when their row is already at or past them, and anything else (a gap) rolls the
 //! batch back so that it is retried event by event.
 
+use projector::checkpoint::Move;
 use projector::demo::shop_event;
+use projector::outcome::{BatchReport, Outcome};
 use projector::projection::{Projection, Record};
-use projector::store::apply::{apply_batch, ApplyError, Batch, BatchReport, Outcome};
+use projector::store::apply::{apply_batch, ApplyError, Batch};
+use projector::store::fast::Applier;
 use serde_json::json;
 
 use crate::support::{self, TestDb};
@@ -46,8 +49,8 @@ async fn apply(
 ) -> Result<BatchReport, ApplyError> {
     let mut client = pool.get().await.expect("connection");
     let to = records.last().expect("records").offset + 1;
-    let batch = Batch { records, moves: vec![((TOPIC.to_string(), 0), from, to)] };
-    apply_batch(&mut client, projection, &batch, None, isolate).await
+    let batch = Batch { records, moves: vec![Move { partition: (TOPIC.to_string(), 0), from, to }] };
+    apply_batch(&mut client, &Applier::default(), projection, &batch, None, isolate).await
 }
 
 fn counts(report: &BatchReport) -> (u64, u64, u64) {
@@ -95,7 +98,7 @@ async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
     // event, it is held, and the rest of the batch applies.
     let third = records(11, &[(b, 4, "OrderShipped"), (c, 3, "OrderShipped")]);
     let refused = apply(&pool, &projection, &third, Some(11), false).await;
-    assert!(matches!(refused, Err(ApplyError::Mispredicted(_))), "{refused:?}");
+    assert!(matches!(refused, Err(ApplyError::Mispredicted { .. })), "{refused:?}");
     let report = apply(&pool, &projection, &third, Some(11), true).await.expect("third batch, event by event");
     assert!(!report.fast);
     assert_eq!(counts(&report), (1, 0, 1));
@@ -154,7 +157,7 @@ async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
             .expect("table");
         let projection = shadowing_projection(table);
         assert!(projection.handlers.values().all(|handler| handler.statements[0].set_based.is_some()));
-        let problems = projector::store::check_statements(&client, std::slice::from_ref(&projection)).await;
+        let problems = projector::store::check_statements(&client, std::slice::from_ref(&projection), true).await;
         assert!(problems.is_empty(), "{problems:?}");
 
         let (a, b) = ("a", "b");

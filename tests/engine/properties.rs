@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use projector::kafka::mock::MockKafka;
-use projector::store::apply::Outcome;
+use projector::outcome::Outcome;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use projector::kafka::mock::MockKafka;
-use projector::store::apply::Outcome;
+use projector::outcome::Outcome;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;

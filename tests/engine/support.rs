@@ -217,7 +217,7 @@ impl Drop for Engine {
 
 /// The count of `outcome` for `projection`, and the same over every outcome, as a short report.
 pub fn outcomes(metrics: &Metrics, projection: &str) -> Vec<(&'static str, u64)> {
-    projector::store::apply::Outcome::ALL
+    projector::outcome::Outcome::ALL
         .iter()
         .map(|outcome| (outcome.as_str(), metrics.outcome_count(projection, *outcome)))
         .collect()

@@ -32,8 +32,8 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use projector::kafka::mock::MockKafka;
+use projector::outcome::Outcome;
 use projector::projection::{Decoded, Projection, Record};
-use projector::store::apply::Outcome;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};

@@ -36,7 +36,7 @@ async fn a_consumer_thread_that_dies_is_seen_and_replaced() {
     for i in 0..10 {
         assert_eq!(account(&client, &format!("c-{i}")).await.map(|row| (row.0, row.1)), Some((1, (i + 1).to_string())));
     }
-    assert_eq!(metrics.outcome_count(&name, projector::store::apply::Outcome::Applied), 10);
+    assert_eq!(metrics.outcome_count(&name, projector::outcome::Outcome::Applied), 10);
     drop(client);
     db.drop().await;
 }

@@ -67,8 +67,8 @@ async fn an_instance_running_an_old_definition_cannot_commit_after_accept() {
     }
     assert_eq!(rows.len(), keys.len());
     // Deposits 3 and 4 were all applied by the new definition: the old one committed none.
-    assert_eq!(new_metrics.outcome_count("accounts", projector::store::apply::Outcome::Applied), 12);
-    assert_eq!(old_metrics.outcome_count("accounts", projector::store::apply::Outcome::Applied), 12);
+    assert_eq!(new_metrics.outcome_count("accounts", projector::outcome::Outcome::Applied), 12);
+    assert_eq!(old_metrics.outcome_count("accounts", projector::outcome::Outcome::Applied), 12);
     drop(client);
     db.drop().await;
 }

@@ -2,7 +2,7 @@
 //! or ignored, the other keys' rows come out exactly as their own events say, and the engine keeps
 //! running (it applies what comes after).
 
-use projector::store::apply::Outcome;
+use projector::outcome::Outcome;
 use serde_json::json;
 
 use crate::raw::{self, account, deposited, event, opened, Raw};

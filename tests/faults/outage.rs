@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use projector::kafka::mock::MockKafka;
-use projector::store::apply::Outcome;
+use projector::outcome::Outcome;
 
 use crate::model::{assert_read_models, distinct, events, order_stream, Fact};
 use crate::support::{self, host_port, via_port, Engine, TcpProxy, TestDb};

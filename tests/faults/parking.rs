@@ -2,7 +2,7 @@
 //! `parked retry` after fixing the definition applies them in order; `parked skip` records its
 //! reason; a gap whose predecessor does not come in time is parked the same way.
 
-use projector::store::apply::Outcome;
+use projector::outcome::Outcome;
 use projector::store::parked::{self, Filter, ParkedError, Selection};
 use serde_json::json;
 

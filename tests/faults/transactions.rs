@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use projector::lag::{KafkaProbe, PartitionLag, Target};
 use projector::metrics::Metrics;
+use projector::outcome::Outcome;
 use projector::projection::Projection;
 use projector::rebuild::RebuildArgs;
 use projector::settings::Settings;
-use projector::store::apply::Outcome;
 use tokio_postgres::Client;
 
 use crate::raw::{self, account, deposited, opened, Raw};
