@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::projection::{Decoded, Projection};
+
 /// What happened to one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Outcome {
@@ -61,6 +63,29 @@ impl BatchReport {
     /// Events with `outcome`, whatever their label.
     pub fn total(&self, outcome: Outcome) -> u64 {
         self.outcomes.iter().filter(|((_, o), _)| *o == outcome).map(|(_, n)| n).sum()
+    }
+}
+
+/// The outcome label of a decoded record: its type when the projection handles it, else `other`
+/// (or `invalid` when it cannot be decoded). Bounded by the definition, whatever the events say.
+pub fn label(projection: &Projection, decoded: &Decoded<'_>) -> String {
+    match decoded {
+        Decoded::Handled { event, .. } => event.event_type.clone(),
+        Decoded::Poison { event_type: Some(event_type), .. } if projection.handlers.contains_key(event_type) => {
+            event_type.clone()
+        }
+        Decoded::Poison { .. } => "invalid".into(),
+        Decoded::Ignored { .. } | Decoded::Tombstone => "other".into(),
+    }
+}
+
+/// The event type a decoded record says it is, when it could be read (whether handled or not).
+pub fn event_type<'d>(decoded: &'d Decoded<'_>) -> Option<&'d str> {
+    match decoded {
+        Decoded::Handled { event, .. } => Some(&event.event_type),
+        Decoded::Poison { event_type, .. } => event_type.as_deref(),
+        Decoded::Ignored { event_type } => Some(event_type),
+        Decoded::Tombstone => None,
     }
 }
 

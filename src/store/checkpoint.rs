@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::GenericClient;
 
+use super::error::ApplyError;
 use super::{describe, StoreError};
 use crate::checkpoint::Move;
 pub use crate::checkpoint::TopicPartition;
@@ -55,6 +56,25 @@ pub enum Cas {
     /// The checkpoints carry another definition's hash (this one's, when given): `projector
     /// accept`, a rebuild, or an instance running another definition wrote them.
     OtherDefinition(String),
+}
+
+impl Cas {
+    /// `Ok` when the checkpoint moved; else why not, as the batch's error.
+    pub fn moved(
+        self,
+        projection: &crate::projection::Projection,
+        partition: &TopicPartition,
+    ) -> Result<(), ApplyError> {
+        match self {
+            Cas::Moved => Ok(()),
+            Cas::Fenced => Err(ApplyError::Fenced { partition: partition.clone() }),
+            Cas::OtherDefinition(stored) => Err(ApplyError::DefinitionChanged {
+                partition: partition.clone(),
+                stored,
+                running: projection.hash.clone(),
+            }),
+        }
+    }
 }
 
 /// Moves one checkpoint from `from` (`None`: no checkpoint yet) to `to`, only if it was written by

@@ -4,7 +4,10 @@
 pub mod apply;
 pub mod checkpoint;
 pub mod error;
+pub mod event;
 pub mod fast;
+pub mod held;
+pub mod park;
 pub mod parked;
 pub mod plan;
 pub mod rebuild;

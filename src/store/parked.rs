@@ -8,9 +8,11 @@
 use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 
-use super::apply::{label_of, release_key, try_event, ApplyError, Processed, Released, Source};
+use super::error::ApplyError;
+use super::event::{try_event, Processed, Source};
+use super::held::{release_key, Released};
 use super::{describe, stored, StoreError};
-use crate::outcome::{BatchReport, Outcome};
+use crate::outcome::{self, BatchReport, Outcome};
 use crate::projection::{Projection, Record};
 
 /// One parked event.
@@ -337,7 +339,7 @@ pub async fn retry(
                     .await
                     .map_err(ApplyError::during("parking the event again"))?;
                     record_action(&tx, &parked, "retry", &format!("parked again: {message}"), None).await?;
-                    tracing::warn!(projection = %projection.name, id = parked.id, label = %label_of(projection, &parked.record), %message, "retried event parked again");
+                    tracing::warn!(projection = %projection.name, id = parked.id, label = %outcome::label(projection, &decoded), %message, "retried event parked again");
                     retried.parked_again = Some((parked.id, message));
                     break;
                 }

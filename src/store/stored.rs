@@ -61,6 +61,28 @@ pub fn shown_key(key: &str) -> String {
     shown
 }
 
+/// A record's headers as the two arrays `held_events` and `dead_letters` keep them: names and
+/// values, both as bytes.
+pub fn split_headers(record: &crate::projection::Record) -> (Vec<&[u8]>, Vec<Option<&[u8]>>) {
+    record.headers.iter().map(|(name, value)| (name.as_slice(), value.as_deref())).unzip()
+}
+
+/// The record stored in `row` from column `first` on: topic, partition, offset, key, value,
+/// header names, header values, timestamp (as `held_events` and `dead_letters` keep them).
+pub fn record_at(row: &tokio_postgres::Row, first: usize) -> crate::projection::Record {
+    let names: Vec<Vec<u8>> = row.get(first + 5);
+    let values: Vec<Option<Vec<u8>>> = row.get(first + 6);
+    crate::projection::Record {
+        topic: row.get::<_, &str>(first).into(),
+        partition: row.get(first + 1),
+        offset: row.get(first + 2),
+        key: row.get(first + 3),
+        value: row.get(first + 4),
+        headers: names.into_iter().zip(values).collect(),
+        timestamp_ms: row.get(first + 7),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

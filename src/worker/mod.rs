@@ -31,9 +31,10 @@ use crate::metrics::Metrics;
 use crate::outcome::{BatchReport, Outcome};
 use crate::projection::{Projection, Record};
 use crate::settings::{OnDataLoss, Settings};
-use crate::store::apply::{park_expired_gaps, release_ready, ApplyError, Handling};
+use crate::store::apply::{ApplyError, Handling};
 use crate::store::checkpoint;
 use crate::store::fast::Applier;
+use crate::store::held::{park_expired_gaps, release_ready};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
