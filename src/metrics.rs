@@ -251,6 +251,27 @@ impl Metrics {
         self.retry_backoff.with_label_values(&[projection]).set(wait.as_secs_f64());
     }
 
+    /// A consumer thread that ended unasked, replaced.
+    pub fn record_consumer_restart(&self, projection: &str) {
+        self.consumer_restarts.with_label_values(&[projection]).inc();
+    }
+
+    /// Held events parked for waiting past `parking.gap_timeout_secs`.
+    pub fn record_gap_timeouts(&self, projection: &str, parked: u64) {
+        self.gap_timeouts.with_label_values(&[projection]).inc_by(parked);
+    }
+
+    /// `projector_checkpoint_offset`: the next offset a partition's projection reads (0: never
+    /// checkpointed).
+    pub fn set_checkpoint(
+        &self,
+        projection: &str,
+        (topic, partition): &crate::checkpoint::TopicPartition,
+        offset: i64,
+    ) {
+        self.checkpoint.with_label_values(&[projection, topic, &partition.to_string()]).set(offset);
+    }
+
     /// Records of a partition found gone before the projection read them.
     pub fn record_lost(&self, projection: &str, topic: &str, partition: i32, records: u64) {
         self.records_lost.with_label_values(&[projection, topic, &partition.to_string()]).inc_by(records);

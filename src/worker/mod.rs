@@ -5,15 +5,21 @@
 //! checkpoint written by another definition stops the projection ([`gate`]).
 //!
 //! # Layout
+//! - this file: the consumer protocol (records, assignments, revocations, positions), which
+//!   records are taken ([`crate::checkpoint`] holds the rules), seeks and re-reads.
+//! - [`batch`]: batches split into lanes by partition, dispatched, and settled in order.
+//! - [`lane`]: a lane's batch on a task of its own; the retry policy, by [`crate::store::apply::Handling`].
+//! - [`sweep`]: held events parked after their timeout, or released.
 //! - [`condition`]: `running`, or `failed` while any problem is present, each named in the log.
 //! - [`gate`]: the definition gate, before the consumer starts and after a change is seen.
-//! - [`lane`]: a lane's batch on a task of its own; the retry policy.
 //! - [`lost`]: partitions whose checkpoint the broker no longer holds (`kafka.on_data_loss`).
 
+mod batch;
 pub mod condition;
 mod gate;
 pub mod lane;
 mod lost;
+mod sweep;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,20 +27,17 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures::stream::StreamExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use self::condition::{Condition, Problem};
-use self::lane::{Chain, InFlight, Lane, LaneJob, Pending, RetryPolicy};
-use crate::checkpoint::{add_advance, is_of, moves_of, Move, PartitionState, TopicPartition};
+use self::lane::{Chain, Pending, RetryPolicy};
+use crate::checkpoint::{is_of, Move, PartitionState, TopicPartition};
 use crate::kafka::{Command, ConsumerThread, Input};
 use crate::metrics::Metrics;
-use crate::outcome::{BatchReport, Outcome};
 use crate::projection::{Projection, Record};
 use crate::settings::{OnDataLoss, Settings};
-use crate::store::apply::{ApplyError, Handling};
 use crate::store::checkpoint;
 use crate::store::fast::Applier;
-use crate::store::held::{park_expired_gaps, release_ready};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +231,7 @@ pub async fn run_with(
             }
             Ok(Ended::ConsumerGone) => {
                 restarts += 1;
-                metrics.consumer_restarts.with_label_values(&[&projection.name]).inc();
+                metrics.record_consumer_restart(&projection.name);
                 let why = died.unwrap_or_else(|| "it ended without a word".to_string());
                 condition
                     .set(Problem::Consumer, format!("the Kafka consumer thread ended ({why}); starting a new one"));
@@ -318,8 +321,7 @@ impl Worker {
                         };
                         for partition in partitions {
                             let checkpoint = stored.get(&partition).copied();
-                            self.metrics.checkpoint.with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
-                                .set(checkpoint.unwrap_or(0));
+                            self.metrics.set_checkpoint(&self.projection.name, &partition, checkpoint.unwrap_or(0));
                             self.partitions.insert(partition, PartitionState { checkpoint, ..PartitionState::default() });
                         }
                         self.deal_lanes();
@@ -425,238 +427,6 @@ impl Worker {
                 }
             }
         }
-    }
-
-    /// Starts applying `batch` (then empties it), with the partitions' pending advances. The
-    /// batch is split by partition into up to `lanes` parts, each applied by a task of its own, in
-    /// a transaction of its own on a connection of its own: a key's events are all in one
-    /// partition, so in one lane, in order. Each lane's part waits for the lane's previous batch to
-    /// commit; at most two batches per lane, and about two batches' bytes, are in flight. The
-    /// checkpoints this worker expects are moved at once; a lane that does not commit has its
-    /// partitions re-read from the stored checkpoints when it is settled.
-    async fn flush(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
-        // Settling may re-read partitions: their records in `batch` are then dropped.
-        while pending.len() >= 2 * self.lanes || (!pending.is_empty() && self.in_flight_bytes >= 2 * self.max_bytes) {
-            let Some(done) = pending.next().await else { break };
-            self.settle(done, batch).await?;
-        }
-        let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
-        for record in batch.drain(..) {
-            let lane = self.lane_of(&record.topic, record.partition);
-            lanes[lane].push(record);
-        }
-        self.batch_bytes = 0;
-        let expected = |partition: &TopicPartition| self.partitions.get(partition).and_then(|state| state.checkpoint);
-        let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| moves_of(records, expected)).collect();
-        let advances: Vec<(TopicPartition, i64)> = self
-            .partitions
-            .iter_mut()
-            .filter_map(|(partition, state)| state.advance.take().map(|to| (partition.clone(), to)))
-            .collect();
-        for (partition, to) in advances {
-            let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
-            add_advance(&mut lane_moves[self.lane_of(&partition.0, partition.1)], partition, from, to);
-        }
-        for (lane, (records, moves)) in lanes.into_iter().zip(lane_moves).enumerate() {
-            if moves.is_empty() {
-                continue;
-            }
-            for Move { partition, to, .. } in &moves {
-                if let Some(state) = self.partitions.get_mut(partition) {
-                    state.checkpoint = Some(*to);
-                }
-            }
-            self.in_flight_bytes += records.iter().map(crate::kafka::record_bytes).sum::<usize>();
-            let (done, next) = oneshot::channel();
-            let job = LaneJob {
-                projection: self.projection.clone(),
-                applier: self.applier.clone(),
-                pool: self.pool.clone(),
-                shutdown: self.shutdown.clone(),
-                condition: self.condition.clone(),
-                metrics: self.metrics.clone(),
-                retry: self.retry,
-                lane,
-                generation: self.chains[lane].generation,
-                records,
-                moves,
-                previous: self.chains[lane].latest.replace(next),
-                done,
-            };
-            pending.push_back(tokio::spawn(job.run()));
-        }
-        Ok(())
-    }
-
-    /// Waits for every batch in flight and settles it.
-    async fn drain(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
-        while let Some(done) = pending.next().await {
-            self.settle(done, batch).await?;
-        }
-        Ok(())
-    }
-
-    /// Records how a lane's batch ended: metrics and the advisory Kafka commit when it committed;
-    /// when it did not, its partitions are re-read from the stored checkpoints (once per failure:
-    /// batches built on the failed one are skipped and need nothing more).
-    async fn settle(
-        &mut self,
-        done: Result<InFlight, tokio::task::JoinError>,
-        batch: &mut Vec<Record>,
-    ) -> Result<(), WorkerError> {
-        let done = done.map_err(|error| WorkerError::Fatal {
-            projection: self.projection.name.clone(),
-            message: format!("a batch task failed: {error}"),
-        })?;
-        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
-        match done.outcome {
-            Lane::Committed { report, seconds } => self.committed(&done.moves, &report, done.events, seconds),
-            Lane::Fenced | Lane::Skipped => {
-                if done.generation == self.chains[done.lane].generation && !*self.shutdown.borrow() {
-                    self.chains[done.lane].generation += 1;
-                    batch.retain(|record| {
-                        !done.moves.iter().any(|known| is_of(&record.topic, record.partition, &known.partition))
-                    });
-                    self.resync(&done.moves).await;
-                }
-            }
-            Lane::DefinitionChanged(message) => {
-                if self.ended.is_none() {
-                    self.ended = Some(Ended::DefinitionChanged(message));
-                }
-            }
-            Lane::GaveUp => {}
-            Lane::Fatal(message) => {
-                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message })
-            }
-        }
-        Ok(())
-    }
-
-    /// The lane of a partition: the same one until the assignment changes (with nothing in
-    /// flight).
-    fn lane_of(&self, topic: &str, partition: i32) -> usize {
-        self.lane_map
-            .get(&partition)
-            .and_then(|topics| topics.iter().find(|(name, _)| name == topic))
-            .map_or(0, |(_, lane)| *lane)
-    }
-
-    /// Deals the owned partitions out to the lanes in turn, so that lanes get equal shares.
-    fn deal_lanes(&mut self) {
-        let mut owned: Vec<&TopicPartition> = self.partitions.keys().collect();
-        owned.sort();
-        self.lane_map.clear();
-        for (index, (topic, partition)) in owned.into_iter().enumerate() {
-            self.lane_map.entry(*partition).or_default().push((topic.clone(), index % self.lanes));
-        }
-    }
-
-    /// Records a committed lane: checkpoint gauges, metrics, and the advisory Kafka commit. (The
-    /// expected checkpoints moved when the batch started.)
-    fn committed(&mut self, moves: &[Move], report: &BatchReport, events: usize, seconds: f64) {
-        if report.total(Outcome::Gap) > 0 {
-            self.may_hold = true;
-        }
-        let mut committed = Vec::with_capacity(moves.len());
-        for Move { partition, to, .. } in moves {
-            self.metrics
-                .checkpoint
-                .with_label_values(&[&self.projection.name, &partition.0, &partition.1.to_string()])
-                .set(*to);
-            committed.push((partition.clone(), *to));
-        }
-        self.metrics.record_batch(&self.projection.name, report, events, seconds);
-        tracing::debug!(projection = %self.projection.name, events, ?report, "batch committed");
-        if self.commit_offsets {
-            let _ = self.commands.send(Command::Commit(committed));
-        }
-    }
-
-    /// Parks the held gaps of our partitions that waited past `parking.gap_timeout_secs`.
-    async fn park_expired_gaps(&mut self) -> Result<(), WorkerError> {
-        let Some(timeout) = self.gap_timeout else {
-            return Ok(());
-        };
-        let owned = self.owned_checkpoints();
-        if owned.is_empty() {
-            return Ok(());
-        }
-        let result = match self.pool.get().await {
-            Ok(mut client) => park_expired_gaps(&mut client, &self.projection, &owned, timeout.as_secs()).await,
-            Err(error) => Err(ApplyError::Pool(error)),
-        };
-        match result {
-            Ok(0) => {}
-            Ok(parked) => {
-                tracing::warn!(projection = %self.projection.name, parked, "held events parked: their predecessors did not arrive in time");
-                self.metrics.gap_timeouts.with_label_values(&[&self.projection.name]).inc_by(parked);
-            }
-            Err(error) => self.sweep_failed(error, owned, "cannot check held events for their timeout").await?,
-        }
-        Ok(())
-    }
-
-    /// Releases the held events of our partitions whose predecessor was applied by a batch that
-    /// could not see them (another lane's, or another instance's, that read the key before the
-    /// hold committed). Stops looking once our partitions hold nothing.
-    async fn release_ready(&mut self) -> Result<(), WorkerError> {
-        let owned = self.owned_checkpoints();
-        let result = match self.pool.get().await {
-            Ok(mut client) => release_ready(&mut client, &self.applier, &self.projection, &owned).await,
-            Err(error) => Err(ApplyError::Pool(error)),
-        };
-        match result {
-            Ok(swept) => {
-                if swept.report.released > 0 {
-                    tracing::info!(projection = %self.projection.name, released = swept.report.released,
-                        "held events released: their predecessors were applied by another lane or instance");
-                    self.metrics.record_outcomes(&self.projection.name, &swept.report);
-                }
-                self.may_hold = swept.still_held > 0;
-            }
-            Err(error) => self.sweep_failed(error, owned, "cannot release held events").await?,
-        }
-        Ok(())
-    }
-
-    /// The partitions we own with a known checkpoint, for a sweep over them.
-    fn owned_checkpoints(&self) -> Vec<(TopicPartition, i64)> {
-        self.partitions
-            .iter()
-            .filter_map(|(partition, state)| state.checkpoint.map(|checkpoint| (partition.clone(), checkpoint)))
-            .collect()
-    }
-
-    /// A sweep of held events (expired gaps, releases) that did not commit: fenced, it re-reads
-    /// the partition from its stored checkpoint; on another definition the projection ends; what
-    /// is fatal stops the engine; anything else is tried again at the next tick.
-    async fn sweep_failed(
-        &mut self,
-        error: ApplyError,
-        owned: Vec<(TopicPartition, i64)>,
-        what: &str,
-    ) -> Result<(), WorkerError> {
-        match (error.handling(), &error) {
-            (Handling::Reread, ApplyError::Fenced { partition }) => {
-                tracing::warn!(projection = %self.projection.name, topic = %partition.0, partition = partition.1,
-                    "checkpoint moved by another instance: re-reading from the stored checkpoint");
-                let moves: Vec<Move> = owned
-                    .into_iter()
-                    .filter(|(owned, _)| owned == partition)
-                    .map(|(partition, checkpoint)| Move::stay(partition, checkpoint))
-                    .collect();
-                self.resync(&moves).await;
-            }
-            (Handling::StopProjection, _) => {
-                self.ended.get_or_insert(Ended::DefinitionChanged(error.to_string()));
-            }
-            (Handling::Fail, _) => {
-                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message: error.to_string() })
-            }
-            _ => tracing::warn!(projection = %self.projection.name, %error, "{what}; trying again later"),
-        }
-        Ok(())
     }
 
     /// After a fenced batch: take the stored checkpoints as the truth and re-read from them.

@@ -1,0 +1,158 @@
+//! A worker's batches: split into lanes by partition, each lane's part applied by a task of its
+//! own ([`super::lane`]), and settled in order when done (metrics, the advisory Kafka commit, or
+//! the partitions re-read when it did not commit).
+
+use futures::stream::StreamExt;
+use tokio::sync::oneshot;
+
+use super::lane::{InFlight, Lane, LaneJob, Pending};
+use super::{Ended, Worker, WorkerError};
+use crate::checkpoint::{add_advance, is_of, moves_of, Move, TopicPartition};
+use crate::kafka::Command;
+use crate::outcome::{BatchReport, Outcome};
+use crate::projection::Record;
+
+impl Worker {
+    /// Starts applying `batch` (then empties it), with the partitions' pending advances. The
+    /// batch is split by partition into up to `lanes` parts, each applied by a task of its own, in
+    /// a transaction of its own on a connection of its own: a key's events are all in one
+    /// partition, so in one lane, in order. Each lane's part waits for the lane's previous batch to
+    /// commit; at most two batches per lane, and about two batches' bytes, are in flight. The
+    /// checkpoints this worker expects are moved at once; a lane that does not commit has its
+    /// partitions re-read from the stored checkpoints when it is settled.
+    pub(super) async fn flush(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
+        // Settling may re-read partitions: their records in `batch` are then dropped.
+        while pending.len() >= 2 * self.lanes || (!pending.is_empty() && self.in_flight_bytes >= 2 * self.max_bytes) {
+            let Some(done) = pending.next().await else { break };
+            self.settle(done, batch).await?;
+        }
+        let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
+        for record in batch.drain(..) {
+            let lane = self.lane_of(&record.topic, record.partition);
+            lanes[lane].push(record);
+        }
+        self.batch_bytes = 0;
+        let expected = |partition: &TopicPartition| self.partitions.get(partition).and_then(|state| state.checkpoint);
+        let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| moves_of(records, expected)).collect();
+        let advances: Vec<(TopicPartition, i64)> = self
+            .partitions
+            .iter_mut()
+            .filter_map(|(partition, state)| state.advance.take().map(|to| (partition.clone(), to)))
+            .collect();
+        for (partition, to) in advances {
+            let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
+            add_advance(&mut lane_moves[self.lane_of(&partition.0, partition.1)], partition, from, to);
+        }
+        for (lane, (records, moves)) in lanes.into_iter().zip(lane_moves).enumerate() {
+            if moves.is_empty() {
+                continue;
+            }
+            for Move { partition, to, .. } in &moves {
+                if let Some(state) = self.partitions.get_mut(partition) {
+                    state.checkpoint = Some(*to);
+                }
+            }
+            self.in_flight_bytes += records.iter().map(crate::kafka::record_bytes).sum::<usize>();
+            let (done, next) = oneshot::channel();
+            let job = LaneJob {
+                projection: self.projection.clone(),
+                applier: self.applier.clone(),
+                pool: self.pool.clone(),
+                shutdown: self.shutdown.clone(),
+                condition: self.condition.clone(),
+                metrics: self.metrics.clone(),
+                retry: self.retry,
+                lane,
+                generation: self.chains[lane].generation,
+                records,
+                moves,
+                previous: self.chains[lane].latest.replace(next),
+                done,
+            };
+            pending.push_back(tokio::spawn(job.run()));
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch in flight and settles it.
+    pub(super) async fn drain(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) -> Result<(), WorkerError> {
+        while let Some(done) = pending.next().await {
+            self.settle(done, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Records how a lane's batch ended: metrics and the advisory Kafka commit when it committed;
+    /// when it did not, its partitions are re-read from the stored checkpoints (once per failure:
+    /// batches built on the failed one are skipped and need nothing more).
+    pub(super) async fn settle(
+        &mut self,
+        done: Result<InFlight, tokio::task::JoinError>,
+        batch: &mut Vec<Record>,
+    ) -> Result<(), WorkerError> {
+        let done = done.map_err(|error| WorkerError::Fatal {
+            projection: self.projection.name.clone(),
+            message: format!("a batch task failed: {error}"),
+        })?;
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
+        match done.outcome {
+            Lane::Committed { report, seconds } => self.committed(&done.moves, &report, done.events, seconds),
+            Lane::Fenced | Lane::Skipped => {
+                if done.generation == self.chains[done.lane].generation && !*self.shutdown.borrow() {
+                    self.chains[done.lane].generation += 1;
+                    batch.retain(|record| {
+                        !done.moves.iter().any(|known| is_of(&record.topic, record.partition, &known.partition))
+                    });
+                    self.resync(&done.moves).await;
+                }
+            }
+            Lane::DefinitionChanged(message) => {
+                if self.ended.is_none() {
+                    self.ended = Some(Ended::DefinitionChanged(message));
+                }
+            }
+            Lane::GaveUp => {}
+            Lane::Fatal(message) => {
+                return Err(WorkerError::Fatal { projection: self.projection.name.clone(), message })
+            }
+        }
+        Ok(())
+    }
+
+    /// The lane of a partition: the same one until the assignment changes (with nothing in
+    /// flight).
+    pub(super) fn lane_of(&self, topic: &str, partition: i32) -> usize {
+        self.lane_map
+            .get(&partition)
+            .and_then(|topics| topics.iter().find(|(name, _)| name == topic))
+            .map_or(0, |(_, lane)| *lane)
+    }
+
+    /// Deals the owned partitions out to the lanes in turn, so that lanes get equal shares.
+    pub(super) fn deal_lanes(&mut self) {
+        let mut owned: Vec<&TopicPartition> = self.partitions.keys().collect();
+        owned.sort();
+        self.lane_map.clear();
+        for (index, (topic, partition)) in owned.into_iter().enumerate() {
+            self.lane_map.entry(*partition).or_default().push((topic.clone(), index % self.lanes));
+        }
+    }
+
+    /// Records a committed lane: checkpoint gauges, metrics, and the advisory Kafka commit. (The
+    /// expected checkpoints moved when the batch started.)
+    pub(super) fn committed(&mut self, moves: &[Move], report: &BatchReport, events: usize, seconds: f64) {
+        if report.total(Outcome::Gap) > 0 {
+            self.may_hold = true;
+        }
+        let mut committed = Vec::with_capacity(moves.len());
+        for Move { partition, to, .. } in moves {
+            self.metrics.set_checkpoint(&self.projection.name, partition, *to);
+            committed.push((partition.clone(), *to));
+        }
+        self.metrics.record_batch(&self.projection.name, report, events, seconds);
+        tracing::debug!(projection = %self.projection.name, events, ?report, "batch committed");
+        if self.commit_offsets {
+            let _ = self.commands.send(Command::Commit(committed));
+        }
+    }
+}
