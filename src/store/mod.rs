@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod column;
 pub mod error;
 pub mod event;
 pub mod fast;
@@ -193,7 +194,7 @@ pub async fn check_statements(
                 Ok(prepared) => match (&statement.set_based, &projection.dedupe) {
                     // Its form for many events at once, as the fast path would run it.
                     (Some(set), crate::projection::Dedupe::Version(table)) if set_based => {
-                        let types: Vec<String> = prepared.params().iter().map(fast::sql_type).collect();
+                        let types: Vec<String> = prepared.params().iter().map(column::sql_type).collect();
                         client.prepare(&set.sql_returning(&types, &table.key_column)).await.err().map(|error| {
                             format!(
                                 "{} (in the form applying many events in one statement; \
