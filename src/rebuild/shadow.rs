@@ -10,7 +10,7 @@ use chrono::Utc;
 
 use super::build::{load, Build};
 use super::{is_identifier, RebuildArgs, RebuildError, RebuildReport};
-use crate::checkpoint::Offsets;
+use crate::checkpoint::{self as offsets, Offsets};
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::settings::Settings;
@@ -36,8 +36,7 @@ pub(super) async fn live_tables(
 
 /// `search_path` for a build into `schema`: the copy first, then what the connection had.
 pub(super) async fn copy_search_path(client: &tokio_postgres::Client, schema: &str) -> Result<String, RebuildError> {
-    let current: String =
-        client.query_one("SHOW search_path", &[]).await.map_err(|error| StoreError::postgres(&error))?.get(0);
+    let current = sql::search_path(client).await?;
     Ok(format!("{schema},{}", current.replace(' ', "")))
 }
 
@@ -144,10 +143,7 @@ pub(super) async fn shadow(
     let Ok(caught_up) = tokio::time::timeout(bound, running.reach(&live, &mut interrupt)).await else {
         let _ = tx.rollback().await;
         let shadow = load(&running.pool, &alias).await.unwrap_or_default();
-        let behind: u64 = live
-            .iter()
-            .map(|(partition, offset)| (offset - shadow.get(partition).copied().unwrap_or(0)).max(0) as u64)
-            .sum();
+        let behind = offsets::lag(&live, &shadow) as u64;
         tracing::error!(projection = %projection.name, seconds = bound.as_secs(), behind,
             "swap given up: the shadow did not overtake the live checkpoints in time; locks released, nothing swapped");
         if let Err(error) = running.stop_within(bound).await {
@@ -174,7 +170,8 @@ pub(super) async fn shadow(
         }
         Err(error) => return Err(error.into()),
     };
-    let _ = own.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema}")).await;
+    // Emptied by the swap; kept if anything else was left in it.
+    let _ = sql::drop_schema_if_empty(&own, &schema).await;
     report.notes = notes;
     report.notes.push(format!(
         "the old tables are kept in schema `{retired}` until `projector drop-retired {}`",
@@ -253,10 +250,7 @@ pub(super) async fn as_of(
         let (live_schema, table) = &tables[0];
         vec![(table.clone(), live_schema.clone(), into.clone())]
     } else {
-        client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {into}"))
-            .await
-            .map_err(|error| StoreError::postgres(&error))?;
+        sql::create_schema(client, &into).await?;
         tables.iter().map(|(_, table)| (table.clone(), into.clone(), table.clone())).collect()
     };
     let mut own = store::connect_client(&settings.database.url).await?;

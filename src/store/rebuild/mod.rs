@@ -363,3 +363,18 @@ pub async fn finish_copy(
     tx.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.map_err(postgres)?;
     tx.commit().await.map_err(postgres)
 }
+
+/// The connection's `search_path`, as Postgres shows it.
+pub async fn search_path(client: &impl GenericClient) -> Result<String, StoreError> {
+    Ok(client.query_one("SHOW search_path", &[]).await.map_err(postgres)?.get(0))
+}
+
+/// Creates `schema` (a checked identifier) unless it exists.
+pub async fn create_schema(client: &impl GenericClient, schema: &str) -> Result<(), StoreError> {
+    client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(postgres)
+}
+
+/// Drops `schema` (a checked identifier) if it is empty; one that still holds anything is kept.
+pub async fn drop_schema_if_empty(client: &impl GenericClient, schema: &str) -> Result<(), StoreError> {
+    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema}")).await.map_err(postgres)
+}
