@@ -1,0 +1,115 @@
+//! PostgreSQL: connecting, the bench's databases (created and dropped), their schema, the read
+//! model's check and the projection's checkpoints.
+
+use anyhow::Context;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+use crate::workload::PROJECTION;
+
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) =
+        tokio_postgres::connect(url, NoTls).await.with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The `projector_bench_<random>_*` databases of one run, on `server`.
+pub struct Databases {
+    server: String,
+    prefix: String,
+    pub created: Vec<String>,
+}
+
+impl Databases {
+    pub fn new(server: &str) -> Databases {
+        Databases {
+            server: server.to_string(),
+            prefix: format!("projector_bench_{}", &Uuid::new_v4().simple().to_string()[..8]),
+            created: Vec::new(),
+        }
+    }
+
+    pub async fn create(&mut self, suffix: &str) -> anyhow::Result<String> {
+        let name = format!("{}_{suffix}", self.prefix);
+        let admin = connect(&self.server).await?;
+        drop_database(&admin, &name).await?;
+        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
+        self.created.push(name.clone());
+        projector::demo::database_url(&self.server, &name)
+    }
+
+    pub async fn drop_all(&mut self) {
+        let Ok(admin) = connect(&self.server).await else { return };
+        for name in self.created.drain(..) {
+            if let Err(error) = drop_database(&admin, &name).await {
+                eprintln!("could not drop database {name}: {error}");
+            }
+        }
+    }
+}
+
+async fn drop_database(admin: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
+}
+
+/// The engine's migrations, plus the bench's `note` column.
+pub async fn prepare_schema(url: &str) -> anyhow::Result<()> {
+    projector::store::migrate_with(url, &projector::demo::example_projections()?).await?;
+    connect(url).await?.batch_execute("ALTER TABLE order_summary ADD COLUMN IF NOT EXISTS note text").await?;
+    Ok(())
+}
+
+/// A slow database: each row written to `order_summary` waits `ms` (`--row-delay-ms`).
+pub async fn add_row_delay(url: &str, ms: f64) -> anyhow::Result<()> {
+    connect(url)
+        .await?
+        .batch_execute(&format!(
+            "CREATE FUNCTION bench_row_delay() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$;
+             CREATE TRIGGER bench_row_delay BEFORE INSERT OR UPDATE ON order_summary
+             FOR EACH ROW EXECUTE FUNCTION bench_row_delay()",
+            ms / 1000.0
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Rows and sum of versions of `table`, against the workload's expectation.
+pub async fn verify(client: &Client, table: &str, entities: usize, version_sum: i64) -> anyhow::Result<String> {
+    let row = client.query_one(&format!("SELECT count(*), coalesce(sum(version), 0)::int8 FROM {table}"), &[]).await?;
+    let (rows, sum): (i64, i64) = (row.get(0), row.get(1));
+    Ok(if rows == entities as i64 && sum == version_sum {
+        format!("ok ({rows} rows, versions sum {sum})")
+    } else {
+        format!("MISMATCH: {rows} rows (expected {entities}), versions sum {sum} (expected {version_sum})")
+    })
+}
+
+/// Sum of the projection's checkpoints (next offsets) on the topic.
+pub async fn checkpoint_sum(client: &Client, topic: &str) -> anyhow::Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::int8 FROM projector.checkpoints WHERE projection = $1 AND topic = $2",
+            &[&PROJECTION, &topic],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The projection's checkpoint (next offset) of each of the topic's `partitions` (0 where none).
+pub async fn checkpoints(client: &Client, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+    let rows = client
+        .query(
+            "SELECT partition, next_offset FROM projector.checkpoints WHERE projection = $1 AND topic = $2",
+            &[&PROJECTION, &topic],
+        )
+        .await?;
+    let mut next = vec![0i64; partitions as usize];
+    for row in rows {
+        next[row.get::<_, i32>(0) as usize] = row.get(1);
+    }
+    Ok(next)
+}

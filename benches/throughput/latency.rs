@@ -1,0 +1,171 @@
+//! The latency phase of the `mock` and `tansu` modes: the engine started again, `OrderNoted`
+//! updates produced at half its steady backlog rate, each timed from send to visible.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use chrono::Utc;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use crate::db::checkpoints;
+use crate::engine::Setup;
+use crate::proc::{cpu_snapshot, cpu_split, peak_rss_mb};
+use crate::produce::{producer_config, send_retrying};
+use crate::report::round;
+use crate::running::Engine;
+use crate::workload::{entity_id, event_json, Workload};
+
+/// The engine of `setup` started again, warmed up with 50 events, then measured at half
+/// `steady_rate` for `secs`; stopped after.
+pub async fn latency(
+    setup: &Setup,
+    workload: &mut Workload,
+    per_partition: &mut [i64],
+    steady_rate: f64,
+    secs: f64,
+) -> anyhow::Result<Value> {
+    let (client, bootstrap) = (&setup.client, &setup.bootstrap);
+    let engine = Engine::start(setup.kind, &setup.settings, &setup.projection, setup.dir.path())?;
+    // Warm-up: a few events, until the engine has joined its group and applies them.
+    latency_phase(client, bootstrap, workload, per_partition, 50.0, 1.0, engine.alive()).await?;
+    let rate = steady_rate / 2.0;
+    eprintln!("== {}: latency at {rate:.0} events/s (half the backlog rate) for {secs} s", setup.kind.label());
+    let before = cpu_snapshot(engine.pid(), setup.broker_pid);
+    let mut latency = latency_phase(client, bootstrap, workload, per_partition, rate, secs, engine.alive()).await?;
+    let after = cpu_snapshot(engine.pid(), setup.broker_pid);
+    latency["cpu"] = cpu_split(&before, &after);
+    if let Some(pid) = engine.pid() {
+        latency["engine_peak_rss_mb"] = json!(peak_rss_mb(pid));
+    }
+    eprintln!("  {latency}");
+    engine.stop().await?;
+    Ok(latency)
+}
+
+/// A record delivered: its partition, its offset, and when it was sent.
+type Delivered = (i32, i64, Instant);
+
+struct LatencyContext {
+    delivered: Mutex<Vec<Delivered>>,
+    failed: AtomicU64,
+}
+impl ClientContext for LatencyContext {}
+impl ProducerContext for LatencyContext {
+    type DeliveryOpaque = Box<Instant>;
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
+        match result {
+            Ok(message) => self.delivered.lock().unwrap().push((message.partition(), message.offset(), *sent)),
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Produces `OrderNoted` updates at `rate` for `secs` while polling the checkpoints every 5 ms;
+/// an event is visible at the first poll whose checkpoint of its partition is past its offset
+/// (the checkpoint commits with the row). `lengths` and `per_partition` are advanced.
+async fn latency_phase(
+    client: &Client,
+    bootstrap: &str,
+    workload: &mut Workload,
+    per_partition: &mut [i64],
+    rate: f64,
+    secs: f64,
+    mut alive: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Value> {
+    let count = (rate * secs) as usize;
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut plan = Vec::with_capacity(count);
+    for _ in 0..count {
+        let entity = rng.random_range(0..workload.entities as u32);
+        workload.lengths[entity as usize] += 1;
+        let partition = workload.partition_of(entity);
+        per_partition[partition as usize] += 1;
+        plan.push((entity, workload.lengths[entity as usize], partition));
+    }
+    let target: i64 = per_partition.iter().sum();
+    let (topic, bootstrap_owned, value_bytes) = (workload.topic.clone(), bootstrap.to_string(), workload.value_bytes);
+    let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Delivered>, f64)> {
+        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap_owned, "1", value_bytes)
+            .create_with_context(LatencyContext { delivered: Mutex::new(Vec::new()), failed: AtomicU64::new(0) })?;
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < plan.len() {
+            let due = ((started.elapsed().as_secs_f64() * rate) as usize).min(plan.len());
+            while sent < due {
+                let (entity, version, partition) = plan[sent];
+                let key = entity_id(entity).to_string();
+                let payload = event_json(entity, version, Some(Utc::now()), value_bytes);
+                let record = BaseRecord::with_opaque_to(&topic, Box::new(Instant::now()))
+                    .partition(partition)
+                    .key(key.as_bytes())
+                    .payload(&payload[..]);
+                send_retrying(&producer, record)?;
+                sent += 1;
+            }
+            producer.poll(Duration::ZERO);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let produce_secs = started.elapsed().as_secs_f64();
+        producer.flush(Duration::from_secs(60))?;
+        let failed = producer.context().failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            bail!("{failed} latency records were not delivered");
+        }
+        let delivered = std::mem::take(&mut *producer.context().delivered.lock().unwrap());
+        Ok((delivered, produce_secs))
+    });
+    // The timeline of checkpoints, polled until every record produced is applied.
+    let mut timeline: Vec<(Instant, Vec<i64>)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(secs + 120.0);
+    loop {
+        let next = checkpoints(client, &workload.topic, workload.partitions).await?;
+        let now = Instant::now();
+        let done = next.iter().sum::<i64>() >= target;
+        timeline.push((now, next));
+        if done && producing.is_finished() {
+            break;
+        }
+        alive()?;
+        if now > deadline {
+            bail!("latency phase: the engine did not catch up");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (delivered, produce_secs) = producing.await??;
+    let mut latencies: Vec<f64> = Vec::with_capacity(delivered.len());
+    let mut unmatched = 0;
+    for (partition, offset, sent) in &delivered {
+        let first = timeline.partition_point(|(_, next)| next[*partition as usize] <= *offset);
+        match timeline.get(first) {
+            Some((at, _)) => latencies.push(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0),
+            None => unmatched += 1,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(json!({
+        "target_rate": round(rate, 0),
+        "achieved_rate": round(delivered.len() as f64 / produce_secs, 0),
+        "events": delivered.len(),
+        "unmatched": unmatched,
+        "p50_ms": round(pct(0.50), 1),
+        "p99_ms": round(pct(0.99), 1),
+        "max_ms": round(latencies.last().copied().unwrap_or(f64::NAN), 1),
+        "poll_interval_ms": 5,
+    }))
+}

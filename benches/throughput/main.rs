@@ -1,0 +1,225 @@
+//! The throughput benchmark (issue 6): one run, one machine, one database server, one workload.
+//!
+//! Modes (`--modes`, in this order):
+//! - `ceiling`: the workload's row changes (duplicates folded out) written straight to Postgres in
+//!   1,000-row set-based statements over arrays (`INSERT … SELECT FROM unnest`, `UPDATE … FROM
+//!   unnest`, version-guarded), one version "wave" at a time, on 2 connections. No Kafka, no checkpoints.
+//! - `naive`: one consumer reading the topic; per event one transaction: look the event id up in a
+//!   processed-events table, apply the guarded write, record the id, commit. Run on a sample.
+//! - `mock`: the topic is loaded into librdkafka's mock cluster first (load time reported, not
+//!   counted), then the engine (`projector::app::run`, in this process) clears the backlog;
+//!   then the latency phase; then `rebuild` (in place, `projector::rebuild::run`).
+//! - `tansu`: the same against a Tansu broker, with the engine as a child process (`projector run`),
+//!   so that its peak RSS is the engine's alone.
+//!
+//! `cargo bench --bench throughput -- --help` lists the flags. See BENCHMARKS.md.
+//!
+//! This file holds the flags and the order of the modes; each mode, and each thing they share,
+//! has a file of its own beside it.
+
+mod broker;
+mod ceiling;
+mod db;
+mod engine;
+mod latency;
+mod naive;
+mod proc;
+mod produce;
+mod rebuild;
+mod report;
+mod running;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Parser;
+use serde_json::json;
+
+use projector::settings::Settings;
+
+use crate::broker::Kind;
+use crate::db::{prepare_schema, Databases};
+use crate::engine::{broker_mode, Steps};
+use crate::produce::mock_fits;
+use crate::workload::Workload;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "throughput", about = "projector's throughput benchmark (see BENCHMARKS.md)")]
+struct Args {
+    /// Records published (duplicates included).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// Entities (orders); default events / 10.
+    #[arg(long)]
+    entities: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Each record's value padded to about this many bytes (a `padding` string in its `data`,
+    /// which the projection does not read); 0: no padding (about 280 bytes).
+    #[arg(long, default_value_t = 0)]
+    value_bytes: usize,
+    /// Each row the engine writes to `order_summary` waits this long (a trigger calling
+    /// `pg_sleep`): a slow database, so that the engine falls behind the broker and reads ahead as
+    /// far as its bounds let it. 0: none.
+    #[arg(long, default_value_t = 0.0)]
+    row_delay_ms: f64,
+    /// Share of the records that are duplicates, re-published later, in percent.
+    #[arg(long, default_value_t = 5)]
+    duplicate_percent: usize,
+    /// Any of ceiling,naive,mock,rebuild,tansu (rebuild needs mock).
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,naive,mock,rebuild,tansu")]
+    modes: Vec<String>,
+    /// The server the `projector_bench_<random>_*` databases are created on (and dropped).
+    #[arg(long, env = "PROJECTOR_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// Naive mode stops after this many events …
+    #[arg(long, default_value_t = 20_000)]
+    naive_events: usize,
+    /// … or this many seconds, whichever comes first.
+    #[arg(long, default_value_t = 20.0)]
+    naive_secs: f64,
+    /// Length of the latency phase (produce at half the measured rate), per engine mode; 0 skips it.
+    #[arg(long, default_value_t = 20.0)]
+    latency_secs: f64,
+    /// The engine's `batch.max_events`.
+    #[arg(long, default_value_t = Settings::default().batch.max_events)]
+    batch_max_events: usize,
+    /// The engine's `batch.max_bytes` (the bytes of a batch's records; the consumer reads ahead
+    /// from it too).
+    #[arg(long, default_value_t = Settings::default().batch.max_bytes)]
+    batch_max_bytes: usize,
+    /// The engine's `batch.lanes` (parts of a batch applied concurrently).
+    #[arg(long, default_value_t = Settings::default().batch.lanes)]
+    lanes: usize,
+    /// The engine's `database.pool_size`.
+    #[arg(long, default_value_t = Settings::default().database.pool_size)]
+    pool_size: usize,
+    /// The engine's `batch.set_based` (false: one statement per event, pipelined).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    set_based: bool,
+    /// An extra librdkafka property for the engine's consumer, `name=value` (repeatable).
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
+    /// librdkafka properties for the engine's consumer against Tansu only, `name=value`
+    /// (repeatable; given once, it replaces all the defaults; `--kafka-property` wins). Tansu 0.6
+    /// holds every fetch for about half of `fetch.wait.max.ms` even when it has records to
+    /// return, and fills a fetch up to `fetch.max.bytes` (capped at 5 MB) from its first
+    /// partitions, ignoring `max.partition.fetch.bytes`: see BENCHMARKS.md.
+    #[arg(long = "tansu-property", value_parser = parse_property,
+          default_values = ["fetch.wait.max.ms=10", "fetch.max.bytes=1048576"])]
+    tansu_properties: Vec<(String, String)>,
+    /// Give up waiting for the engine to clear the backlog after this long.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+    /// Where to write the results as JSON (default: the temp dir, printed at the end).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the databases (default: dropped at the end).
+    #[arg(long)]
+    keep_databases: bool,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text.split_once('=').ok_or_else(|| format!("`{text}` is not `name=value`"))?;
+    Ok((name.to_string(), value.to_string()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rdkafka=off,librdkafka=off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    for mode in &args.modes {
+        if !["ceiling", "naive", "mock", "rebuild", "tansu"].contains(&mode.as_str()) {
+            bail!("unknown mode `{mode}`");
+        }
+    }
+    let has = |m: &str| args.modes.iter().any(|x| x == m);
+    if has("rebuild") && !has("mock") && !has("tansu") {
+        bail!("`rebuild` rebuilds what `mock` or `tansu` built: add one of them to --modes");
+    }
+    let generated = Instant::now();
+    let workload = Workload::generate(&args)?;
+    let per_partition = workload.per_partition();
+    eprintln!(
+        "workload: {} records ({} distinct, {} duplicates) over {} entities on {} partitions ({:?}); generated in {:.1} s",
+        workload.records.len(),
+        workload.distinct(),
+        workload.duplicates,
+        workload.entities,
+        workload.partitions,
+        per_partition,
+        generated.elapsed().as_secs_f64()
+    );
+    let mut dbs = Databases::new(&args.database_url);
+    let mut results = json!({
+        "machine": proc::machine(),
+        "args": {
+            "events": args.events, "entities": workload.entities, "partitions": args.partitions,
+            "duplicate_percent": args.duplicate_percent, "value_bytes": args.value_bytes, "row_delay_ms": args.row_delay_ms,
+            "batch_max_events": args.batch_max_events, "batch_max_bytes": args.batch_max_bytes, "set_based": args.set_based,
+            "modes": args.modes, "latency_secs": args.latency_secs,
+        },
+        "workload": {
+            "records": workload.records.len(), "distinct": workload.distinct(), "duplicates": workload.duplicates,
+            "creates": workload.entities, "per_partition": per_partition,
+        },
+    });
+    let outcome = async {
+        if has("ceiling") {
+            eprintln!("== ceiling (set-based unnest statements, 2 connections, no Kafka, no checkpoints)");
+            let url = dbs.create("ceiling").await?;
+            prepare_schema(&url).await?;
+            results["ceiling"] = ceiling::ceiling(&url, &workload).await?;
+            eprintln!("  {}", results["ceiling"]);
+        }
+        // Each broker mode gets the workload as generated (its latency phase extends its copy).
+        // The naive consumer reads the first broker that runs (the mock when the backlog fits).
+        let mut naive_pending = has("naive");
+        for kind in [Kind::Mock, Kind::Tansu] {
+            let label = kind.label();
+            let fits = if kind == Kind::Mock { mock_fits(&workload) } else { Ok(()) };
+            if !(has(label) || (naive_pending && fits.is_ok())) {
+                continue;
+            }
+            if let Err(reason) = fits {
+                eprintln!("== {label} {reason}");
+                results[label] = json!({ "skipped": reason });
+                continue;
+            }
+            let steps = Steps { naive: naive_pending, engine: has(label), rebuild: has("rebuild") };
+            let mut mode = broker_mode(kind, &args, &mut dbs, &mut workload.clone(), steps).await?;
+            if let Some(naive) = mode.as_object_mut().and_then(|m| m.remove("naive")) {
+                results["naive"] = naive;
+                naive_pending = false;
+            }
+            if has(label) {
+                results[label] = mode;
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    if !args.keep_databases {
+        dbs.drop_all().await;
+    } else {
+        eprintln!("databases kept: {:?}", dbs.created);
+    }
+    let path =
+        args.json.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("projector-bench-{}.json", args.events)));
+    report::write(&mut results, &path)?;
+    outcome?;
+    report::check(&results)
+}

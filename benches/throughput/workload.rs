@@ -1,0 +1,183 @@
+//! The workload: the generated records (each entity's stream, interleaved, with duplicates), the
+//! events' JSON, and the bench's `order_summary` projection.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail};
+use chrono::{DateTime, TimeZone, Utc};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use projector::projection::{compile_file, Projection};
+
+use crate::Args;
+
+pub const PROJECTION: &str = "order_summary";
+/// The bench's only addition to the example projection: an update that can repeat.
+const NOTED_HANDLER: &str = "\n[on.OrderNoted]\nupdate = { note = \":data.note\", updated_at = \":occurred_at\" }\n";
+
+#[derive(Clone, Copy)]
+pub struct Rec {
+    pub entity: u32,
+    pub version: u32,
+}
+
+#[derive(Clone)]
+pub struct Workload {
+    pub topic: String,
+    pub partitions: i32,
+    pub entities: usize,
+    /// Records in publish order (duplicates included).
+    pub records: Vec<Rec>,
+    pub duplicates: usize,
+    /// Each entity's stream length (its last version).
+    pub lengths: Vec<u32>,
+    /// Each record's value padded to about this many bytes (0: none).
+    pub value_bytes: usize,
+}
+
+impl Workload {
+    pub fn generate(args: &Args) -> anyhow::Result<Workload> {
+        let events = args.events;
+        let entities = args.entities.unwrap_or((events / 10).max(1));
+        let duplicates = events * args.duplicate_percent / 100;
+        let distinct = events - duplicates;
+        if distinct < entities {
+            bail!("{events} events with {duplicates} duplicates cannot cover {entities} entities");
+        }
+        let mut rng = StdRng::seed_from_u64(args.seed);
+        let lengths: Vec<u32> =
+            (0..entities).map(|e| (distinct / entities + usize::from(e < distinct % entities)) as u32).collect();
+        // A random interleaving of the streams that keeps each stream in order.
+        let mut order: Vec<u32> = Vec::with_capacity(distinct);
+        for (e, len) in lengths.iter().enumerate() {
+            order.extend(std::iter::repeat_n(e as u32, *len as usize));
+        }
+        order.shuffle(&mut rng);
+        let mut next = vec![1u32; entities];
+        let distinct_records: Vec<Rec> = order
+            .into_iter()
+            .map(|e| {
+                let version = next[e as usize];
+                next[e as usize] += 1;
+                Rec { entity: e, version }
+            })
+            .collect();
+        // Duplicates: copies of random events, re-published up to a tenth of the stream later.
+        let spread = (distinct / 10).max(1) as u64;
+        let mut keyed: Vec<(u64, Rec)> =
+            distinct_records.iter().enumerate().map(|(i, rec)| (2 * i as u64, *rec)).collect();
+        for i in rand::seq::index::sample(&mut rng, distinct, duplicates) {
+            let later = i as u64 + rng.random_range(1..=spread);
+            keyed.push((2 * later + 1, distinct_records[i]));
+        }
+        keyed.sort_unstable_by_key(|(position, _)| *position);
+        Ok(Workload {
+            topic: "bench.orders".into(),
+            partitions: args.partitions,
+            entities,
+            records: keyed.into_iter().map(|(_, rec)| rec).collect(),
+            duplicates,
+            lengths,
+            value_bytes: args.value_bytes,
+        })
+    }
+
+    pub fn partition_of(&self, entity: u32) -> i32 {
+        (entity % self.partitions as u32) as i32
+    }
+
+    pub fn per_partition(&self) -> Vec<i64> {
+        let mut counts = vec![0i64; self.partitions as usize];
+        for rec in &self.records {
+            counts[self.partition_of(rec.entity) as usize] += 1;
+        }
+        counts
+    }
+
+    pub fn distinct(&self) -> usize {
+        self.records.len() - self.duplicates
+    }
+
+    pub fn version_sum(&self) -> i64 {
+        self.lengths.iter().map(|len| i64::from(*len)).sum()
+    }
+}
+
+pub fn entity_id(entity: u32) -> Uuid {
+    Uuid::from_u64_pair(0x5eed_0000_0000_0000, u64::from(entity))
+}
+
+pub fn customer_of(entity: u32) -> String {
+    format!("customer-{}", entity % 997)
+}
+
+pub fn total_of(entity: u32) -> Decimal {
+    Decimal::new(1000 + i64::from(entity % 90_000), 2)
+}
+
+pub fn note_of(version: u32) -> String {
+    format!("note {version}")
+}
+
+pub fn occurred_at(version: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(i64::from(version))
+}
+
+fn event_type(version: u32) -> &'static str {
+    match version {
+        1 => "OrderPlaced",
+        2 => "OrderPaid",
+        _ => "OrderNoted",
+    }
+}
+
+/// The record value of `entity`'s event `version`; the id is a function of both, so a duplicate
+/// carries its original's id. With `value_bytes`, its `data` holds a `padding` string that makes
+/// the value that long.
+pub fn event_json(entity: u32, version: u32, at: Option<DateTime<Utc>>, value_bytes: usize) -> Vec<u8> {
+    let mut data = match version {
+        1 => json!({"customer_id": customer_of(entity), "total": total_of(entity).to_string()}),
+        2 => json!({"customer_id": customer_of(entity), "amount": total_of(entity).to_string()}),
+        _ => json!({"note": note_of(version)}),
+    };
+    let event = |data: &Value| {
+        serde_json::to_vec(&json!({
+            "id": Uuid::from_u64_pair(u64::from(entity), u64::from(version)).to_string(),
+            "type": event_type(version),
+            "stream_id": entity_id(entity).to_string(),
+            "stream_version": version,
+            "occurred_at": at.unwrap_or_else(|| occurred_at(version)).to_rfc3339(),
+            "data": data,
+        }))
+        .expect("event as JSON")
+    };
+    let value = event(&data);
+    // `,"padding":""` is 13 bytes.
+    match value_bytes.checked_sub(value.len() + 13) {
+        Some(padding) if value_bytes > 0 => {
+            data["padding"] = Value::String("x".repeat(padding));
+            event(&data)
+        }
+        _ => value,
+    }
+}
+
+/// The example `order_summary` projection on the bench topic, plus `OrderNoted`.
+pub fn bench_projection_text(topic: &str) -> anyhow::Result<String> {
+    let original = include_str!("../../projections/order_summary.toml");
+    let text = original.replace("topics = [\"shop.orders\"]", &format!("topics = [\"{topic}\"]"));
+    if text == original {
+        bail!("projections/order_summary.toml no longer has `topics = [\"shop.orders\"]`: update the bench");
+    }
+    Ok(text + NOTED_HANDLER)
+}
+
+pub fn bench_projection(topic: &str) -> anyhow::Result<Projection> {
+    compile_file(Path::new("bench/order_summary.toml"), &bench_projection_text(topic)?)
+        .map_err(|errors| anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")))
+}
