@@ -5,6 +5,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod error;
 pub mod fast;
+pub mod lag;
 pub mod parked;
 pub mod rebuild;
 pub mod schema;
