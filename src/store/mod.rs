@@ -3,12 +3,14 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod demo;
 pub mod error;
 pub mod fast;
 pub mod lag;
 pub mod parked;
 pub mod rebuild;
 pub mod schema;
+pub mod scratch;
 pub mod stored;
 pub mod tls;
 
