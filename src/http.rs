@@ -140,7 +140,8 @@ impl Observability {
         }
         let metrics_for_reload = metrics.clone();
         let interval = Duration::from_millis(settings.http.lag_refresh_ms.max(1));
-        let sampler = RunningSampler::start(&settings.kafka, pool.clone(), projections, mode, metrics.clone(), interval);
+        let sampler =
+            RunningSampler::start(&settings.kafka, pool.clone(), projections, mode, metrics.clone(), interval);
         let health = Arc::new(Health {
             projections: RwLock::new(projections.iter().map(|p| p.name.clone()).collect()),
             metrics: metrics.clone(),

@@ -46,10 +46,8 @@ pub async fn validate(
         Ok(projections) => projections,
         Err(code) => return Ok(code),
     };
-    let fixture_errors: Vec<String> = projections
-        .iter()
-        .filter_map(|projection| projector::testing::load_fixtures(projection).err())
-        .collect();
+    let fixture_errors: Vec<String> =
+        projections.iter().filter_map(|projection| projector::testing::load_fixtures(projection).err()).collect();
     if !fixture_errors.is_empty() {
         for error in &fixture_errors {
             eprintln!("{error}");

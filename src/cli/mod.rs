@@ -153,4 +153,3 @@ pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         }
     }
 }
-

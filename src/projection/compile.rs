@@ -350,7 +350,6 @@ impl Context<'_> {
             version_column,
         })
     }
-
 }
 
 /// `a.b.c`, `header:NAME`, `kafka:key` or `kafka:timestamp`.

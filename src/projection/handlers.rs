@@ -174,7 +174,6 @@ impl Context<'_> {
     }
 }
 
-
 fn insert_sql(table: &VersionedTable, pairs: &[(String, String)]) -> String {
     let VersionedTable { table, key_column: key, version_column: version, .. } = table;
     let mut columns = vec![key.as_str()];

@@ -169,7 +169,6 @@ fn expected_text(value: &toml::Value) -> Result<Option<String>, String> {
     }
 }
 
-
 /// The record `event` is delivered as, at `offset` of `topic`.
 pub(super) fn record_of(event: &FixtureEvent, topic: &str, offset: i64) -> Record {
     Record {

@@ -156,7 +156,6 @@ async fn run_fixture(
     })
 }
 
-
 /// Empties the projection's tables and its engine rows, as before its first event.
 async fn reset(scratch: &Scratch, projection: &Projection, fixture: &Fixture) -> Result<(), TestError> {
     let client = scratch.pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;

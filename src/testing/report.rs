@@ -45,7 +45,6 @@ impl TestReport {
     }
 }
 
-
 /// The report as text, for a terminal.
 pub fn text(report: &TestReport) -> String {
     let mut out = String::new();
