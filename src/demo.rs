@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::metrics::Metrics;
 use crate::projection::{compile_file, Projection};
 use crate::settings::Settings;
-use crate::store::{self, StoreError};
+use crate::store;
 
 pub const TOPIC: &str = "shop.orders";
 const DEMO_DATABASE: &str = "projector_demo";
@@ -128,14 +128,9 @@ pub fn database_url(url: &str, name: &str) -> anyhow::Result<String> {
     Ok(parsed.to_string())
 }
 
-/// Drops and creates database `name` on `url`'s server.
+/// Drops and creates database `name` on `url`'s server; returns its URL.
 pub async fn recreate_database(url: &str, name: &str) -> anyhow::Result<String> {
-    let pool = store::connect(url, 1).await?;
-    let client = pool.get().await?;
-    for statement in [format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"), format!("CREATE DATABASE \"{name}\"")]
-    {
-        client.batch_execute(&statement).await.map_err(|error| StoreError::postgres(&error))?;
-    }
+    store::scratch::recreate_database(url, name).await?;
     database_url(url, name)
 }
 
@@ -226,23 +221,10 @@ async fn print_read_models(url: &str) -> anyhow::Result<()> {
         "  {:<36}  {:<11}  {:>7}  {:<9}  {:>7}  {:<8}  version",
         "order_id", "customer_id", "total", "status", "paid", "carrier"
     );
-    for row in client
-        .query(
-            "SELECT order_id::text, customer_id, total::text, status, coalesce(paid_amount::text, ''), coalesce(carrier, ''), version
-               FROM order_summary ORDER BY order_id",
-            &[],
-        )
-        .await?
-    {
+    for row in store::demo::order_summaries(&client).await? {
         println!(
             "  {:<36}  {:<11}  {:>7}  {:<9}  {:>7}  {:<8}  {}",
-            row.get::<_, String>(0),
-            row.get::<_, String>(1),
-            row.get::<_, String>(2),
-            row.get::<_, String>(3),
-            row.get::<_, String>(4),
-            row.get::<_, String>(5),
-            row.get::<_, i64>(6)
+            row.order_id, row.customer_id, row.total, row.status, row.paid, row.carrier, row.version
         );
     }
     println!("\ncustomer_totals");
@@ -250,21 +232,10 @@ async fn print_read_models(url: &str) -> anyhow::Result<()> {
         "  {:<11}  {:>6}  {:>9}  {:>12}  {:>10}",
         "customer_id", "placed", "cancelled", "total_placed", "total_paid"
     );
-    for row in client
-        .query(
-            "SELECT customer_id, orders_placed, orders_cancelled, total_placed::text, total_paid::text
-               FROM customer_totals ORDER BY customer_id",
-            &[],
-        )
-        .await?
-    {
+    for row in store::demo::customer_totals(&client).await? {
         println!(
             "  {:<11}  {:>6}  {:>9}  {:>12}  {:>10}",
-            row.get::<_, String>(0),
-            row.get::<_, i64>(1),
-            row.get::<_, i64>(2),
-            row.get::<_, String>(3),
-            row.get::<_, String>(4)
+            row.customer_id, row.placed, row.cancelled, row.total_placed, row.total_paid
         );
     }
     Ok(())

@@ -1,5 +1,6 @@
-//! `/metrics` and the health probes on their own address (`http.listen`), and the lag sampler
-//! that keeps the lag metrics fresh: everything an engine exports for operators.
+//! `/metrics` and the health probes on their own address (`http.listen`), served beside the lag
+//! sampler ([`crate::lag::RunningSampler`]) that keeps the lag metrics fresh: everything an engine
+//! exports for operators.
 //!
 //! - `GET /metrics`: the engine's registry in the Prometheus text format.
 //! - `GET /health/live`: 200 while the process serves requests.
@@ -9,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -21,7 +22,7 @@ use deadpool_postgres::Pool;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::lag::{self, KafkaReachability, Mode, Target};
+use crate::lag::{KafkaReachability, Mode, RunningSampler};
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::settings::Settings;
@@ -32,7 +33,7 @@ const READY_STATES: [&str; 2] = ["running", "paused"];
 /// What `/health/ready` looks at.
 pub struct Health {
     /// The projections running now (a reload changes them).
-    projections: std::sync::RwLock<Vec<String>>,
+    projections: RwLock<Vec<String>>,
     metrics: Metrics,
     pool: Pool,
     kafka: Arc<Mutex<KafkaReachability>>,
@@ -73,12 +74,7 @@ impl Health {
     }
 
     async fn ping_postgres(&self) -> Result<(), String> {
-        let client = self.pool.get().await.map_err(|error| format!("postgres: {error}"))?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|error| format!("postgres: {}", crate::store::describe(&error)))?;
-        Ok(())
+        crate::store::lag::ping(&self.pool).await
     }
 }
 
@@ -119,13 +115,11 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response {
 /// The HTTP server and the lag sampler of one engine; both stop when this is dropped.
 pub struct Observability {
     pub health: Arc<Health>,
-    /// What the lag sampler measures.
-    targets: Arc<std::sync::RwLock<Vec<Target>>>,
+    sampler: RunningSampler,
     metrics: Metrics,
     /// The address the HTTP server listens on (`None`: it could not bind, see the log).
     pub address: Option<SocketAddr>,
-    tasks: Vec<JoinHandle<()>>,
-    _stop: tokio::sync::watch::Sender<bool>,
+    server: Option<JoinHandle<()>>,
 }
 
 impl Observability {
@@ -146,45 +140,34 @@ impl Observability {
         }
         let metrics_for_reload = metrics.clone();
         let interval = Duration::from_millis(settings.http.lag_refresh_ms.max(1));
-        let kafka = Arc::new(Mutex::new(KafkaReachability::default()));
+        let sampler =
+            RunningSampler::start(&settings.kafka, pool.clone(), projections, mode, metrics.clone(), interval);
         let health = Arc::new(Health {
-            projections: std::sync::RwLock::new(projections.iter().map(|p| p.name.clone()).collect()),
+            projections: RwLock::new(projections.iter().map(|p| p.name.clone()).collect()),
             metrics: metrics.clone(),
-            pool: pool.clone(),
-            kafka: kafka.clone(),
+            pool,
+            kafka: sampler.kafka.clone(),
             kafka_max_age: interval * 3 + Duration::from_secs(15),
         });
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let targets = Arc::new(std::sync::RwLock::new(Target::of(projections)));
-        let sampler = lag::Sampler {
-            settings: settings.kafka.clone(),
-            pool,
-            targets: targets.clone(),
-            mode,
-            metrics: metrics.clone(),
-            kafka,
-            interval,
-        };
-        let mut tasks = vec![tokio::spawn(sampler.run(stopped))];
-        let address = match tokio::net::TcpListener::bind(&settings.http.listen).await {
+        let (address, server) = match tokio::net::TcpListener::bind(&settings.http.listen).await {
             Ok(listener) => {
                 let address = listener.local_addr().ok();
                 tracing::info!(address = %settings.http.listen, bound = ?address, "serving /metrics, /health/live and /health/ready");
                 let app = router(metrics, health.clone());
-                tasks.push(tokio::spawn(async move {
+                let server = tokio::spawn(async move {
                     if let Err(error) = axum::serve(listener, app).await {
                         tracing::error!(%error, "http server stopped");
                     }
-                }));
-                address
+                });
+                (address, Some(server))
             }
             Err(error) => {
                 tracing::error!(address = %settings.http.listen, %error,
                     "cannot listen for /metrics and health: running without them");
-                None
+                (None, None)
             }
         };
-        Observability { health, targets, metrics: metrics_for_reload, address, tasks, _stop: stop }
+        Observability { health, sampler, metrics: metrics_for_reload, address, server }
     }
 
     /// The projections running now, after a reload: readiness and lag follow them.
@@ -193,14 +176,15 @@ impl Observability {
             self.metrics.register_projection(&projection.name, projection.handlers.keys().map(String::as_str));
         }
         *self.health.projections.write().expect("not poisoned") = projections.iter().map(|p| p.name.clone()).collect();
-        *self.targets.write().expect("not poisoned") = Target::of(projections);
+        self.sampler.set_projections(projections);
     }
 }
 
 impl Drop for Observability {
+    /// Stops the HTTP server; the sampler stops as it is dropped.
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
+        if let Some(server) = &self.server {
+            server.abort();
         }
     }
 }

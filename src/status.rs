@@ -4,8 +4,9 @@
 //! Whether an engine is running cannot be known from the data, so the state column says what
 //! the data shows: `caught up` (nothing left to apply), `behind` (records left to apply),
 //! `not started` (no checkpoint yet, records waiting) or `records lost` (the checkpoint is below
-//! the partition's log start: the broker deleted records the projection had not read). A running engine's own state (running,
-//! paused, failed) is in its `projector_projection_state` metric and `/health/ready`.
+//! the partition's log start: the broker deleted records the projection had not read). A running
+//! engine's own state (running, paused, failed) is in its `projector_projection_state` metric and
+//! `/health/ready`.
 
 use std::time::Duration;
 

@@ -8,9 +8,9 @@ use anyhow::bail;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
+use projector::outcome::Outcome;
 use projector::projection::Projection;
 use projector::settings::Settings;
-use projector::outcome::Outcome;
 
 use crate::broker::{Broker, Kind};
 use crate::db::{add_row_delay, checkpoint_sum, connect, prepare_schema, verify, Databases};

@@ -7,14 +7,24 @@
 //! # Layout
 //! - [`definition`]: the serde mirror of a definition file (with source spans).
 //! - [`compile`]: definition files to [`Projection`]s, reporting every error with file and line.
+//! - [`handlers`]: a handler's `insert`, `update`, `sql` and `also` to checked statements.
+//! - [`guard`]: the guard rule, read from a statement's syntax tree.
+//! - [`hash`]: the definition hash stored with checkpoints.
+//! - [`identifier`]: plain SQL identifiers, the names the engine writes into SQL itself.
 //! - [`params`]: `:name` parameters in SQL text to `$n` placeholders.
 //! - [`event`]: a Kafka record to an [`event::Event`] through the projection's envelope.
+//! - [`fields`]: the JSON fields a projection reads, found in one pass over a record's value.
 //! - [`value`]: an event's values converted to the Postgres type each parameter needs.
+//! - [`set_based`]: one guarded statement applied to many events at once.
 
 pub mod compile;
 pub mod definition;
 pub mod event;
 pub mod fields;
+pub mod guard;
+mod handlers;
+pub mod hash;
+pub mod identifier;
 pub mod params;
 pub mod set_based;
 pub mod value;
@@ -24,6 +34,7 @@ use std::path::PathBuf;
 
 pub use compile::{compile_file, load_dir, load_dir_partly, DefinitionError};
 pub use event::{DecodeError, Decoded, Event, Record};
+pub use identifier::{is_identifier, is_table_name};
 
 /// One compiled projection, ready to run.
 #[derive(Debug, Clone)]

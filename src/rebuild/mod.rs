@@ -129,11 +129,6 @@ impl RebuildReport {
     }
 }
 
-pub(super) fn is_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some('a'..='z' | '_')) && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-}
-
 /// Runs a rebuild until it is done, or `interrupt` completes (it can then be resumed).
 pub async fn run(
     settings: &Settings,

@@ -9,10 +9,10 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::build::{load, Build};
-use super::{is_identifier, RebuildArgs, RebuildError, RebuildReport};
+use super::{RebuildArgs, RebuildError, RebuildReport};
 use crate::checkpoint::{self as offsets, Offsets};
 use crate::metrics::Metrics;
-use crate::projection::Projection;
+use crate::projection::{is_identifier, Projection};
 use crate::settings::Settings;
 use crate::store::rebuild::{self as sql, BuildStart, Swap, SwapError};
 use crate::store::{self, StoreError};

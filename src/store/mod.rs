@@ -4,15 +4,18 @@
 pub mod apply;
 pub mod checkpoint;
 pub mod column;
+pub mod demo;
 pub mod error;
 pub mod event;
 pub mod fast;
 pub mod held;
+pub mod lag;
 pub mod park;
 pub mod parked;
 pub mod plan;
 pub mod rebuild;
 pub mod schema;
+pub mod scratch;
 pub mod stored;
 pub mod tls;
 
