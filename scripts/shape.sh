@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the shape of src/ (CI runs it through scripts/test.sh; rerun it any time):
 #  1. the pure modules (src/projection/, src/checkpoint.rs, src/outcome.rs) import no I/O crate:
-#     no tokio, rdkafka, tokio_postgres, deadpool_postgres, postgres_protocol, hyper or reqwest;
+#     no tokio, rdkafka, tokio_postgres, deadpool_postgres, postgres_protocol, hyper or reqwest,
+#     and none of the modules that do I/O (store, kafka, worker, app, http, lag, rebuild, …);
 #     that rule keeps them testable without a broker or a database;
 #  2. every file in src/ has a `//!` line saying what it holds;
 #  3. no file in src/ is over 500 lines unless a line of its opening `//!` block starts with
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 
 MAX_LINES=500
 IO_CRATES='tokio|rdkafka|tokio_postgres|deadpool_postgres|postgres_protocol|hyper|reqwest'
+IO_MODULES='store|kafka|worker|app|http|lag|rebuild|metrics|status|parked|demo|testing|settings'
 status=0
 fail() { echo "shape: $*"; status=1; }
 
@@ -22,6 +24,9 @@ for file in "${pure[@]}"; do
     # `use tokio…`, `tokio::…` paths and `extern crate tokio` alike.
     if hits=$(grep -nE "(^|[^[:alnum:]_])(${IO_CRATES})::|^\s*(pub )?use (${IO_CRATES})\b|extern crate (${IO_CRATES})\b" "$file"); then
         while IFS= read -r hit; do fail "$file:${hit%%:*}: a pure module uses an I/O crate: ${hit#*:}"; done <<< "$hits"
+    fi
+    if hits=$(grep -nE "crate::(${IO_MODULES})\b" "$file"); then
+        while IFS= read -r hit; do fail "$file:${hit%%:*}: a pure module uses a module that does I/O: ${hit#*:}"; done <<< "$hits"
     fi
 done
 
@@ -37,6 +42,6 @@ while IFS= read -r file; do
 done < <(find src -name '*.rs' | sort)
 
 if [ "$status" -eq 0 ]; then
-    echo "shape: ok (${#pure[@]} pure modules import no I/O crate; $rooms files in src/, each with its //! line, none over $MAX_LINES lines without its reason)"
+    echo "shape: ok (${#pure[@]} pure modules import no I/O crate or module; $rooms files in src/, each with its //! line, none over $MAX_LINES lines without its reason)"
 fi
 exit "$status"

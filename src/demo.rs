@@ -42,7 +42,8 @@ pub fn example_projections() -> anyhow::Result<Vec<Projection>> {
             let mut projection = compile_file(std::path::Path::new(path), text).map_err(|errors| {
                 anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
             })?;
-            projection.migrations = vec![store::schema::parse(migration, sql).map_err(anyhow::Error::msg)?];
+            projection.migrations =
+                vec![crate::projection::migrations::parse(migration, sql).map_err(anyhow::Error::msg)?];
             Ok(projection)
         })
         .collect()

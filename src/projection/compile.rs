@@ -94,7 +94,7 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         handlers,
         hash: String::new(),
         rebuild: rebuild_checks,
-        migrations_dir: crate::store::schema::dir_of(path),
+        migrations_dir: super::migrations::dir_of(path),
         migrations: Vec::new(),
         fields: Fields::default(),
         envelope_slots: [None; 5],
@@ -175,7 +175,7 @@ pub fn load_dir_partly(dir: &Path) -> Result<(Vec<Projection>, Vec<DefinitionErr
                     &path,
                     format!("projection `{}` is already defined in `{}`", projection.name, first.display()),
                 )),
-                None => match crate::store::schema::read_dir(&projection.migrations_dir) {
+                None => match super::migrations::read_dir(&projection.migrations_dir) {
                     Ok(migrations) => {
                         projection.migrations = migrations;
                         defined_in.insert(projection.name.clone(), path);

@@ -1,7 +1,8 @@
 //! Projection definitions, compiled: what a projection reads, how it decodes an event, and which
 //! statements it runs for each event type.
 //!
-//! This module is pure: it does no I/O beyond reading definition files, and imports no tokio,
+//! This module is pure: it does no I/O beyond reading definition and migration files, imports no
+//! tokio,
 //! rdkafka or tokio-postgres (only the sans-I/O `postgres-types`), so it is unit-tested in isolation.
 //!
 //! # Layout
@@ -10,6 +11,7 @@
 //! - [`handlers`]: a handler's `insert`, `update`, `sql` and `also` to checked statements.
 //! - [`guard`]: the guard rule, read from a statement's syntax tree.
 //! - [`hash`]: the definition hash stored with checkpoints.
+//! - [`migrations`]: the projection's migration files, read and checked (`store::schema` applies them).
 //! - [`identifier`]: plain SQL identifiers, the names the engine writes into SQL itself.
 //! - [`params`]: `:name` parameters in SQL text to `$n` placeholders.
 //! - [`event`]: a Kafka record to an [`event::Event`] through the projection's envelope.
@@ -25,6 +27,7 @@ pub mod guard;
 mod handlers;
 pub mod hash;
 pub mod identifier;
+pub mod migrations;
 pub mod params;
 pub mod set_based;
 pub mod value;
@@ -52,7 +55,7 @@ pub struct Projection {
     pub hash: String,
     /// Checks a shadow rebuild must pass before the swap (`[rebuild]`); not part of the hash.
     pub rebuild: RebuildChecks,
-    /// Where its read model's migrations live ([`crate::store::schema::dir_of`]).
+    /// Where its read model's migrations live ([`migrations::dir_of`]).
     pub migrations_dir: PathBuf,
     /// Its read model's migrations, in version order (read by [`load_dir`]; none from
     /// [`compile_file`] alone); not part of the hash.

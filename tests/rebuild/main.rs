@@ -701,8 +701,10 @@ fn accounts(topic: &str, text: &str, migrations: &[(&str, &str)]) -> Projection 
     let mut projection =
         projector::projection::compile_file(std::path::Path::new("accounts.toml"), &text.replace("TOPIC", topic))
             .expect("the accounts projection compiles");
-    projection.migrations =
-        migrations.iter().map(|(name, sql)| projector::store::schema::parse(name, sql).expect("a migration")).collect();
+    projection.migrations = migrations
+        .iter()
+        .map(|(name, sql)| projector::projection::migrations::parse(name, sql).expect("a migration"))
+        .collect();
     projection
 }
 
