@@ -174,27 +174,34 @@ pub async fn run(
         return Err(RebuildError::HistoryMissing(missing));
     }
 
+    let inputs = Inputs { settings, projection, args, starts, ends, metrics };
     if args.until.is_some() || args.until_offsets.is_some() {
-        as_of(settings, projection, args, &client, starts, ends, metrics, interrupt).await
+        as_of(inputs, &client, interrupt).await
     } else if args.shadow {
-        shadow(settings, projection, args, &client, starts, ends, metrics, interrupt).await
+        shadow(inputs, &client, interrupt).await
     } else {
-        in_place(settings, projection, projections, args, client, starts, ends, metrics, interrupt).await
+        in_place(inputs, projections, client, interrupt).await
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every kind of build starts from: the projection, how it is asked for, and each
+/// partition's offsets now (its log start and end).
+pub(super) struct Inputs<'a> {
+    pub settings: &'a Settings,
+    pub projection: &'a Projection,
+    pub args: &'a RebuildArgs,
+    pub starts: Offsets,
+    pub ends: Offsets,
+    pub metrics: Metrics,
+}
+
 pub(super) async fn in_place(
-    settings: &Settings,
-    projection: &Projection,
+    inputs: Inputs<'_>,
     projections: &[Projection],
-    args: &RebuildArgs,
     mut client: tokio_postgres::Client,
-    starts: Offsets,
-    ends: Offsets,
-    metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
+    let Inputs { settings, projection, args, starts, ends, metrics } = inputs;
     let tables = projection.tables();
     for other in projections.iter().filter(|other| other.name != projection.name) {
         if let Some(table) = other.tables().into_iter().find(|table| tables.contains(table)) {

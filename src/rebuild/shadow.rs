@@ -9,11 +9,9 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::build::{load, Build};
-use super::{RebuildArgs, RebuildError, RebuildReport};
+use super::{Inputs, RebuildArgs, RebuildError, RebuildReport};
 use crate::checkpoint::{self as offsets, Offsets};
-use crate::metrics::Metrics;
 use crate::projection::{is_identifier, Projection};
-use crate::settings::Settings;
 use crate::store::rebuild::{self as sql, BuildStart, Swap, SwapError};
 use crate::store::{self, StoreError};
 use crate::worker::WorkerOptions;
@@ -72,17 +70,12 @@ pub(super) async fn start_or_resume_copy(
     Ok((false, starts, targets))
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn shadow(
-    settings: &Settings,
-    projection: &Projection,
-    args: &RebuildArgs,
+    inputs: Inputs<'_>,
     client: &tokio_postgres::Client,
-    starts: Offsets,
-    ends: Offsets,
-    metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
+    let Inputs { settings, projection, args, starts, ends, metrics } = inputs;
     let tables = live_tables(client, projection).await?;
     let alias = format!("{}~shadow", projection.name);
     let schema = format!("projector_shadow_{}", projection.name);
@@ -180,17 +173,12 @@ pub(super) async fn shadow(
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn as_of(
-    settings: &Settings,
-    projection: &Projection,
-    args: &RebuildArgs,
+    inputs: Inputs<'_>,
     client: &tokio_postgres::Client,
-    starts: Offsets,
-    ends: Offsets,
-    metrics: Metrics,
     interrupt: impl Future<Output = ()>,
 ) -> Result<RebuildReport, RebuildError> {
+    let Inputs { settings, projection, args, starts, ends, metrics } = inputs;
     let tables = live_tables(client, projection).await?;
     let into = args.into.clone().ok_or_else(|| RebuildError::BadInto("(missing: pass --into)".into()))?;
     if !is_identifier(&into) {
