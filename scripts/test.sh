@@ -3,7 +3,7 @@
 # (a C toolchain for librdkafka, the Tansu broker, Prometheus and promtool) when missing, checks the
 # shape of src/ (scripts/shape.sh), then runs `cargo test --release`, the benchmark harness on a
 # tiny workload and the fuzz targets for 30 s each. Extra arguments go to cargo test (and skip the
-# rest), e.g. `scripts/test.sh --test e2e_tansu`.
+# rest), e.g. `scripts/test.sh --test e2e -- tansu::`.
 # CI runs this script through `.ci/run`. Exits non-zero on any failure.
 set -euo pipefail
 

@@ -83,3 +83,8 @@ impl Exposition {
         self.select(name, filter).count()
     }
 }
+
+/// Percent-encodes a query parameter value.
+pub fn encode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}

@@ -13,6 +13,9 @@ use tokio_postgres::Client;
 
 use std::time::Duration;
 
+use rdkafka::producer::FutureRecord;
+
+use super::records::one_per_batch_producer;
 use super::{checkpoints, query_i64, wait_for, Projector};
 
 /// The example projections.
@@ -215,4 +218,40 @@ pub async fn converges_then_stops(
     let status = projector.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status} on SIGTERM");
     assert_eq!(read_models(client).await.expect("read models"), expected, "nothing moved after the last check");
+}
+
+/// Publishes `events` in order, one record per produce batch (Tansu's high watermark is the last
+/// batch's base offset + 1, so exact offsets need single-record batches), each awaited before the
+/// next. Returns each record's `(partition, offset)`.
+pub async fn produce_one_per_batch(bootstrap: &str, topic: &str, events: &[ShopEvent]) -> Vec<(i32, i64)> {
+    let producer = one_per_batch_producer(bootstrap);
+    let mut positions = Vec::with_capacity(events.len());
+    for event in events {
+        let payload = serde_json::to_vec(&event.value).expect("event as JSON");
+        let delivered = producer
+            .send(FutureRecord::to(topic).key(&event.key).payload(&payload), Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|(error, _)| panic!("producing to `{topic}`: {error}"));
+        positions.push((delivered.partition, delivered.offset));
+    }
+    positions
+}
+
+/// `count` events of new orders (each an `OrderPlaced`), in a valid order.
+pub fn new_orders(count: usize) -> Vec<ShopEvent> {
+    (0..count)
+        .map(|i| {
+            projector::demo::shop_event(
+                &uuid::Uuid::new_v4().to_string(),
+                1,
+                "OrderPlaced",
+                serde_json::json!({"customer_id": format!("customer-{}", i % 3), "total": "12.50"}),
+            )
+        })
+        .collect()
+}
+
+/// The demo's history of `orders` orders, flattened in stream order.
+pub fn history(orders: usize) -> Vec<ShopEvent> {
+    demo_history(orders).into_iter().flatten().collect()
 }

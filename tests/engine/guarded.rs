@@ -11,7 +11,7 @@ use projector::store::apply::{apply_batch, ApplyError, Batch};
 use projector::store::fast::Applier;
 use serde_json::json;
 
-use crate::support::{self, TestDb};
+use crate::common::{self, TestDb};
 
 const TOPIC: &str = "guarded";
 
@@ -60,9 +60,9 @@ fn counts(report: &BatchReport) -> (u64, u64, u64) {
 #[tokio::test]
 async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
     let db = TestDb::create().await;
-    projector::store::migrate_with(&db.url, &support::example_projections(TOPIC)).await.expect("migrations");
+    projector::store::migrate_with(&db.url, &common::example_projections(TOPIC)).await.expect("migrations");
     let pool = projector::store::connect(&db.url, 2).await.expect("pool");
-    let projection = support::example_projection(TOPIC, "order_summary").remove(0);
+    let projection = common::example_projection(TOPIC, "order_summary").remove(0);
     let (a, b, c) = (
         "00000000-0000-0000-0000-00000000000a",
         "00000000-0000-0000-0000-00000000000b",
@@ -103,7 +103,7 @@ async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
     assert!(!report.fast);
     assert_eq!(counts(&report), (1, 0, 1));
 
-    let client = db.client().await;
+    let client = db.connect().await;
     let versions: Vec<(String, i64)> = client
         .query("SELECT order_id::text, version FROM order_summary ORDER BY order_id", &[])
         .await
@@ -112,9 +112,9 @@ async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
         .map(|row| (row.get(0), row.get(1)))
         .collect();
     assert_eq!(versions, [(a.to_string(), 3), (b.to_string(), 4), (c.to_string(), 1)]);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 1);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 1);
     assert_eq!(
-        support::count(&client, "SELECT next_offset FROM projector.checkpoints WHERE topic = 'guarded'").await,
+        common::query_i64(&client, "SELECT next_offset FROM projector.checkpoints WHERE topic = 'guarded'").await,
         13
     );
     drop(client);
@@ -137,15 +137,15 @@ update = {{ p2 = "p2 + :data.amount", p3 = "p3 || '+paid'", projector_rows = "pr
 sql = "UPDATE {table} SET p3 = p3 || '+' || :data.carrier, version = :version WHERE p1 = :key AND version = :version - 1 AND p2 > 0"
 "#
     );
-    support::versioned_projection(table, TOPIC, table, "p1", &handlers)
+    common::versioned_projection(table, TOPIC, table, "p1", &handlers)
 }
 
 #[tokio::test]
 async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
     let db = TestDb::create().await;
-    projector::store::migrate_with(&db.url, &support::example_projections(TOPIC)).await.expect("migrations");
+    projector::store::migrate_with(&db.url, &common::example_projections(TOPIC)).await.expect("migrations");
     let pool = projector::store::connect(&db.url, 2).await.expect("pool");
-    let client = db.client().await;
+    let client = db.connect().await;
     // `pcols`, and a table called like the rows the set-based statements read.
     for table in ["pcols", "projector_rows"] {
         client

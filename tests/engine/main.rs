@@ -3,15 +3,19 @@
 //! groups, and compares the read models with the fold of the distinct events it published.
 //!
 //! # Layout
-//! - `support`: databases, topics, settings, an engine that stops gracefully or crashes.
-//! - `model`: the shop's events as typed facts, and the read models they fold to.
+//! - `definitions`: the definition files under `tests/fixtures/definitions` load or fail as
+//!   their headers say (was `tests/definitions.rs`).
 //! - `scenarios`: one test per promise (duplicates, crash between commits, replay, gaps, ids).
 //! - `guarded`: the fast path's guarded waves, batch by batch, without Kafka.
 //! - `properties`: the same promises over random histories, restarts and crashes.
+//!
+//! Databases, topics, settings and engines come from `common::engine` and `common::db`; the
+//! shop's events and the read models they fold to from `common::model`.
 
+#[path = "../common/mod.rs"]
+mod common;
+
+mod definitions;
 mod guarded;
-mod model;
 mod properties;
 mod scenarios;
-#[allow(dead_code)]
-mod support;

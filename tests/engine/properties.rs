@@ -13,8 +13,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::model::{self, Fact, Kind};
-use crate::support::{self, Engine, TestDb};
+use crate::common::model::{self, Fact, Kind};
+use crate::common::{self, Engine, TestDb};
 
 /// How an order's stream goes on after `OrderPlaced`.
 #[derive(Debug, Clone, Copy)]
@@ -126,8 +126,8 @@ fn streams(scenario: &Scenario) -> Vec<Vec<Fact>> {
 /// The records to publish, in order: the streams interleaved, then duplicates and a redelivered
 /// stretch, each copy after its original.
 fn published(scenario: &Scenario, streams: &[Vec<Fact>]) -> Vec<Fact> {
-    let mut records = support::interleave(streams, &scenario.interleaving);
-    support::insert_copies(&mut records, &scenario.duplicates);
+    let mut records = common::model::interleave(streams, &scenario.interleaving);
+    common::model::insert_copies(&mut records, &scenario.duplicates);
     if let Some((start, length)) = scenario.redelivered {
         let start = start.index(records.len());
         let end = (start + length).min(records.len());
@@ -151,10 +151,10 @@ struct Tally {
 async fn run_case(kafka: &MockKafka, scenario: &Scenario, tally: &mut Tally) -> Result<(), TestCaseError> {
     let streams = streams(scenario);
     let records = published(scenario, &streams);
-    let topic = support::new_topic(kafka, scenario.partitions);
+    let topic = common::new_topic(kafka, scenario.partitions);
     let db = TestDb::create().await;
-    let settings = support::settings(kafka, &db, scenario.max_events, true);
-    let projections = support::example_projections(&topic);
+    let settings = common::settings(kafka, &db.url, scenario.max_events, true);
+    let projections = common::example_projections(&topic);
 
     // Phases: cut the records at the restart points (sorted, possibly empty phases).
     let mut cuts: Vec<(usize, Restart)> =
@@ -195,7 +195,7 @@ async fn run_case(kafka: &MockKafka, scenario: &Scenario, tally: &mut Tally) -> 
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &model::events(&records[from..]))
         .await
         .expect("publishing");
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
     parked += metrics.outcome_count("order_summary", Outcome::Parked)
         + metrics.outcome_count("customer_totals", Outcome::Parked);
@@ -203,11 +203,11 @@ async fn run_case(kafka: &MockKafka, scenario: &Scenario, tally: &mut Tally) -> 
     duplicates += metrics.outcome_count("order_summary", Outcome::Duplicate);
     gaps += metrics.outcome_count("order_summary", Outcome::Gap);
 
-    let client = db.client().await;
+    let client = db.connect().await;
     let orders = model::read_order_summary(&client).await;
     let customers = model::read_customer_totals(&client).await;
-    let held = support::count(&client, "SELECT count(*) FROM projector.held_events").await;
-    let dead = support::count(&client, "SELECT count(*) FROM projector.dead_letters").await;
+    let held = common::query_i64(&client, "SELECT count(*) FROM projector.held_events").await;
+    let dead = common::query_i64(&client, "SELECT count(*) FROM projector.dead_letters").await;
     drop(client);
     db.drop().await;
 
@@ -249,7 +249,7 @@ async fn run_case(kafka: &MockKafka, scenario: &Scenario, tally: &mut Tally) -> 
 
 #[test]
 fn read_models_equal_the_fold_of_distinct_events_whatever_the_faults() {
-    support::init_tracing();
+    common::init_tracing();
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(12);
     let config = Config { cases, max_shrink_iters: 16, failure_persistence: None, ..Config::default() };
     let runtime =

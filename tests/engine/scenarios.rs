@@ -10,8 +10,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 
-use crate::model::{self, assert_read_models, distinct, events, order_stream, Fact};
-use crate::support::{self, Engine, TestDb};
+use crate::common::model::{self, assert_read_models, distinct, events, order_stream, Fact};
+use crate::common::{self, Engine, TestDb};
 
 /// Five orders over three customers, each in stream order.
 fn five_orders() -> Vec<Vec<Fact>> {
@@ -37,12 +37,12 @@ fn shipped(facts: &[Fact]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_event_twice_at_different_offsets_changes_nothing() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 3);
+    let topic = common::new_topic(&kafka, 3);
     let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 5, true);
-    let projections = support::example_projections(&topic);
+    let settings = common::settings(&kafka, &db.url, 5, true);
+    let projections = common::example_projections(&topic);
 
     let original = interleave(&five_orders());
     // Copies right after the original, much later, twice, and of an event customer_totals ignores.
@@ -62,15 +62,15 @@ async fn same_event_twice_at_different_offsets_changes_nothing() {
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&published)).await.expect("publishing");
 
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
-    let client = db.client().await;
+    let client = db.connect().await;
     assert_read_models(&client, &published, "after duplicates").await;
 
     let count = |projection, outcome| metrics.outcome_count(projection, outcome);
     assert_eq!(count("order_summary", Outcome::Applied), original.len() as u64);
-    assert_eq!(count("order_summary", Outcome::Duplicate), extra, "{:?}", support::outcomes(&metrics, "order_summary"));
+    assert_eq!(count("order_summary", Outcome::Duplicate), extra, "{:?}", common::outcomes(&metrics, "order_summary"));
     assert_eq!(count("order_summary", Outcome::Gap), 0);
     let ignored_originals = shipped(&original);
     let ignored_copies = shipped(&published) - ignored_originals;
@@ -79,7 +79,7 @@ async fn same_event_twice_at_different_offsets_changes_nothing() {
         count("customer_totals", Outcome::Duplicate),
         extra - ignored_copies,
         "{:?}",
-        support::outcomes(&metrics, "customer_totals")
+        common::outcomes(&metrics, "customer_totals")
     );
     assert_eq!(count("customer_totals", Outcome::Ignored), shipped(&published));
     for projection in ["order_summary", "customer_totals"] {
@@ -115,19 +115,19 @@ async fn committed_offsets(bootstrap: String, group: String, topic: String, part
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 3);
+    let topic = common::new_topic(&kafka, 3);
     let db = TestDb::create().await;
     // Kafka never learns an offset: exactly the state after crashing between the two commits.
-    let settings = support::settings(&kafka, &db, 4, false);
-    let projections = support::example_projections(&topic);
+    let settings = common::settings(&kafka, &db.url, 4, false);
+    let projections = common::example_projections(&topic);
 
     let streams = five_orders();
     let before = interleave(&streams);
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&before)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     engine.crash().await;
 
     for projection in ["order_summary", "customer_totals"] {
@@ -143,7 +143,7 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
             "`{projection}` committed offsets to Kafka although commit_offsets = false: {offsets:?}"
         );
     }
-    let client = db.client().await;
+    let client = db.connect().await;
     assert_read_models(&client, &before, "after the first run").await;
 
     // A fresh engine, same consumer groups, and a few more events: some continuing old orders.
@@ -157,7 +157,7 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
     after.extend(order_stream(&uuid::Uuid::new_v4().to_string(), "dave", 4200, &["paid"]));
     after.extend(order_stream(&uuid::Uuid::new_v4().to_string(), "alice", 777, &["cancelled"]));
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&after)).await.expect("publishing");
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
     let all: Vec<Fact> = before.iter().chain(&after).cloned().collect();
@@ -170,7 +170,7 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
         (seen("order_summary"), metrics.outcome_count("order_summary", Outcome::Applied)),
         (new, new),
         "the restarted engine re-read old events: {:?}",
-        support::outcomes(&metrics, "order_summary")
+        common::outcomes(&metrics, "order_summary")
     );
     assert_eq!(
         (
@@ -180,7 +180,7 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
         ),
         (new, new - new_ignored, new_ignored),
         "the restarted engine re-read old events: {:?}",
-        support::outcomes(&metrics, "customer_totals")
+        common::outcomes(&metrics, "customer_totals")
     );
     drop(client);
     db.drop().await;
@@ -188,12 +188,12 @@ async fn crash_between_database_commit_and_kafka_commit_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_offset_zero_over_existing_read_model_changes_nothing() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 2);
+    let topic = common::new_topic(&kafka, 2);
     let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 6, true);
-    let projections = support::example_projections(&topic);
+    let settings = common::settings(&kafka, &db.url, 6, true);
+    let projections = common::example_projections(&topic);
 
     let streams = five_orders();
     // Out of order (shipped before paid) for the first order, a duplicate for the third.
@@ -202,55 +202,55 @@ async fn replay_from_offset_zero_over_existing_read_model_changes_nothing() {
     published.push(streams[2][1].clone());
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&published)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
 
-    let client = db.client().await;
+    let client = db.connect().await;
     assert_read_models(&client, &published, "after the first run").await;
     let snapshot = (
-        support::table_text(&client, "order_summary", "order_id").await,
-        support::table_text(&client, "customer_totals", "customer_id").await,
-        support::table_text(&client, "projector.processed_events", "projection, event_id").await,
+        common::db::table_text(&client, "order_summary", "order_id").await,
+        common::db::table_text(&client, "customer_totals", "customer_id").await,
+        common::db::table_text(&client, "projector.processed_events", "projection, event_id").await,
     );
 
     client.batch_execute("DELETE FROM projector.checkpoints").await.expect("deleting checkpoints");
     let mut replay = settings.clone();
-    replay.kafka.group_prefix = support::unique("replay");
+    replay.kafka.group_prefix = common::unique("replay");
     let engine = Engine::start(&replay, &projections);
-    support::wait_caught_up(&replay, &projections).await;
+    common::wait_caught_up(&replay, &projections).await;
     let metrics = engine.stop().await;
 
     let after = (
-        support::table_text(&client, "order_summary", "order_id").await,
-        support::table_text(&client, "customer_totals", "customer_id").await,
-        support::table_text(&client, "projector.processed_events", "projection, event_id").await,
+        common::db::table_text(&client, "order_summary", "order_id").await,
+        common::db::table_text(&client, "customer_totals", "customer_id").await,
+        common::db::table_text(&client, "projector.processed_events", "projection, event_id").await,
     );
     assert_eq!(after, snapshot, "the replay changed the read models");
     let records = published.len() as u64;
     assert_eq!(
-        support::outcomes(&metrics, "order_summary"),
+        common::outcomes(&metrics, "order_summary"),
         vec![("applied", 0), ("duplicate", records), ("gap", 0), ("ignored", 0), ("parked", 0)]
     );
     let ignored = shipped(&published);
     assert_eq!(
-        support::outcomes(&metrics, "customer_totals"),
+        common::outcomes(&metrics, "customer_totals"),
         vec![("applied", 0), ("duplicate", records - ignored), ("gap", 0), ("ignored", ignored), ("parked", 0)]
     );
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
     drop(client);
     db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 2);
+    let topic = common::new_topic(&kafka, 2);
     let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 5, true);
+    let settings = common::settings(&kafka, &db.url, 5, true);
     // Only order_summary: customer_totals is not ordered by version (an update before its create
     // changes nothing there, by that projection's design).
-    let projections = support::example_projection(&topic, "order_summary");
+    let projections = common::example_projection(&topic, "order_summary");
 
     let gap = order_stream(&uuid::Uuid::new_v4().to_string(), "alice", 2500, &["paid", "shipped"]);
     let early = order_stream(&uuid::Uuid::new_v4().to_string(), "bob", 1000, &["paid"]);
@@ -258,10 +258,10 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
     let first = vec![gap[0].clone(), gap[2].clone(), early[1].clone()];
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
-    let client = db.client().await;
+    let client = db.connect().await;
     let rows = model::read_order_summary(&client).await;
     assert_eq!(rows, model::fold_order_summary(&first));
     assert_eq!(rows[&gap[0].order].version, 1);
@@ -270,7 +270,7 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
     assert_eq!(held, [(gap[0].order.clone(), 3), (early[0].order.clone(), 2)].into());
     assert_eq!(held, model::fold_held(&first));
     assert_eq!(
-        support::outcomes(&metrics, "order_summary"),
+        common::outcomes(&metrics, "order_summary"),
         vec![("applied", 1), ("duplicate", 0), ("gap", 2), ("ignored", 0), ("parked", 0)]
     );
 
@@ -278,7 +278,7 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
     let second = vec![gap[1].clone(), early[0].clone()];
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&second)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
     let all: Vec<Fact> = first.iter().chain(&second).cloned().collect();
@@ -290,10 +290,10 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
     assert_eq!(order.paid_amount, Some(model::money(2500)));
     let order = &rows[&early[0].order];
     assert_eq!((order.version, order.status.as_str()), (2, "paid"));
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
     // Two predecessors applied, and the two held events released (counted applied again).
     assert_eq!(
-        support::outcomes(&metrics, "order_summary"),
+        common::outcomes(&metrics, "order_summary"),
         vec![("applied", 4), ("duplicate", 0), ("gap", 0), ("ignored", 0), ("parked", 0)]
     );
     drop(client);
@@ -302,12 +302,12 @@ async fn out_of_order_event_is_held_and_applied_when_its_predecessor_arrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_id_dedupe_holds() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 3);
+    let topic = common::new_topic(&kafka, 3);
     let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, 3, true);
-    let projections = support::example_projection(&topic, "customer_totals");
+    let settings = common::settings(&kafka, &db.url, 3, true);
+    let projections = common::example_projection(&topic, "customer_totals");
 
     let streams = five_orders();
     let original = interleave(&streams[..3]);
@@ -315,7 +315,7 @@ async fn event_id_dedupe_holds() {
     first.extend(original[1..5].iter().cloned()); // a redelivered stretch
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first)).await.expect("publishing");
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     engine.crash().await;
 
     // The same ids again at later offsets, after a crash: only processed_events can tell.
@@ -331,11 +331,11 @@ async fn event_id_dedupe_holds() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     engine.crash().await;
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
     let all: Vec<Fact> = first.iter().chain(&second).cloned().collect();
-    let client = db.client().await;
+    let client = db.connect().await;
     assert_eq!(model::read_customer_totals(&client).await, model::fold_customer_totals(&all));
     let recorded: std::collections::BTreeSet<String> = client
         .query("SELECT event_id FROM projector.processed_events WHERE projection = 'customer_totals'", &[])
@@ -347,7 +347,10 @@ async fn event_id_dedupe_holds() {
     let handled: std::collections::BTreeSet<String> =
         distinct(&all).iter().filter(|fact| fact.counts_for_customer_totals()).map(Fact::id).collect();
     assert_eq!(recorded, handled);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.processed_events").await, handled.len() as i64);
+    assert_eq!(
+        common::query_i64(&client, "SELECT count(*) FROM projector.processed_events").await,
+        handled.len() as i64
+    );
     assert_eq!(metrics.outcome_count("customer_totals", Outcome::Parked), 0);
     drop(client);
     db.drop().await;
@@ -359,14 +362,14 @@ async fn event_id_dedupe_holds() {
 /// and the read models are those of the events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_larger_than_a_batch_and_a_fetch_are_applied() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
     // The mock cluster keeps 5 MB per partition: one order (at most 3 MB) per partition.
-    let topic = support::new_topic(&kafka, 5);
+    let topic = common::new_topic(&kafka, 5);
     let db = TestDb::create().await;
-    let mut settings = support::settings(&kafka, &db, 100, true);
+    let mut settings = common::settings(&kafka, &db.url, 100, true);
     settings.batch.max_bytes = 64 << 10;
-    let projections = support::example_projections(&topic);
+    let projections = common::example_projections(&topic);
     let streams = five_orders();
     let facts = interleave(&streams);
     let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
@@ -390,9 +393,9 @@ async fn records_larger_than_a_batch_and_a_fetch_are_applied() {
             .expect("publishing");
     }
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
-    let client = db.client().await;
+    let client = db.connect().await;
     assert_read_models(&client, &facts, "1 MB records").await;
     assert_eq!(metrics.outcome_count("order_summary", Outcome::Applied), facts.len() as u64);
     drop(client);

@@ -40,8 +40,8 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 use rdkafka::producer::FutureProducer;
 use tokio_postgres::Client;
 
+use crate::common::{self, Engine, TestDb};
 use crate::raw::{self, Raw};
-use crate::support::{self, Engine, TestDb};
 
 /// Cases run by default (CI); `PROPTEST_CASES` overrides.
 const DEFAULT_CASES: u32 = 12;
@@ -346,8 +346,8 @@ fn plan(scenario: &Scenario) -> Vec<Planned> {
             stream
         })
         .collect();
-    let mut records = support::interleave(&streams, &scenario.interleaving);
-    support::insert_copies(&mut records, &scenario.duplicates);
+    let mut records = common::model::interleave(&streams, &scenario.interleaving);
+    common::model::insert_copies(&mut records, &scenario.duplicates);
     for (hostile, at, partition) in &scenario.hostile {
         let planned = Planned {
             raw: hostile.raw.clone(),
@@ -571,15 +571,15 @@ async fn run_case(shared: &Shared, scenario: &Scenario, tally: &Mutex<Tally>) ->
         format!("acc_{}", tally.cases)
     };
     let cluster = shared.cluster();
-    let topic = support::new_topic(&cluster.kafka, scenario.partitions);
+    let topic = common::new_topic(&cluster.kafka, scenario.partitions);
     shared.client.batch_execute(&raw::accounts_table(&name)).await.expect("creating the case's table");
     let projections = vec![raw::accounts_named(&name, &topic, false)];
-    let mut settings = support::settings(&cluster.kafka, &shared.db, scenario.max_events, true);
+    let mut settings = common::settings(&cluster.kafka, &shared.db.url, scenario.max_events, true);
     // Each engine joins a consumer group of its own: the mock cluster's coordinator can take a
     // second to let a member into a group another one just left. The checkpoints are the
     // engine's, in Postgres: an engine in a new group resumes where the last one stopped.
     let mut start = || {
-        settings.kafka.group_prefix = support::unique("group");
+        settings.kafka.group_prefix = common::unique("group");
         Engine::start(&settings, &projections)
     };
 
@@ -696,7 +696,7 @@ fn from_env(name: &str, default: u32) -> u32 {
 /// others stop.
 #[test]
 fn every_record_of_any_bytes_is_counted_once_and_the_valid_ones_fold() {
-    support::init_tracing();
+    common::init_tracing();
     let cases = from_env("PROPTEST_CASES", DEFAULT_CASES);
     let runners = from_env("BYTES_RUNNERS", 4).clamp(1, cases.max(1)) as usize;
     let config = Config {
@@ -717,7 +717,7 @@ fn every_record_of_any_bytes_is_counted_once_and_the_valid_ones_fold() {
         )
         .await
         .expect("migrating the database");
-        let client = db.client().await;
+        let client = db.connect().await;
         Shared { cluster: Mutex::new((Cluster::start(), 0)), client, db }
     });
     let tally = Mutex::new(Tally::default());

@@ -2,16 +2,17 @@
 //! can make one die): the projection is `failed` while it has none, the thread is replaced with
 //! backoff, and the read model comes out exact. A worker that ends before shutdown stops the engine
 //! with a message naming it, rather than leave its projection looking healthy.
+use std::time::Duration;
 
+use crate::common::{self, Engine};
 use crate::raw::{self, account, opened, Raw};
-use crate::support::{self, Engine};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_thread_that_dies_is_seen_and_replaced() {
     let raw::Accounts { _kafka, topic, db, client, mut settings, projections, bootstrap } = raw::setup(2, 50).await;
     settings.retry.max_backoff_ms = 300;
     // A name of its own: fail points are shared by every test of this binary.
-    let name = support::unique("consumer_dies");
+    let name = common::unique("consumer_dies");
     let projections = vec![projections[0].renamed(&name)];
     let fail_point = format!("consumer-poll-{name}");
     fail::cfg(&fail_point, "panic").expect("configuring the fail point");
@@ -21,7 +22,7 @@ async fn a_consumer_thread_that_dies_is_seen_and_replaced() {
     let engine = Engine::start(&settings, &projections);
     let metrics = engine.metrics.clone();
     let restarts = || metrics.consumer_restarts.with_label_values(&[&name]).get();
-    support::wait_for("the consumer to die, be replaced, and die again", || async {
+    common::wait_for("the consumer to die, be replaced, and die again", Duration::from_secs(30), || async {
         restarts() >= 2 && metrics.current_state(&name) == Some("failed")
     })
     .await;
@@ -29,9 +30,11 @@ async fn a_consumer_thread_that_dies_is_seen_and_replaced() {
 
     // The next consumer lives: the projection runs again and applies everything once.
     fail::remove(&fail_point);
-    support::wait_caught_up(&settings, &projections).await;
-    support::wait_for("the projection to run again", || async { metrics.current_state(&name) == Some("running") })
-        .await;
+    common::wait_caught_up(&settings, &projections).await;
+    common::wait_for("the projection to run again", Duration::from_secs(30), || async {
+        metrics.current_state(&name) == Some("running")
+    })
+    .await;
     let metrics = engine.stop().await;
     for i in 0..10 {
         assert_eq!(account(&client, &format!("c-{i}")).await.map(|row| (row.0, row.1)), Some((1, (i + 1).to_string())));
@@ -44,7 +47,7 @@ async fn a_consumer_thread_that_dies_is_seen_and_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_ends_before_shutdown_stops_the_engine() {
     let raw::Accounts { _kafka, db, client, settings, projections, .. } = raw::setup(1, 50).await;
-    let name = support::unique("worker_ends");
+    let name = common::unique("worker_ends");
     let projections = vec![projections[0].renamed(&name)];
     let fail_point = format!("worker-{name}");
     fail::cfg(&fail_point, "return").expect("configuring the fail point");

@@ -2,10 +2,12 @@
 //! commit once `projector accept` (or a rebuild) recorded a new one; it stops the projection,
 //! saying why, and the instance running the new definition applies from there.
 
+use std::time::Duration;
+
 use projector::projection::compile_file;
 
+use crate::common::{self, Engine};
 use crate::raw::{self, deposited, opened, Raw};
-use crate::support::{self, Engine};
 
 /// The `accounts` projection with its `Deposited` note prefixed by `prefix`: another definition.
 fn accounts_noting(topic: &str, prefix: &str) -> projector::projection::Projection {
@@ -35,27 +37,27 @@ async fn an_instance_running_an_old_definition_cannot_commit_after_accept() {
     let opened: Vec<Raw> = keys.iter().map(|key| Raw::json(&opened(key, 100))).collect();
     raw::publish(&bootstrap, &topic, &opened).await;
     let running_old = Engine::start(&settings, &old);
-    support::wait_caught_up(&settings, &old).await;
+    common::wait_caught_up(&settings, &old).await;
     let deposits =
         |version: i64| -> Vec<Raw> { keys.iter().map(|key| Raw::json(&deposited(key, version, 1))).collect() };
     raw::publish(&bootstrap, &topic, &deposits(2)).await;
-    support::wait_caught_up(&settings, &old).await;
+    common::wait_caught_up(&settings, &old).await;
 
     // The operator accepts the new definition while the old instance runs.
     let accepted = projector::rebuild::accept(&settings, &new[0]).await.expect("accept");
     assert!(accepted >= 1, "the checkpoints now carry the new definition");
     raw::publish(&bootstrap, &topic, &deposits(3)).await;
     let old_metrics = running_old.metrics.clone();
-    support::wait_for("the old instance to stop the projection", || async {
+    common::wait_for("the old instance to stop the projection", Duration::from_secs(30), || async {
         old_metrics.current_state("accounts") == Some("failed")
     })
     .await;
 
     // The instance with the new definition applies what the old one could not.
     let running_new = Engine::start(&settings, &new);
-    support::wait_caught_up(&settings, &new).await;
+    common::wait_caught_up(&settings, &new).await;
     raw::publish(&bootstrap, &topic, &deposits(4)).await;
-    support::wait_caught_up(&settings, &new).await;
+    common::wait_caught_up(&settings, &new).await;
     let new_metrics = running_new.stop().await;
     let old_metrics = running_old.stop().await;
 

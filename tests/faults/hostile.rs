@@ -5,8 +5,8 @@
 use projector::outcome::Outcome;
 use serde_json::json;
 
+use crate::common::{self, Engine};
 use crate::raw::{self, account, deposited, event, opened, Raw};
-use crate::support::{self, Engine};
 
 /// What must become of a hostile record.
 enum Expect {
@@ -26,7 +26,7 @@ fn corpus() -> Vec<(&'static str, Raw, Expect)> {
     };
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     // librdkafka's mock broker keeps at most 5 MB per partition: the 10 MB case runs against Tansu
-    // (tests/e2e_tansu.rs).
+    // (tests/e2e/tansu.rs).
     let huge_amount = "9".repeat(4 * 1024 * 1024);
     // Random, so that Postgres cannot compress it into an index entry.
     let long_key: &'static str = {
@@ -76,9 +76,9 @@ async fn hostile_records_are_parked_or_ignored_and_nothing_else_changes() {
     for (name, hostile, _) in &corpus {
         if name.starts_with("4 MB") {
             raw::publish(&bootstrap, &topic, &records).await;
-            support::wait_caught_up(&settings, &projections).await;
+            common::wait_caught_up(&settings, &projections).await;
             raw::publish(&bootstrap, &topic, std::slice::from_ref(hostile)).await;
-            support::wait_caught_up(&settings, &projections).await;
+            common::wait_caught_up(&settings, &projections).await;
             records.clear();
         } else {
             records.push(hostile.clone());
@@ -89,12 +89,12 @@ async fn hostile_records_are_parked_or_ignored_and_nothing_else_changes() {
         }
     }
     raw::publish(&bootstrap, &topic, &records).await;
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     // Still running: one more event for every good key is applied.
     version += 1;
     let last: Vec<Raw> = good_keys.iter().map(|key| Raw::json(&deposited(key, version, 100))).collect();
     raw::publish(&bootstrap, &topic, &last).await;
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
     let deposits = (version - 2) + 100;
@@ -157,7 +157,7 @@ async fn a_fatal_error_stops_the_engine_with_the_reason_and_keeps_the_checkpoint
     let raw::Accounts { _kafka, topic, db, client, settings, projections, bootstrap } = raw::setup(1, 20).await;
     let engine = Engine::start(&settings, &projections);
     raw::publish(&bootstrap, &topic, &[Raw::json(&opened("f-1", 1)), Raw::json(&opened("f-2", 2))]).await;
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
 
     client.batch_execute("ALTER TABLE accounts RENAME TO accounts_moved").await.expect("rename");
     raw::publish(&bootstrap, &topic, &[Raw::json(&deposited("f-1", 2, 5))]).await;
@@ -169,7 +169,7 @@ async fn a_fatal_error_stops_the_engine_with_the_reason_and_keeps_the_checkpoint
         .expect("checkpoint")
         .get(0);
     assert_eq!(next, 2, "the failed batch moved no checkpoint");
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.dead_letters").await, 0, "nothing parked");
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.dead_letters").await, 0, "nothing parked");
     drop(client);
     db.drop().await;
 }

@@ -2,8 +2,8 @@
 //! poison events parked per key, retried and skipped; held gaps timing out; a corpus of hostile
 //! records; Postgres cut off mid-stream through a TCP proxy.
 //!
-//! Shares the engine tests' `support` (databases, topics, engines, a TCP proxy) and `model`
-//! (the shop's events and the read models they fold to).
+//! Databases, topics, engines and the TCP proxy come from `common`; the shop's events and the
+//! read models they fold to from `common::model`.
 //!
 //! # Layout
 //! - `definition`: an instance running an old definition cannot commit after `accept`.
@@ -22,12 +22,8 @@
 //! - `wire`: record batches and transaction markers written to the mock broker byte for byte; a
 //!   proxy adding the aborted transactions to its Fetch responses.
 
-#[path = "../engine/model.rs"]
-#[allow(dead_code)]
-mod model;
-#[path = "../engine/support.rs"]
-#[allow(dead_code)]
-mod support;
+#[path = "../common/mod.rs"]
+mod common;
 
 mod bytes;
 mod consumer;

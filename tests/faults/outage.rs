@@ -8,8 +8,9 @@ use std::time::Duration;
 use projector::kafka::mock::MockKafka;
 use projector::outcome::Outcome;
 
-use crate::model::{assert_read_models, distinct, events, order_stream, Fact};
-use crate::support::{self, host_port, via_port, Engine, TcpProxy, TestDb};
+use crate::common::model::{assert_read_models, distinct, events, order_stream, Fact};
+use crate::common::proxy::{host_port, via_port, TcpProxy};
+use crate::common::{self, Engine, TestDb};
 
 /// `orders` orders over seven customers, interleaved, every seventh event published twice.
 fn history(orders: usize) -> Vec<Fact> {
@@ -31,14 +32,14 @@ fn history(orders: usize) -> Vec<Fact> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_cut_off_mid_stream_and_restored_loses_nothing_and_applies_nothing_twice() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 3);
+    let topic = common::new_topic(&kafka, 3);
     let db = TestDb::create().await;
     let proxy = TcpProxy::start(host_port(&db.url)).await;
-    let mut settings = support::settings(&kafka, &db, 10, true);
+    let mut settings = common::settings(&kafka, &db.url, 10, true);
     settings.database.url = via_port(&db.url, proxy.port);
-    let projections = support::example_projections(&topic);
+    let projections = common::example_projections(&topic);
 
     let published = history(150);
     let waves: Vec<&[Fact]> = published.chunks(published.len() / 6 + 1).collect();
@@ -55,10 +56,10 @@ async fn postgres_cut_off_mid_stream_and_restored_loses_nothing_and_applies_noth
             proxy.restore();
         }
     }
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
 
-    let client = db.client().await;
+    let client = db.connect().await;
     assert_read_models(&client, &published, "after Postgres was cut off").await;
     let distinct = distinct(&published);
     let applied = metrics.outcome_count("order_summary", Outcome::Applied);
@@ -85,46 +86,46 @@ async fn postgres_cut_off_mid_stream_and_restored_loses_nothing_and_applies_noth
 /// keeps applying; when the lock goes, it commits and runs again, and nothing is applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_failing_again_and_again_fails_only_its_projection_until_it_commits() {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, 2);
+    let topic = common::new_topic(&kafka, 2);
     let db = TestDb::create().await;
-    let mut settings = support::settings(&kafka, &db, 20, true);
+    let mut settings = common::settings(&kafka, &db.url, 20, true);
     settings.database.url = format!("{}?options=-c%20lock_timeout%3D300", db.url);
     settings.retry.max_attempts = 3;
     settings.retry.max_backoff_ms = 200;
-    let projections = support::example_projections(&topic);
+    let projections = common::example_projections(&topic);
     let first = history(10);
     let engine = Engine::start(&settings, &projections);
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first)).await.expect("publishing");
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
 
     // Another session holds `customer_totals` locked.
-    let mut locker = db.client().await;
+    let mut locker = db.connect().await;
     let lock = locker.transaction().await.expect("begin");
     lock.batch_execute("LOCK TABLE customer_totals IN ACCESS EXCLUSIVE MODE").await.expect("lock");
     let second = history(10);
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&second)).await.expect("publishing");
     let metrics = engine.metrics.clone();
-    support::wait_for("customer_totals to be failed after 3 attempts", || async {
+    common::wait_for("customer_totals to be failed after 3 attempts", Duration::from_secs(30), || async {
         metrics.current_state("customer_totals") == Some("failed")
     })
     .await;
     assert!(metrics.batch_retries.with_label_values(&["customer_totals"]).get() >= 3);
     assert!(metrics.retry_backoff.with_label_values(&["customer_totals"]).get() > 0.0);
-    let order_summary = support::example_projection(&topic, "order_summary");
-    support::wait_caught_up(&settings, &order_summary).await;
+    let order_summary = common::example_projection(&topic, "order_summary");
+    common::wait_caught_up(&settings, &order_summary).await;
     assert_eq!(metrics.current_state("order_summary"), Some("running"), "the other projection keeps going");
 
     lock.rollback().await.expect("unlock");
-    support::wait_caught_up(&settings, &projections).await;
-    support::wait_for("customer_totals to run again", || async {
+    common::wait_caught_up(&settings, &projections).await;
+    common::wait_for("customer_totals to run again", Duration::from_secs(30), || async {
         metrics.current_state("customer_totals") == Some("running")
     })
     .await;
     assert_eq!(metrics.retry_backoff.with_label_values(&["customer_totals"]).get(), 0.0);
     engine.stop().await;
     let published: Vec<Fact> = first.into_iter().chain(second).collect();
-    assert_read_models(&db.client().await, &published, "after the lock was released").await;
+    assert_read_models(&db.connect().await, &published, "after the lock was released").await;
     db.drop().await;
 }

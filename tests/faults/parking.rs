@@ -2,12 +2,14 @@
 //! `parked retry` after fixing the definition applies them in order; `parked skip` records its
 //! reason; a gap whose predecessor does not come in time is parked the same way.
 
+use std::time::Duration;
+
 use projector::outcome::Outcome;
 use projector::store::parked::{self, Filter, ParkedError, Selection};
 use serde_json::json;
 
+use crate::common::{self, Engine};
 use crate::raw::{self, account, dead_letters, deposited, event, opened, Raw};
-use crate::support::{self, Engine};
 
 fn class_and_state(rows: &[(Option<String>, String, String, String)], key: &str) -> Vec<(String, String)> {
     rows.iter()
@@ -48,16 +50,17 @@ async fn poison_parks_its_key_retry_applies_in_order_skip_records_why() {
     .collect();
     raw::publish(&bootstrap, &topic, &first).await;
     let engine = Engine::start(&settings, &broken);
-    support::wait_caught_up(&settings, &broken).await;
+    common::wait_caught_up(&settings, &broken).await;
     // D's gap times out after 1 s; then D's next event is parked behind it, in a later batch, as
     // is A's next event.
-    support::wait_for("D's gap to be parked", || async {
-        support::count(&client, "SELECT count(*) FROM projector.dead_letters WHERE error_class = 'gap_timeout'").await
+    common::wait_for("D's gap to be parked", Duration::from_secs(30), || async {
+        common::query_i64(&client, "SELECT count(*) FROM projector.dead_letters WHERE error_class = 'gap_timeout'")
+            .await
             == 1
     })
     .await;
     raw::publish(&bootstrap, &topic, &[Raw::json(&deposited("A", 4, 1)), Raw::json(&deposited("D", 4, 1))]).await;
-    support::wait_caught_up(&settings, &broken).await;
+    common::wait_caught_up(&settings, &broken).await;
     let metrics = engine.stop().await;
 
     assert_eq!(account(&client, "A").await, Some((1, "100".into(), None)));
@@ -86,10 +89,10 @@ async fn poison_parks_its_key_retry_applies_in_order_skip_records_why() {
             && error.contains("did not arrive within 1 s")),
         "{rows:?}"
     );
-    assert_eq!(metrics.outcome_count("accounts", Outcome::Parked), 6, "{:?}", support::outcomes(&metrics, "accounts"));
+    assert_eq!(metrics.outcome_count("accounts", Outcome::Parked), 6, "{:?}", common::outcomes(&metrics, "accounts"));
     assert_eq!(metrics.outcome_count("accounts", Outcome::Gap), 1);
     assert_eq!(metrics.gap_timeouts.with_label_values(&["accounts"]).get(), 1);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
 
     // `parked list` by key and by error.
     let pool = projector::store::connect(&db.url, 1).await.expect("pool");
@@ -110,7 +113,7 @@ async fn poison_parks_its_key_retry_applies_in_order_skip_records_why() {
     assert!(results[0].done.is_empty() && results[0].parked_again.is_some(), "{results:?}");
     assert_eq!(account(&client, "A").await, Some((1, "100".into(), None)));
     let attempts =
-        support::count(&client, "SELECT max(attempts)::bigint FROM projector.dead_letters WHERE entity_key = 'A'")
+        common::query_i64(&client, "SELECT max(attempts)::bigint FROM projector.dead_letters WHERE entity_key = 'A'")
             .await;
     assert_eq!(attempts, 1);
 
@@ -151,7 +154,10 @@ async fn poison_parks_its_key_retry_applies_in_order_skip_records_why() {
     let results = parked::retry(&mut admin, &fixed[0], &Selection::Key("D".into())).await.expect("retry");
     let outcomes: Vec<&str> = results[0].done.iter().map(|(_, outcome)| outcome.as_str()).collect();
     assert_eq!(outcomes, ["gap", "gap"], "{results:?}");
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events WHERE entity_key = 'D'").await, 2);
+    assert_eq!(
+        common::query_i64(&client, "SELECT count(*) FROM projector.held_events WHERE entity_key = 'D'").await,
+        2
+    );
 
     let mut settings = settings.clone();
     settings.parking.gap_timeout_secs = 600;
@@ -162,15 +168,18 @@ async fn poison_parks_its_key_retry_applies_in_order_skip_records_why() {
         &[Raw::json(&deposited("A", 5, 1000)), Raw::json(&deposited("B", 3, 1)), Raw::json(&deposited("D", 2, 1))],
     )
     .await;
-    support::wait_caught_up(&settings, &fixed).await;
+    common::wait_caught_up(&settings, &fixed).await;
     let metrics = engine.stop().await;
     assert_eq!(account(&client, "A").await, Some((5, "1116".into(), Some("deposit 5".into()))));
     assert_eq!(account(&client, "B").await, Some((3, "58".into(), Some("deposit 3".into()))));
     assert_eq!(account(&client, "D").await, Some((4, "8".into(), Some("deposit 4".into()))));
     assert_eq!(metrics.outcome_count("accounts", Outcome::Parked), 0);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.dead_letters WHERE state = 'parked'").await, 0);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.parked_actions").await, 1 + 3 + 2 + 2);
+    assert_eq!(
+        common::query_i64(&client, "SELECT count(*) FROM projector.dead_letters WHERE state = 'parked'").await,
+        0
+    );
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.parked_actions").await, 1 + 3 + 2 + 2);
 
     // The operator's view, through the binary: the list, and one event in full with its history.
     let cli = |args: &[&str]| {
@@ -223,15 +232,15 @@ async fn a_key_spread_over_partitions_is_released_without_waiting_for_the_gap_ti
     raw::publish_to(&bootstrap, &topic, Some(0), &opens).await;
 
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     // Released by the sweep (every second), far before the gap timeout.
-    support::wait_for("every account at version 2 with balance 15", || async {
-        support::count(&client, "SELECT count(*) FROM accounts WHERE version = 2 AND balance = 15").await == 100
+    common::wait_for("every account at version 2 with balance 15", Duration::from_secs(30), || async {
+        common::query_i64(&client, "SELECT count(*) FROM accounts WHERE version = 2 AND balance = 15").await == 100
     })
     .await;
     let metrics = engine.stop().await;
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.held_events").await, 0);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM projector.dead_letters").await, 0);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.held_events").await, 0);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM projector.dead_letters").await, 0);
     assert_eq!(metrics.gap_timeouts.with_label_values(&["accounts"]).get(), 0);
     // Every deposit counted once as applied, whether it was held first (a gap) or not.
     assert_eq!(metrics.outcome_count("accounts", Outcome::Applied), 200);

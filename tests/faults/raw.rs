@@ -56,7 +56,7 @@ pub fn accounts_table(name: &str) -> String {
 pub struct Accounts {
     pub _kafka: MockKafka,
     pub topic: String,
-    pub db: crate::support::TestDb,
+    pub db: crate::common::TestDb,
     pub client: Client,
     pub settings: Settings,
     pub projections: Vec<Projection>,
@@ -64,13 +64,13 @@ pub struct Accounts {
 }
 
 pub async fn setup(partitions: i32, max_events: usize) -> Accounts {
-    crate::support::init_tracing();
+    crate::common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = crate::support::new_topic(&kafka, partitions);
-    let db = crate::support::TestDb::create().await;
-    let client = db.client().await;
+    let topic = crate::common::new_topic(&kafka, partitions);
+    let db = crate::common::TestDb::create().await;
+    let client = db.connect().await;
     client.batch_execute(&accounts_table("accounts")).await.expect("accounts table");
-    let settings = crate::support::settings(&kafka, &db, max_events, true);
+    let settings = crate::common::settings(&kafka, &db.url, max_events, true);
     let projections = vec![accounts(&topic, false)];
     let bootstrap = settings.kafka.bootstrap_servers.clone();
     Accounts { _kafka: kafka, topic, db, client, settings, projections, bootstrap }

@@ -10,8 +10,8 @@ use projector::metrics::Metrics;
 use projector::settings::OnDataLoss;
 use serde_json::json;
 
+use crate::common::{self, Engine};
 use crate::raw::{self, account, deposited, event, opened, Raw};
-use crate::support::{self, Engine};
 
 /// The log start of partition 0 of `topic`.
 fn log_start(settings: &projector::settings::Settings, topic: &str) -> i64 {
@@ -37,9 +37,9 @@ async fn lost_records_are_counted_and_hold_the_projection_until_the_loss_is_acce
     let raw::Accounts { _kafka, topic, db, client, settings, projections, bootstrap } = raw::setup(1, 50).await;
     raw::publish(&bootstrap, &topic, &[Raw::json(&opened("r-1", 10)), Raw::json(&opened("r-2", 20))]).await;
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
-    let checkpoint = support::count(&client, "SELECT next_offset FROM projector.checkpoints").await;
+    let checkpoint = common::query_i64(&client, "SELECT next_offset FROM projector.checkpoints").await;
     assert_eq!(checkpoint, 2);
 
     // While no engine runs, the broker deletes the records after the checkpoint (and more).
@@ -52,14 +52,14 @@ async fn lost_records_are_counted_and_hold_the_projection_until_the_loss_is_acce
     // checkpoint where it was.
     let engine = Engine::start(&settings, &projections);
     let metrics = engine.metrics.clone();
-    support::wait_for("the loss to be counted and the projection failed", || async {
+    common::wait_for("the loss to be counted and the projection failed", Duration::from_secs(30), || async {
         lost(&metrics, &topic) == (low - checkpoint) as u64 && metrics.current_state("accounts") == Some("failed")
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(lost(&metrics, &topic), (low - checkpoint) as u64, "counted once, however often it is looked at");
     assert_eq!(metrics.current_state("accounts"), Some("failed"), "held until an operator acts");
-    assert_eq!(support::count(&client, "SELECT next_offset FROM projector.checkpoints").await, checkpoint);
+    assert_eq!(common::query_i64(&client, "SELECT next_offset FROM projector.checkpoints").await, checkpoint);
     assert_eq!(account(&client, "r-1").await.map(|row| row.0), Some(1), "the deposit is gone, not applied");
 
     // `projector status` tells it too.
@@ -71,9 +71,11 @@ async fn lost_records_are_counted_and_hold_the_projection_until_the_loss_is_acce
     let moved = projector::rebuild::accept_data_loss(&settings, &projections[0]).await.expect("accept");
     assert_eq!(moved, vec![((topic.clone(), 0), checkpoint, low)]);
     raw::publish(&bootstrap, &topic, &[Raw::json(&opened("r-3", 30))]).await;
-    support::wait_caught_up(&settings, &projections).await;
-    support::wait_for("the projection to run again", || async { metrics.current_state("accounts") == Some("running") })
-        .await;
+    common::wait_caught_up(&settings, &projections).await;
+    common::wait_for("the projection to run again", Duration::from_secs(30), || async {
+        metrics.current_state("accounts") == Some("running")
+    })
+    .await;
     assert_eq!(account(&client, "r-3").await.map(|row| row.1), Some("30".to_string()), "read on after the loss");
     let metrics = engine.stop().await;
     assert_eq!(lost(&metrics, &topic), (low - checkpoint) as u64);
@@ -87,7 +89,7 @@ async fn with_skip_lost_records_are_counted_and_the_projection_reads_on() {
     settings.kafka.on_data_loss = OnDataLoss::Skip;
     raw::publish(&bootstrap, &topic, &[Raw::json(&opened("s-1", 10))]).await;
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
     raw::publish(&bootstrap, &topic, &[Raw::json(&deposited("s-1", 2, 5))]).await;
     push_retention(&bootstrap, &topic).await;
@@ -95,7 +97,7 @@ async fn with_skip_lost_records_are_counted_and_the_projection_reads_on() {
     raw::publish(&bootstrap, &topic, &[Raw::json(&opened("s-2", 7))]).await;
 
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     let metrics = engine.stop().await;
     assert_eq!(lost(&metrics, &topic), (low - 1) as u64, "from the checkpoint (1) to the log start");
     assert_eq!(account(&client, "s-1").await.map(|row| row.0), Some(1), "the deposit was lost");

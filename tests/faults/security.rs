@@ -1,7 +1,7 @@
 //! Postgres TLS through `sslmode` in the URL, checked on the server's side (`pg_stat_ssl`), and
 //! no password in errors.
 
-use crate::support::TestDb;
+use crate::common::TestDb;
 
 /// Whether the server says this session is encrypted.
 async fn encrypted(url: &str) -> bool {
@@ -19,7 +19,7 @@ fn with_query(url: &str, query: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_in_the_url_decides_tls() {
     let db = TestDb::create().await;
-    let client = db.client().await;
+    let client = db.connect().await;
     let server_ssl: String = client.query_one("SHOW ssl", &[]).await.expect("SHOW ssl").get(0);
     assert_eq!(server_ssl, "on", "this test needs a Postgres server with ssl = on (Debian's default)");
 

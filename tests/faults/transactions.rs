@@ -31,8 +31,8 @@ use projector::rebuild::RebuildArgs;
 use projector::settings::Settings;
 use tokio_postgres::Client;
 
+use crate::common::{self, Engine};
 use crate::raw::{self, account, deposited, opened, Raw};
-use crate::support::{self, Engine};
 use crate::wire::{self, Transaction};
 
 /// The transactional producer's id.
@@ -122,7 +122,10 @@ async fn wait_for_no_lag(metrics: &Metrics, topic: &str, end: i64) {
             .map(|name| gauge(metrics, name, topic))
     };
     let end = Some(end as f64);
-    support::wait_for("a sampled lag of 0 at the end", || async { sampled() == [end, end, Some(0.0)] }).await;
+    common::wait_for("a sampled lag of 0 at the end", Duration::from_secs(30), || async {
+        sampled() == [end, end, Some(0.0)]
+    })
+    .await;
 }
 
 /// The lag of partition 0 as measured with the checkpoint of `accounts` moved to `offset`.
@@ -150,7 +153,7 @@ async fn committed_transactions_are_applied_and_checkpoints_pass_their_markers()
     // A backlog: every committed record applied once, the checkpoint at the end, past the marker
     // that ends the log.
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     assert_eq!(checkpoint(&client, "accounts").await, log.end);
     assert_eq!(accounts_in(&client, "accounts").await, all_applied());
     assert_eq!(applied(&engine.metrics, "accounts"), 6);
@@ -160,7 +163,7 @@ async fn committed_transactions_are_applied_and_checkpoints_pass_their_markers()
     let mut txn = Transaction::new(&bootstrap, &topic, 0, PRODUCER + 1);
     assert_eq!(txn.send(&[Raw::json(&deposited("t-1", 3, 100))]).await, log.end..log.end + 1);
     let marker = txn.end(true).await;
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     assert_eq!(checkpoint(&client, "accounts").await, marker + 1);
     assert_eq!(account(&client, "t-1").await.map(|row| (row.0, row.1)), Some((3, "115".to_string())));
     wait_for_no_lag(&engine.metrics, &topic, marker + 1).await;
@@ -175,7 +178,7 @@ async fn committed_transactions_are_applied_and_checkpoints_pass_their_markers()
 
     // An engine started there moves its checkpoint past the marker, applying nothing.
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     assert_eq!(checkpoint(&client, "accounts").await, marker + 1);
     assert_eq!(applied(&engine.stop().await, "accounts"), 0);
     assert_eq!(account(&client, "t-1").await.map(|row| (row.0, row.1)), Some((3, "115".to_string())));
@@ -217,7 +220,7 @@ async fn rebuilds_of_a_transactional_topic_finish() {
     let raw::Accounts { _kafka, topic, db, client, settings, projections, .. } = raw::setup(1, 50).await;
     let log = write_log(&settings, &topic).await;
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
 
     // In place: the tables emptied and every committed record applied again, the build ending at
@@ -282,14 +285,14 @@ async fn aborted_transactions_are_never_applied() {
     let expected = rows(&[("a-1", 2, "15"), ("a-3", 1, "30")]);
 
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     assert_eq!(checkpoint(&client, "accounts").await, end, "past the aborted records and the last marker");
     assert_eq!(accounts_in(&client, "accounts").await, expected, "no aborted record applied");
     wait_for_no_lag(&engine.metrics, &topic, end).await;
     let metrics = engine.stop().await;
     assert_eq!(applied(&metrics, "accounts"), 3);
     assert_eq!(
-        support::outcomes(&metrics, "accounts").iter().map(|(_, count)| count).sum::<u64>(),
+        common::outcomes(&metrics, "accounts").iter().map(|(_, count)| count).sum::<u64>(),
         3,
         "nothing else seen"
     );

@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use projector::kafka::mock::MockKafka;
 
-use crate::support::*;
+use crate::common::engine::{publish, served_settings};
+use crate::common::proxy::{host_port, via_port, TcpProxy};
+use crate::common::scrape::http_get;
+use crate::common::shop::{history, new_orders, PROJECTIONS};
+use crate::common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -22,7 +26,7 @@ async fn ready(engine: &Engine) -> (u16, serde_json::Value) {
 
 async fn wait_ready(engine: &Engine, want: bool) -> serde_json::Value {
     let what = if want { "ready" } else { "unready" };
-    poll(&format!("/health/ready says {what}"), TIMEOUT, || async {
+    wait_for(&format!("/health/ready says {what}"), TIMEOUT, || async {
         let (status, body) = ready(engine).await;
         match (status, want) {
             (200, true) | (503, false) => Ok(body),
@@ -38,7 +42,7 @@ async fn ready_follows_postgres_through_a_cut_proxy() {
     let topic = new_topic(&kafka, 1);
     let db = TestDb::create().await;
     let proxy = TcpProxy::start(host_port(&db.url)).await;
-    let settings = settings(&kafka, &via_port(&db.url, proxy.port));
+    let settings = served_settings(&kafka, &via_port(&db.url, proxy.port));
     let projections = example_projections(&topic);
     publish(&settings, &topic, &history(2)).await;
     let engine = Engine::start(&settings, &projections);
@@ -75,11 +79,11 @@ async fn unready_until_kafka_is_reached_and_projections_run() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let topic = new_topic(&kafka, 1);
     let db = TestDb::create().await;
-    let settings = settings(&kafka, &db.url);
+    let settings = served_settings(&kafka, &db.url);
     let projections = example_projections(&topic);
     kafka.broker_down(1).expect("broker down");
     let engine = Engine::start(&settings, &projections);
-    let (status, _) = poll("/health/live answers", TIMEOUT, || async {
+    let (status, _) = wait_for("/health/live answers", TIMEOUT, || async {
         http_get(&engine.address, "/health/live").await.map_err(|error| error.to_string())
     })
     .await;

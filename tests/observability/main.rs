@@ -5,8 +5,10 @@
 //!
 //! Needs `prometheus` and `promtool` on PATH: `bash scripts/install-prometheus.sh`.
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod health;
 mod metrics;
 mod prometheus_e2e;
 mod status;
-mod support;

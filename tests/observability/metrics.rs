@@ -5,14 +5,19 @@ use std::time::Duration;
 
 use projector::kafka::mock::MockKafka;
 
-use crate::support::*;
+use crate::common::db::WriteLock;
+use crate::common::engine::{publish, served_settings};
+use crate::common::process::{repo_path, require_tool};
+use crate::common::scrape::Exposition;
+use crate::common::shop::{history, new_orders, PROJECTIONS};
+use crate::common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Waits until every projection shows `lag` messages in total over `partitions` live lag series,
 /// and returns that scrape.
 async fn wait_for_lag(engine: &Engine, partitions: usize, lag: f64) -> Exposition {
-    poll(&format!("lag of {lag} per projection"), TIMEOUT, || async {
+    wait_for(&format!("lag of {lag} per projection"), TIMEOUT, || async {
         let scraped = engine.scrape().await;
         let per_projection: Vec<(usize, f64)> = PROJECTIONS
             .iter()
@@ -42,7 +47,7 @@ async fn lag_and_counters_match_reality() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let topic = new_topic(&kafka, 2);
     let db = TestDb::create().await;
-    let settings = settings(&kafka, &db.url);
+    let settings = served_settings(&kafka, &db.url);
     let projections = example_projections(&topic);
 
     let first = history(6);
@@ -75,7 +80,7 @@ async fn lag_and_counters_match_reality() {
     let behind = wait_for_lag(&engine, 2, more.len() as f64).await;
     let age = |scraped: &Exposition| scraped.max("projector_consumer_lag_seconds", &[("mode", "live")]).unwrap_or(0.0);
     let first_age = age(&behind);
-    poll("lag in seconds grows while held back", TIMEOUT, || async {
+    wait_for("lag in seconds grows while held back", TIMEOUT, || async {
         let now = engine.scrape().await;
         let still_behind =
             PROJECTIONS.iter().all(|p| now.sum("projector_consumer_lag_messages", &[("projection", p)]) == 5.0);
@@ -92,7 +97,7 @@ async fn lag_and_counters_match_reality() {
     // Released: both return to 0, and the counters say N + M.
     lock.release().await;
     wait_for_lag(&engine, 2, 0.0).await;
-    let scraped = poll("lag in seconds back to 0", TIMEOUT, || async {
+    let scraped = wait_for("lag in seconds back to 0", TIMEOUT, || async {
         let fresh = engine.scrape().await;
         match fresh.max("projector_consumer_lag_seconds", &[("mode", "live")]) {
             Some(0.0) => Ok(fresh),
@@ -134,7 +139,7 @@ async fn exposition_passes_promtool_check_metrics() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let topic = new_topic(&kafka, 2);
     let db = TestDb::create().await;
-    let settings = settings(&kafka, &db.url);
+    let settings = served_settings(&kafka, &db.url);
     let projections = example_projections(&topic);
     publish(&settings, &topic, &history(4)).await;
     let engine = Engine::start(&settings, &projections);

@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use projector::kafka::mock::MockKafka;
 
-use crate::support::*;
+use crate::common::db::WriteLock;
+use crate::common::engine::{publish, served_settings};
+use crate::common::process::{repo_path, require_tool};
+use crate::common::scrape::{encode, http_get};
+use crate::common::shop::{history, new_orders, PROJECTIONS};
+use crate::common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -66,7 +71,7 @@ impl Prometheus {
 
     /// Waits until `promql` returns one series per projection, each with value `want`.
     async fn wait_per_projection(&self, promql: &str, want: f64) -> Vec<(serde_json::Value, f64)> {
-        poll(&format!("`{promql}` = {want} per projection"), TIMEOUT, || async {
+        wait_for(&format!("`{promql}` = {want} per projection"), TIMEOUT, || async {
             let result = self.query(promql).await?;
             let mut projections: Vec<&str> =
                 result.iter().filter_map(|(labels, _)| labels["projection"].as_str()).collect();
@@ -103,7 +108,7 @@ async fn prometheus_scrapes_the_lag_per_projection() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let topic = new_topic(&kafka, 3);
     let db = TestDb::create().await;
-    let settings = settings(&kafka, &db.url);
+    let settings = served_settings(&kafka, &db.url);
     let projections = example_projections(&topic);
     publish(&settings, &topic, &history(5)).await;
     let engine = Engine::start(&settings, &projections);
@@ -111,7 +116,7 @@ async fn prometheus_scrapes_the_lag_per_projection() {
 
     let dir = tempfile::tempdir().expect("temporary folder");
     let prometheus = Prometheus::start(dir.path(), &engine.address);
-    poll("prometheus ready", TIMEOUT, || async {
+    wait_for("prometheus ready", TIMEOUT, || async {
         match http_get(&prometheus.address, "/-/ready").await {
             Ok((200, _)) => Ok(()),
             other => Err(format!("{other:?}")),
@@ -120,7 +125,7 @@ async fn prometheus_scrapes_the_lag_per_projection() {
     .await;
 
     // The target is up and the lag per projection is 0.
-    let up = poll("the engine's target is up", TIMEOUT, || async {
+    let up = wait_for("the engine's target is up", TIMEOUT, || async {
         let result = prometheus.query("up{job=\"projector\"}").await?;
         if result.len() == 1 && result[0].1 == 1.0 {
             Ok(result)
@@ -141,7 +146,7 @@ async fn prometheus_scrapes_the_lag_per_projection() {
     publish(&settings, &topic, &new_orders(4)).await;
     let behind = prometheus.wait_per_projection(promql, 4.0).await;
     eprintln!("held back, {promql}: {behind:?}");
-    let age = poll("lag in seconds above 0 in prometheus", TIMEOUT, || async {
+    let age = wait_for("lag in seconds above 0 in prometheus", TIMEOUT, || async {
         let result = prometheus.query("max by (projection) (projector_consumer_lag_seconds{mode=\"live\"})").await?;
         if result.len() == 2 && result.iter().all(|(_, seconds)| *seconds > 0.0) {
             Ok(result)

@@ -5,14 +5,17 @@ use std::time::Duration;
 
 use projector::kafka::mock::MockKafka;
 
-use crate::support::*;
+use crate::common::engine::{publish, served_settings};
+use crate::common::process::repo_path;
+use crate::common::shop::{history, new_orders, PROJECTIONS};
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_reports_lag_with_no_engine_running() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let topic = new_topic(&kafka, 2);
     let db = TestDb::create().await;
-    let settings = settings(&kafka, &db.url);
+    let settings = served_settings(&kafka, &db.url);
     let projections = example_projections(&topic);
     let first = history(4);
     publish(&settings, &topic, &first).await;

@@ -2,14 +2,10 @@
 //! interrupted and resumed, into shadow tables under live traffic with a reader polling, a failed
 //! pre-swap check, as of a point in time, a changed definition, and missing history.
 //!
-//! Shares the engine tests' `support` (databases, topics, engines) and `model` (the fold).
+//! Databases, topics and engines come from `common::engine`; the fold from `common::model`.
 
-#[path = "../engine/model.rs"]
-#[allow(dead_code)]
-mod model;
-#[path = "../engine/support.rs"]
-#[allow(dead_code)]
-mod support;
+#[path = "../common/mod.rs"]
+mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,8 +17,8 @@ use projector::projection::Projection;
 use projector::rebuild::{RebuildArgs, RebuildError};
 use projector::settings::Settings;
 
-use model::{assert_read_models, events, order_stream, Fact};
-use support::{Engine, TestDb};
+use common::model::{self, assert_read_models, events, order_stream, Fact};
+use common::{Engine, TestDb};
 
 /// `orders` orders over five customers, interleaved round-robin (each stream's order kept).
 fn history(orders: usize) -> Vec<Fact> {
@@ -52,17 +48,17 @@ struct Setup {
 }
 
 async fn setup(partitions: i32, max_events: usize) -> Setup {
-    support::init_tracing();
+    common::init_tracing();
     let kafka = MockKafka::start(1).expect("mock kafka");
-    let topic = support::new_topic(&kafka, partitions);
+    let topic = common::new_topic(&kafka, partitions);
     let db = TestDb::create().await;
-    let settings = support::settings(&kafka, &db, max_events, true);
-    let projections = support::example_projections(&topic);
+    let settings = common::settings(&kafka, &db.url, max_events, true);
+    let projections = common::example_projections(&topic);
     Setup { _kafka: kafka, topic, db, settings, projections }
 }
 
 async fn publish(settings: &Settings, topic: &str, facts: &[Fact]) {
-    projector::demo::publish(&settings.kafka.bootstrap_servers, topic, &events(facts)).await.expect("publishing");
+    common::engine::publish(settings, topic, &events(facts)).await;
 }
 
 async fn rebuild(
@@ -80,16 +76,16 @@ fn args(name: &str) -> RebuildArgs {
 /// Builds both read models with a live engine, then stops it: the "fresh build" to compare with.
 async fn fresh_build(settings: &Settings, projections: &[Projection]) -> (Vec<String>, Vec<String>) {
     let engine = Engine::start(settings, projections);
-    support::wait_caught_up(settings, projections).await;
+    common::wait_caught_up(settings, projections).await;
     engine.stop().await;
     snapshot(settings).await
 }
 
 async fn snapshot(settings: &Settings) -> (Vec<String>, Vec<String>) {
-    let client = support::connect(&settings.database.url).await;
+    let client = common::connect(&settings.database.url).await;
     (
-        support::table_text(&client, "order_summary", "order_id").await,
-        support::table_text(&client, "customer_totals", "customer_id").await,
+        common::db::table_text(&client, "order_summary", "order_id").await,
+        common::db::table_text(&client, "customer_totals", "customer_id").await,
     )
 }
 
@@ -101,7 +97,7 @@ async fn in_place_rebuild_gives_the_same_tables_as_a_fresh_build() {
     let fresh = fresh_build(&settings, &projections).await;
 
     // Damage both read models, as a buggy statement or a careless hand would.
-    let client = db.client().await;
+    let client = db.connect().await;
     client
         .batch_execute(
             "UPDATE order_summary SET status = 'garbage'; DELETE FROM customer_totals WHERE customer_id = 'customer-1'",
@@ -139,7 +135,7 @@ async fn a_rebuild_interrupted_part_way_resumes_to_the_same_tables() {
 
     for name in ["order_summary", "customer_totals"] {
         // Interrupt once some, but not all, of the replay is done (Ctrl-C).
-        let client = db.client().await;
+        let client = db.connect().await;
         let progress_query = format!(
             "SELECT coalesce(sum(next_offset), 0)::int8 FROM projector.checkpoints WHERE projection = '{name}'"
         );
@@ -168,7 +164,7 @@ async fn a_rebuild_interrupted_part_way_resumes_to_the_same_tables() {
             other => panic!("{name}: expected an interrupted rebuild, got {other:?}"),
         }
         let state: String = db
-            .client()
+            .connect()
             .await
             .query_one("SELECT state FROM projector.rebuilds WHERE projection = $1 AND target = $1", &[&name])
             .await
@@ -188,7 +184,7 @@ async fn a_rebuild_interrupted_part_way_resumes_to_the_same_tables() {
         assert!((resumed.events as usize) < published.len(), "{name}: the resumed run does not replay from zero");
     }
     assert_eq!(snapshot(&settings).await, fresh, "resumed rebuild equals the fresh build");
-    assert_read_models(&db.client().await, &published, "after a resumed rebuild").await;
+    assert_read_models(&db.connect().await, &published, "after a resumed rebuild").await;
     db.drop().await;
 }
 
@@ -198,10 +194,10 @@ async fn shadow_rebuild_under_live_traffic_swaps_without_readers_seeing_a_partia
     let first = history(150);
     publish(&settings, &topic, &first).await;
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
 
     // Damage the live table: the shadow rebuild must produce the fold regardless.
-    let client = db.client().await;
+    let client = db.connect().await;
     client.batch_execute("UPDATE order_summary SET carrier = 'wrong'").await.unwrap();
 
     // A reader polls the live table: it must never see it empty, partial or going backwards.
@@ -210,7 +206,7 @@ async fn shadow_rebuild_under_live_traffic_swaps_without_readers_seeing_a_partia
         let stop = stop_reader.clone();
         let url = db.url.clone();
         tokio::spawn(async move {
-            let client = support::connect(&url).await;
+            let client = common::connect(&url).await;
             let mut last = (0i64, 0i64);
             let mut reads = 0u64;
             while !stop.load(Ordering::SeqCst) {
@@ -243,7 +239,7 @@ async fn shadow_rebuild_under_live_traffic_swaps_without_readers_seeing_a_partia
         .await
         .expect("shadow rebuild");
     producer.await.unwrap();
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     stop_reader.store(true, Ordering::SeqCst);
     let (reads, _) = reader.await.expect("the reader never saw a partial table");
     assert!(reads > 10, "the reader polled during the rebuild ({reads} reads)");
@@ -252,7 +248,7 @@ async fn shadow_rebuild_under_live_traffic_swaps_without_readers_seeing_a_partia
     let mut all = first.clone();
     all.extend(second.iter().cloned());
     assert_read_models(&client, &all, "after the shadow swap, with live traffic").await;
-    let outcomes = support::outcomes(&engine.stop().await, "order_summary");
+    let outcomes = common::outcomes(&engine.stop().await, "order_summary");
     assert_eq!(outcomes.iter().find(|(o, _)| *o == "parked").unwrap().1, 0);
 
     // The old copy stays until dropped.
@@ -309,7 +305,7 @@ async fn a_failed_pre_swap_check_leaves_the_live_table_untouched() {
     .expect_err("the row count check fails");
     assert!(error.to_string().contains("fewer than 2"), "{error}");
     assert_eq!(snapshot(&settings).await, before, "live tables untouched");
-    let client = db.client().await;
+    let client = db.connect().await;
     let state: String = client
         .query_one("SELECT state FROM projector.rebuilds WHERE target = 'order_summary~shadow'", &[])
         .await
@@ -348,7 +344,7 @@ async fn until_builds_the_fold_of_the_events_up_to_that_point() {
     }
     publish(&settings, &topic, &after).await;
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
 
     let report = rebuild(
         &settings,
@@ -360,7 +356,7 @@ async fn until_builds_the_fold_of_the_events_up_to_that_point() {
     assert_eq!(report.events as usize, before.len(), "exactly the records before the cut");
     engine.stop().await;
 
-    let client = db.client().await;
+    let client = db.connect().await;
     let as_of = model::read_order_summary_from(&client, "order_summary_asof").await;
     assert_eq!(as_of, model::fold_order_summary(&before), "as-of table = fold of the events before the cut");
     let mut all = before.clone();
@@ -393,7 +389,7 @@ async fn a_changed_definition_is_refused_until_rebuilt_or_accepted() {
     publish(&settings, &topic, &second).await;
     let engine = Engine::start(&settings, &changed_projections);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let client = db.client().await;
+    let client = db.connect().await;
     let state = engine
         .metrics
         .registry
@@ -411,7 +407,7 @@ async fn a_changed_definition_is_refused_until_rebuilt_or_accepted() {
 
     // The operator accepts the change: the waiting engine starts by itself.
     projector::rebuild::accept(&settings, &changed).await.expect("accept");
-    support::wait_caught_up(&settings, &changed_projections).await;
+    common::wait_caught_up(&settings, &changed_projections).await;
     engine.stop().await;
     let mut all = first.clone();
     all.extend(second.iter().cloned());
@@ -429,7 +425,7 @@ async fn a_rebuild_refuses_when_history_is_missing() {
     let small = history(10);
     publish(&settings, &topic, &small).await;
     let engine = Engine::start(&settings, &projections);
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
 
     // Retention: the mock broker keeps at most 5 MB per partition and drops the oldest records
     // beyond that, moving the partition's log start, as Kafka's retention does.
@@ -445,7 +441,7 @@ async fn a_rebuild_refuses_when_history_is_missing() {
         })
         .collect();
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &big).await.expect("publishing");
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
     engine.stop().await;
     let (low, _) = projector::kafka::watermarks(&settings.kafka, std::slice::from_ref(&topic), Duration::from_secs(5))
         .unwrap()[&(topic.clone(), 0)];
@@ -458,7 +454,7 @@ async fn a_rebuild_refuses_when_history_is_missing() {
     assert!(error.to_string().contains("--accept-data-loss"), "{error}");
     assert_eq!(snapshot(&settings).await, before, "nothing was reset");
     let rebuilds: i64 =
-        db.client().await.query_one("SELECT count(*) FROM projector.rebuilds", &[]).await.unwrap().get(0);
+        db.connect().await.query_one("SELECT count(*) FROM projector.rebuilds", &[]).await.unwrap().get(0);
     assert_eq!(rebuilds, 0, "no rebuild was started");
 
     let report = rebuild(&settings, &projections, RebuildArgs { accept_data_loss: true, ..args("order_summary") })
@@ -479,7 +475,7 @@ async fn totals_projection(client: &tokio_postgres::Client, topic: &str, name: &
         ))
         .await
         .unwrap_or_else(|error| panic!("creating table `{name}`: {error}"));
-    support::versioned_projection(
+    common::versioned_projection(
         name,
         topic,
         name,
@@ -506,7 +502,7 @@ async fn retired_schemas(client: &tokio_postgres::Client) -> Vec<String> {
 async fn drop_retired_drops_only_the_named_projections_tables() {
     let Setup { _kafka, topic, db, settings, .. } = setup(1, 50).await;
     publish(&settings, &topic, &history(8)).await;
-    let client = db.client().await;
+    let client = db.connect().await;
     // `a`'s retired schemas' names are a prefix of `a_b`'s (and `_` is a LIKE wildcard).
     let projections =
         vec![totals_projection(&client, &topic, "a").await, totals_projection(&client, &topic, "a_b").await];
@@ -529,8 +525,8 @@ async fn drop_retired_drops_only_the_named_projections_tables() {
     let left = retired_schemas(&client).await;
     assert_eq!(left.len(), 1, "`a_b`'s retired tables are kept: {left:?}");
     assert!(left[0].starts_with("projector_retired_a_b_"), "{left:?}");
-    assert_eq!(support::count(&client, &format!("SELECT count(*) FROM {}.a_b", left[0])).await, 1);
-    assert_eq!(support::count(&client, "SELECT count(*) FROM a_b").await, 8, "the live table is the rebuilt one");
+    assert_eq!(common::query_i64(&client, &format!("SELECT count(*) FROM {}.a_b", left[0])).await, 1);
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM a_b").await, 8, "the live table is the rebuilt one");
 
     assert_eq!(projector::rebuild::drop_retired(&settings, "a_b").await.expect("drop-retired a_b"), left);
     assert!(retired_schemas(&client).await.is_empty());
@@ -542,7 +538,7 @@ async fn drop_retired_drops_only_the_named_projections_tables() {
 async fn a_long_named_projection_swapped_twice_keeps_both_retired_schemas() {
     let Setup { _kafka, topic, db, settings, .. } = setup(1, 50).await;
     publish(&settings, &topic, &history(4)).await;
-    let client = db.client().await;
+    let client = db.connect().await;
     // As long as a rebuild allows (40 bytes), and another that differs only in its last byte.
     let long = format!("long_{}", "n".repeat(35));
     let also_long = format!("{}m", &long[..39]);
@@ -582,11 +578,11 @@ fn placed(n: usize) -> Vec<Fact> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_whose_shadow_cannot_catch_up_gives_up_in_time_and_the_live_projection_goes_on() {
     let Setup { _kafka, topic, db, settings, .. } = setup(1, 50).await;
-    let client = db.client().await;
+    let client = db.connect().await;
     let projections = vec![totals_projection(&client, &topic, "swapped").await];
     let engine = Engine::start(&settings, &projections);
     publish(&settings, &topic, &placed(10)).await;
-    support::wait_caught_up(&settings, &projections).await;
+    common::wait_caught_up(&settings, &projections).await;
 
     // The shadow's consumer waits until the rebuild has taken its targets (the 10 events), so
     // that it reads two more, which it cannot apply: a transaction of the test holds the first
@@ -601,14 +597,14 @@ async fn a_swap_whose_shadow_cannot_catch_up_gives_up_in_time_and_the_live_proje
         let (settings, projections, swap) = (rebuild_settings.clone(), projections.clone(), swap.clone());
         tokio::spawn(async move { rebuild(&settings, &projections, swap).await })
     };
-    support::wait_for("the shadow build to start", || async {
-        support::count(&client, "SELECT count(*) FROM projector.rebuilds WHERE target = 'swapped~shadow'").await == 1
+    common::wait_for("the shadow build to start", Duration::from_secs(30), || async {
+        common::query_i64(&client, "SELECT count(*) FROM projector.rebuilds WHERE target = 'swapped~shadow'").await == 1
     })
     .await;
     let late = placed(2);
     publish(&settings, &topic, &late).await;
-    support::wait_caught_up(&settings, &projections).await;
-    let mut blocker = db.client().await;
+    common::wait_caught_up(&settings, &projections).await;
+    let mut blocker = db.connect().await;
     let blocking = blocker.transaction().await.unwrap();
     blocking
         .execute("INSERT INTO projector_shadow_swapped.swapped VALUES ($1::text::uuid, 1, 1)", &[&late[0].order])
@@ -619,8 +615,10 @@ async fn a_swap_whose_shadow_cannot_catch_up_gives_up_in_time_and_the_live_proje
     // The swap locks the live checkpoints, at 12, and waits for the shadow, stuck at 10.
     let held = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
                    AND state = 'idle in transaction' AND query LIKE 'SELECT projection, topic, partition, next_offset%'";
-    support::wait_for("the swap to hold the live checkpoints", || async { support::count(&client, held).await == 1 })
-        .await;
+    common::wait_for("the swap to hold the live checkpoints", Duration::from_secs(30), || async {
+        common::query_i64(&client, held).await == 1
+    })
+    .await;
     let holding = std::time::Instant::now();
     // Live traffic meanwhile: its batch waits for the locks.
     let during = placed(1);
@@ -638,10 +636,10 @@ async fn a_swap_whose_shadow_cannot_catch_up_gives_up_in_time_and_the_live_proje
     }
     // Within the bound (2 s), then as long again at most for the stuck shadow to stop.
     assert!(given_up_after < Duration::from_secs(8), "given up after {given_up_after:?}");
-    assert_eq!(support::count(&client, held).await, 0, "the live checkpoints are released");
-    support::wait_caught_up(&settings, &projections).await;
+    assert_eq!(common::query_i64(&client, held).await, 0, "the live checkpoints are released");
+    common::wait_caught_up(&settings, &projections).await;
     assert!(holding.elapsed() < Duration::from_secs(10), "the live projection went on: {:?}", holding.elapsed());
-    assert_eq!(support::count(&client, "SELECT count(*) FROM swapped").await, 13, "the live table has every order");
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM swapped").await, 13, "the live table has every order");
     assert!(retired_schemas(&client).await.is_empty(), "nothing was swapped");
 
     // Once the shadow can go on, the same command resumes it and swaps.
@@ -652,8 +650,8 @@ async fn a_swap_whose_shadow_cannot_catch_up_gives_up_in_time_and_the_live_proje
         .expect("the second attempt swaps");
     assert!(report.resumed, "the shadow is resumed, not started over");
     assert_eq!(retired_schemas(&client).await.len(), 1);
-    support::wait_caught_up(&settings, &projections).await;
-    assert_eq!(support::count(&client, "SELECT count(*) FROM swapped").await, 13, "the swapped-in table too");
+    common::wait_caught_up(&settings, &projections).await;
+    assert_eq!(common::query_i64(&client, "SELECT count(*) FROM swapped").await, 13, "the swapped-in table too");
     engine.stop().await;
     drop(blocker);
     drop(client);
@@ -760,7 +758,7 @@ async fn run_first_definition(
 ) -> Engine {
     projector::demo::publish(&settings.kafka.bootstrap_servers, topic, &events).await.expect("publishing");
     let engine = Engine::start(settings, std::slice::from_ref(v1));
-    support::wait_caught_up(settings, std::slice::from_ref(v1)).await;
+    common::wait_caught_up(settings, std::slice::from_ref(v1)).await;
     engine
 }
 
@@ -783,7 +781,7 @@ async fn a_schema_change_ships_by_shadow_rebuild_under_live_traffic_without_read
     let Setup { _kafka, topic, db, settings, .. } = setup(3, 20).await;
     let (v1, v2) = accounts_before_and_after(&topic);
     // 60 accounts opened with 3 deposits each, under the first definition.
-    let client = db.client().await;
+    let client = db.connect().await;
     let old_engine = run_first_definition(&settings, &topic, &v1, account_events(0..60, 4, 1, false)).await;
     let before = columns_of(&client, "accounts").await;
     assert!(
@@ -797,7 +795,7 @@ async fn a_schema_change_ships_by_shadow_rebuild_under_live_traffic_without_read
         let stop = stop_reader.clone();
         let url = db.url.clone();
         tokio::spawn(async move {
-            let client = support::connect(&url).await;
+            let client = common::connect(&url).await;
             let (mut last, mut reads, mut shapes) = ((0i64, 0i64), 0u64, Vec::<Vec<(String, String)>>::new());
             while !stop.load(Ordering::SeqCst) {
                 let row = client
@@ -847,7 +845,7 @@ async fn a_schema_change_ships_by_shadow_rebuild_under_live_traffic_without_read
     let mut last = account_events(0..60, 1, 8, true);
     last.extend(account_events(60..80, 1, 4, true));
     projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &last).await.expect("publishing");
-    support::wait_caught_up(&settings, std::slice::from_ref(&v2)).await;
+    common::wait_caught_up(&settings, std::slice::from_ref(&v2)).await;
     stop_reader.store(true, Ordering::SeqCst);
     let (reads, shapes) = reader.await.expect("the reader never saw a missing, partial or older table");
     assert!(reads > 20, "the reader polled throughout ({reads} reads)");
@@ -886,9 +884,9 @@ async fn a_schema_change_ships_by_shadow_rebuild_under_live_traffic_without_read
         let expected = (balance, integer_deposits + 1, integer_deposits + 2);
         assert_eq!((row.get::<_, String>(1), row.get::<_, i64>(2), row.get::<_, i64>(3)), expected, "{account}");
     }
-    let parked = support::outcomes(&new_engine.stop().await, "accounts");
+    let parked = common::outcomes(&new_engine.stop().await, "accounts");
     assert_eq!(parked.iter().find(|(outcome, _)| *outcome == "parked").map(|(_, n)| *n), Some(0));
-    let old_parked = support::outcomes(&old_metrics, "accounts");
+    let old_parked = common::outcomes(&old_metrics, "accounts");
     assert_eq!(old_parked.iter().find(|(outcome, _)| *outcome == "parked").map(|(_, n)| *n), Some(0));
     drop(client);
     db.drop().await;
@@ -898,7 +896,7 @@ async fn a_schema_change_ships_by_shadow_rebuild_under_live_traffic_without_read
 async fn a_changed_definitions_migrations_wait_for_its_rebuild_or_accept() {
     let Setup { _kafka, topic, db, settings, .. } = setup(2, 20).await;
     let (v1, v2) = accounts_before_and_after(&topic);
-    let client = db.client().await;
+    let client = db.connect().await;
     run_first_definition(&settings, &topic, &v1, account_events(0..10, 2, 1, false)).await.stop().await;
     let old = columns_of(&client, "accounts").await;
 
@@ -916,7 +914,7 @@ async fn a_changed_definitions_migrations_wait_for_its_rebuild_or_accept() {
     // `projector accept`: V2 applied in place, then the new definition runs on the kept rows.
     projector::rebuild::accept(&settings, &v2).await.expect("accept");
     assert!(columns_of(&client, "accounts").await.iter().any(|(column, _)| column == "deposits"));
-    support::wait_caught_up(&settings, std::slice::from_ref(&v2)).await;
+    common::wait_caught_up(&settings, std::slice::from_ref(&v2)).await;
     let rows = client
         .query("SELECT account_id, balance::text, deposits, version FROM accounts ORDER BY account_id", &[])
         .await

@@ -4,8 +4,6 @@
 //! set last-writer-wins) is caught, with the run, the event order and the differing column;
 //! `--seed` replays the orders; JSON and JUnit reports; a broken fixture exits 2 naming its line.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -18,7 +16,7 @@ fn projector_test(projections: &Path, arguments: &[&str]) -> Output {
         }
     }
     command
-        .env("DATABASE_URL", common::server_url())
+        .env("DATABASE_URL", crate::common::server_url())
         .env("PROJECTOR_PROJECTIONS_DIR", projections)
         .output()
         .expect("running projector test")
@@ -111,7 +109,7 @@ fn a_projection_that_is_not_idempotent_under_reordering_is_caught() {
 
 #[test]
 fn a_broken_fixture_or_unknown_projection_exits_2_naming_the_file_and_line() {
-    let dir = common::LogDir::new("projector-test-broken");
+    let dir = crate::common::LogDir::new("projector-test-broken");
     let projections = dir.path.join("projections");
     std::fs::create_dir_all(projections.join("wallets/tests")).unwrap();
     std::fs::create_dir_all(projections.join("wallets/migrations")).unwrap();

@@ -3,12 +3,10 @@
 //! under an advisory lock, with a history table per projection. Run as the binary, against real
 //! PostgreSQL (and librdkafka's mock cluster for `run`).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Output;
 
-use common::{projector_subcommand, LogDir, Projector, TestDb};
+use crate::common::{projector_subcommand, LogDir, Projector, TestDb};
 use projector::demo::shop_event;
 use projector::kafka::mock::MockKafka;
 use tokio_postgres::Client;
@@ -242,13 +240,13 @@ async fn run_applies_a_new_projections_migrations_before_it_starts() {
         shop_event("acc-1", 2, "MoneyDeposited", serde_json::json!({"amount": 40})),
         shop_event("acc-2", 1, "AccountOpened", serde_json::json!({"owner": "Grace"})),
     ];
-    common::produce_one_per_batch(&kafka.bootstrap_servers(), TOPIC, &events).await;
+    crate::common::produce_one_per_batch(&kafka.bootstrap_servers(), TOPIC, &events).await;
     let log = folder.dir.path.join("projector.log");
     let mut command = folder.command(&["run"], &db, &kafka.bootstrap_servers());
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("the log");
     command.stdout(file.try_clone().expect("the log")).stderr(file);
     let projector = Projector::spawn(command, &log, "run");
-    common::wait_for_rows(
+    crate::common::wait_for_rows(
         &client,
         &projector,
         "SELECT account_id, owner, balance::text, version::text FROM accounts ORDER BY account_id",
@@ -358,7 +356,7 @@ async fn validate_names_the_file_and_line_of_a_statement_the_schema_does_not_fit
     let line_of = |needle: &str| text.lines().position(|line| line.contains(needle)).expect("line") + 1;
     let output =
         folder.command(&["validate", "--database-url", &db.url], &db, "127.0.0.1:1").output().expect("validate");
-    let printed = crate::text(&output);
+    let printed = self::text(&output);
     assert_eq!(output.status.code(), Some(2), "{printed}");
     let file = folder.projections().join("accounts.toml");
     for (line, what) in [(line_of("nickname"), "nickname"), (line_of("frozen"), "boolean")] {
@@ -373,7 +371,7 @@ async fn validate_names_the_file_and_line_of_a_statement_the_schema_does_not_fit
     let mut command = folder.command(&["validate"], &db, "127.0.0.1:1");
     command.env("PROJECTOR_BATCH__MAX_EVENTS", "many");
     let output = command.output().expect("validate");
-    assert_eq!(output.status.code(), Some(2), "{}", crate::text(&output));
-    assert!(crate::text(&output).to_lowercase().contains("batch.max_events"), "{}", crate::text(&output));
+    assert_eq!(output.status.code(), Some(2), "{}", self::text(&output));
+    assert!(self::text(&output).to_lowercase().contains("batch.max_events"), "{}", self::text(&output));
     db.drop().await;
 }

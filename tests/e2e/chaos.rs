@@ -10,17 +10,15 @@
 //!
 //! A run prints its seed; `PROJECTOR_CHAOS_SEED` replays it.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::shop::{
+use crate::common::shop::{
     caught_up, converges_then_stops, expected_fold, read_models, records_per_partition,
     shuffled_history_with_duplicates,
 };
-use common::{produce_one_per_batch, projector_command, wait_for, LogDir, Projector, TestDb};
+use crate::common::{produce_one_per_batch, projector_command, wait_for, LogDir, Projector, TestDb};
 use nix::sys::signal::Signal;
 use projector::demo::{ShopEvent, TOPIC};
 use projector::kafka::mock::MockKafka;

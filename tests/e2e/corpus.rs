@@ -16,15 +16,15 @@
 //!
 //! Needs PostgreSQL and, for the Tansu case, the `tansu` binary (scripts/install-tansu.sh).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::records::{deposited, event, opened, publish_to, Raw};
-use common::scrape::{http_get, Exposition};
-use common::{checkpoints, free_port, log_tail, projector_subcommand, wait_for, LogDir, Projector, Tansu, TestDb};
+use crate::common::records::{deposited, event, opened, publish_to, Raw};
+use crate::common::scrape::{http_get, Exposition};
+use crate::common::{
+    checkpoints, free_port, log_tail, projector_subcommand, wait_for, LogDir, Projector, Tansu, TestDb,
+};
 use nix::sys::signal::Signal;
 use projector::kafka::mock::MockKafka;
 use rand::{Rng, SeedableRng};
@@ -581,8 +581,8 @@ async fn rebuild(mut command: std::process::Command, log: &Path, projection: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_ends_with_its_outcome_against_tansu() {
-    let tansu = Tansu::start().await;
-    tansu.create_topic(TOPIC, PARTITIONS).await;
+    let tansu = Tansu::start().await.expect("starting tansu");
+    tansu.create_topic(TOPIC, PARTITIONS).await.expect("creating the topic");
     corpus_through_the_engine(Broker::Tansu(tansu), "corpus-tansu", 200, 3).await;
 }
 

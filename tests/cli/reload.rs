@@ -2,12 +2,10 @@
 //! `projector run` process reload its projections folder. Against real PostgreSQL and librdkafka's
 //! mock cluster (served from this test process).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{projector_command, wait_for, LogDir, Projector, TestDb};
+use crate::common::{projector_command, wait_for, LogDir, Projector, TestDb};
 use nix::sys::signal::Signal;
 use projector::demo::shop_event;
 use projector::kafka::mock::MockKafka;
@@ -89,7 +87,7 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     );
     let log = dir.path.join("projector.log");
     let mut command = projector_command(&db.url, &bootstrap, "reload", &log);
-    let http = format!("127.0.0.1:{}", common::free_port());
+    let http = format!("127.0.0.1:{}", crate::common::free_port());
     command
         .env("PROJECTOR_PROJECTIONS_DIR", &projections)
         .env("PROJECTOR_HTTP__LISTEN", &http)
@@ -101,7 +99,7 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
         let event = if version == 1 { "AccountOpened" } else { "MoneyDeposited" };
         shop_event(account, version, event, serde_json::json!({"amount": 10}))
     };
-    common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 1), deposit("a-1", 2)]).await;
+    crate::common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 1), deposit("a-1", 2)]).await;
     wait_count(&client, &projector, "SELECT sum(balance)::int8 FROM accounts", 10).await;
 
     // A new projection, with its table's migration: started on SIGHUP, the other untouched.
@@ -116,9 +114,9 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     wait_logged(&log, from, "projection starting").await;
     let entries: Vec<_> =
         (1..=3).map(|i| shop_event(&format!("l-{i}"), 1, "EntryBooked", serde_json::json!({"amount": i}))).collect();
-    common::produce_one_per_batch(&bootstrap, "bank.ledger", &entries).await;
+    crate::common::produce_one_per_batch(&bootstrap, "bank.ledger", &entries).await;
     wait_count(&client, &projector, "SELECT sum(amount)::int8 FROM ledger", 6).await;
-    common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 3)]).await;
+    crate::common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 3)]).await;
     wait_count(&client, &projector, "SELECT sum(balance)::int8 FROM accounts", 20).await;
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(log_text[from..].contains("migration applied"), "ledger's migration applied on reload");
@@ -143,8 +141,8 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     assert!(tail.contains(&format!("{}:4:", projections.join("broken.toml").display())), "{tail}");
     assert!(tail.contains(&projections.join("ledger.toml").display().to_string()), "{tail}");
     assert!(!tail.contains("projection=ledger"), "the running ledger is left as it was: {tail}");
-    common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 4)]).await;
-    common::produce_one_per_batch(
+    crate::common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 4)]).await;
+    crate::common::produce_one_per_batch(
         &bootstrap,
         "bank.ledger",
         &[shop_event("l-4", 1, "EntryBooked", serde_json::json!({"amount": 4}))],
@@ -162,8 +160,8 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     let from = log_length(&log);
     projector.signal(Signal::SIGHUP);
     wait_logged(&log, from, "changed since its read model was built").await;
-    common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 5)]).await;
-    common::produce_one_per_batch(
+    crate::common::produce_one_per_batch(&bootstrap, "bank.accounts", &[deposit("a-1", 5)]).await;
+    crate::common::produce_one_per_batch(
         &bootstrap,
         "bank.ledger",
         &[shop_event("l-5", 1, "EntryBooked", serde_json::json!({"amount": 5}))],
@@ -182,7 +180,7 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     let ledger_checkpoint =
         "SELECT coalesce(sum(next_offset), 0)::int8 FROM projector.checkpoints WHERE projection = 'ledger'";
     let stopped_at = count(&client, ledger_checkpoint).await;
-    common::produce_one_per_batch(
+    crate::common::produce_one_per_batch(
         &bootstrap,
         "bank.ledger",
         &[shop_event("l-6", 1, "EntryBooked", serde_json::json!({"amount": 6}))],
@@ -194,10 +192,10 @@ async fn sighup_starts_new_projections_stops_removed_ones_and_refuses_invalid_on
     assert_eq!(count(&client, ledger_checkpoint).await, stopped_at, "the removed projection reads nothing more");
     assert_eq!(count(&client, "SELECT sum(amount)::int8 FROM ledger").await, 15);
     // Readiness and the gauges follow: the removed projection is neither waited for nor reported.
-    let (_, ready) = common::scrape::http_get(&http, "/health/ready").await.expect("/health/ready");
+    let (_, ready) = crate::common::scrape::http_get(&http, "/health/ready").await.expect("/health/ready");
     assert!(ready.contains("\"accounts\"") && !ready.contains("ledger"), "{ready}");
-    let (_, metrics) = common::scrape::http_get(&http, "/metrics").await.expect("/metrics");
-    let exposition = common::scrape::Exposition::parse(&metrics);
+    let (_, metrics) = crate::common::scrape::http_get(&http, "/metrics").await.expect("/metrics");
+    let exposition = crate::common::scrape::Exposition::parse(&metrics);
     for gauge in ["projector_projection_state", "projector_consumer_lag_messages", "projector_checkpoint_offset"] {
         assert_eq!(exposition.count(gauge, &[("projection", "ledger")]), 0, "{gauge} of the removed projection");
         assert!(exposition.count(gauge, &[("projection", "accounts")]) > 0, "{gauge} of accounts");

@@ -4,20 +4,18 @@
 //! real PostgreSQL; then the fixture's events are published and the engine builds the rows the
 //! fixture expects, while the other projection runs on.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{projector_command, projector_subcommand, wait_for, LogDir, Projector, TestDb};
+use crate::common::{projector_command, projector_subcommand, wait_for, LogDir, Projector, TestDb};
 use nix::sys::signal::Signal;
 use projector::demo::{shop_event, ShopEvent};
 use projector::kafka::mock::MockKafka;
 
 /// The walkthrough's code blocks: (language, text), in order.
 fn walkthrough() -> Vec<(String, String)> {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let start = readme.find("\n## Adding a projection\n").expect("the README has the walkthrough");
     let section = &readme[start + 1..];
     let section = &section[..section[3..].find("\n## ").map_or(section.len(), |end| end + 3)];
@@ -64,7 +62,7 @@ async fn the_readme_walkthrough_adds_a_tested_projection_to_a_running_engine() {
         "OrderPlaced",
         serde_json::json!({"customer_id": "c", "total": "5.00"}),
     );
-    common::produce_one_per_batch(&bootstrap, projector::demo::TOPIC, &[order]).await;
+    crate::common::produce_one_per_batch(&bootstrap, projector::demo::TOPIC, &[order]).await;
 
     // The files, as the walkthrough shows them: each block's first line names its path.
     let mut written = Vec::new();
@@ -141,8 +139,8 @@ async fn the_readme_walkthrough_adds_a_tested_projection_to_a_running_engine() {
             value: serde_json::to_value(&event["value"]).expect("JSON"),
         })
         .collect();
-    common::produce_one_per_batch(&bootstrap, "bank.accounts", &events).await;
-    common::wait_for_rows(
+    crate::common::produce_one_per_batch(&bootstrap, "bank.accounts", &events).await;
+    crate::common::wait_for_rows(
         &client,
         &engine,
         "SELECT account_id, owner, balance::text, version::text FROM accounts ORDER BY account_id",

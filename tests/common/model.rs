@@ -285,6 +285,37 @@ pub async fn assert_read_models(client: &Client, published: &[Fact], what: &str)
     let expected_customers = fold_customer_totals(published);
     assert_eq!(customers, expected_customers, "customer_totals ({what})");
     assert_eq!(read_held(client, "order_summary").await, fold_held(published), "held_events ({what})");
-    let parked = crate::support::count(client, "SELECT count(*) FROM projector.dead_letters").await;
+    let parked = super::db::query_i64(client, "SELECT count(*) FROM projector.dead_letters").await;
     assert_eq!(parked, 0, "dead_letters ({what})");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Histories
+
+/// `streams` interleaved, each in its own order: at each step the next of `picks` (cycled) chooses
+/// which of the streams not yet done goes on.
+pub fn interleave<T: Clone>(streams: &[Vec<T>], picks: &[proptest::sample::Index]) -> Vec<T> {
+    let mut cursors = vec![0usize; streams.len()];
+    let mut records = Vec::new();
+    let mut picks = picks.iter().cycle();
+    loop {
+        let open: Vec<usize> = (0..streams.len()).filter(|&i| cursors[i] < streams[i].len()).collect();
+        if open.is_empty() {
+            return records;
+        }
+        let stream = open[picks.next().expect("picks to choose with").index(open.len())];
+        records.push(streams[stream][cursors[stream]].clone());
+        cursors[stream] += 1;
+    }
+}
+
+/// Inserts a copy of a record after it, for each `(original, offset)`: `original` picks the
+/// record, `offset` how far after it the copy goes (a producer's retry).
+pub fn insert_copies<T: Clone>(records: &mut Vec<T>, copies: &[(proptest::sample::Index, proptest::sample::Index)]) {
+    for (original, offset) in copies {
+        let original = original.index(records.len());
+        let at = original + 1 + offset.index(records.len() - original);
+        let copy = records[original].clone();
+        records.insert(at, copy);
+    }
 }

@@ -5,15 +5,13 @@
 //!
 //! Needs PostgreSQL (`PROJECTOR_TEST_DATABASE_URL`) and the `tansu` binary (scripts/install-tansu.sh).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::shop::{
+use crate::common::shop::{
     caught_up, converges_then_stops, expected_fold, read_models, records_per_partition,
     shuffled_history_with_duplicates,
 };
-use common::{produce_one_per_batch, projector_command, query_i64, wait_for, LogDir, Projector, Tansu, TestDb};
+use crate::common::{produce_one_per_batch, projector_command, query_i64, wait_for, LogDir, Projector, Tansu, TestDb};
 use nix::sys::signal::Signal;
 use projector::demo::TOPIC;
 use rand::rngs::StdRng;
@@ -32,8 +30,8 @@ async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_event
     let mut rng = StdRng::seed_from_u64(seed);
 
     // 1. Broker, topic, database, group prefix.
-    let tansu = Tansu::start().await;
-    tansu.create_topic(TOPIC, PARTITIONS).await;
+    let tansu = Tansu::start().await.expect("starting tansu");
+    tansu.create_topic(TOPIC, PARTITIONS).await.expect("creating the topic");
     let db = TestDb::create().await;
     let client = db.connect().await;
     let group_prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -122,7 +120,11 @@ async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_event
 
     // 5. A graceful stop.
     let status = projector.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30)).await;
-    assert!(status.success(), "the projector exited with {status} on SIGTERM; log:\n{}", common::log_tail(&log, 60));
+    assert!(
+        status.success(),
+        "the projector exited with {status} on SIGTERM; log:\n{}",
+        crate::common::log_tail(&log, 60)
+    );
     // Nothing moved after the last check.
     assert_eq!(read_models(&client).await.expect("read models"), expected_all);
 
@@ -140,8 +142,8 @@ async fn tansu_killed_and_restarted_mid_stream_loses_nothing() {
         std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut tansu = Tansu::start_persistent().await;
-    tansu.create_topic(TOPIC, PARTITIONS).await;
+    let mut tansu = Tansu::start_persistent().await.expect("starting tansu");
+    tansu.create_topic(TOPIC, PARTITIONS).await.expect("creating the topic");
     let db = TestDb::create().await;
     let client = db.connect().await;
     let group_prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -169,7 +171,7 @@ async fn tansu_killed_and_restarted_mid_stream_loses_nothing() {
     let down = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     projector.assert_running();
-    tansu.restart().await;
+    tansu.restart().await.expect("restarting tansu");
     eprintln!("broker down for {:?}", down.elapsed());
     positions.extend(produce_one_per_batch(&tansu.bootstrap, TOPIC, last).await);
 
@@ -188,8 +190,8 @@ async fn tansu_killed_and_restarted_mid_stream_loses_nothing() {
 /// bytes; the records around it are applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_10_mb_record_is_parked_and_the_stream_goes_on() {
-    let tansu = Tansu::start().await;
-    tansu.create_topic(TOPIC, 1).await;
+    let tansu = Tansu::start().await.expect("starting tansu");
+    tansu.create_topic(TOPIC, 1).await.expect("creating the topic");
     let db = TestDb::create().await;
     let client = db.connect().await;
     let group_prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
