@@ -56,7 +56,7 @@ pub async fn broker_mode(
     steps: Steps,
 ) -> anyhow::Result<Value> {
     let label = kind.label();
-    let broker = Broker::start(kind, &workload.topic, workload.partitions)?;
+    let broker = Broker::start(kind, &workload.topic, workload.partitions).await?;
     let bootstrap = broker.bootstrap();
     let peak_before_producing = proc_status_kb("self", "VmHWM").unwrap_or(0);
     let load_s = tokio::task::block_in_place(|| load_topic(&bootstrap, workload))?;

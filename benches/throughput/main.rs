@@ -28,6 +28,10 @@ mod produce;
 mod rebuild;
 mod report;
 mod running;
+// The tests' Tansu launcher, this very file.
+#[path = "../../tests/common/tansu.rs"]
+#[allow(dead_code)]
+mod tansu;
 mod workload;
 
 use std::path::PathBuf;
