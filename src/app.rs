@@ -73,7 +73,7 @@ pub async fn run_reloading(
         tracing::warn!(%projection, "its definition changed: its migrations wait for `projector rebuild` or `projector accept`");
     }
     {
-        let client = pool.get().await.map_err(|error| store::StoreError::Connect(error.to_string()))?;
+        let client = crate::store::client(&pool).await?;
         // Statements of a projection waiting for its rebuild (the definition gate) are not
         // checked against the live tables: its migrations are not applied to them.
         let current: Vec<Projection> =

@@ -10,7 +10,7 @@ use crate::store::{self, StoreError};
 
 async fn client(settings: &Settings) -> Result<deadpool_postgres::Object, StoreError> {
     let pool = store::connect(&settings.database.url, 1).await?;
-    pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))
+    crate::store::client(&pool).await
 }
 
 /// At most `width` characters of `text`, on one line.

@@ -23,7 +23,10 @@ pub enum StatusError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("kafka: {0}")]
-    Kafka(String),
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The task reading the broker's offsets panicked or was cancelled.
+    #[error("reading the broker's offsets failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Lag(#[from] lag::LagError),
 }
@@ -80,10 +83,7 @@ pub struct Report {
 pub async fn collect(settings: &Settings, projections: &[Projection]) -> Result<Report, StatusError> {
     let pool = store::connect(&settings.database.url, 1).await?;
     let kafka = settings.kafka.clone();
-    let probe = tokio::task::spawn_blocking(move || KafkaProbe::new(&kafka, Duration::from_secs(10)))
-        .await
-        .map_err(|error| StatusError::Kafka(error.to_string()))?
-        .map_err(|error| StatusError::Kafka(error.to_string()))?;
+    let probe = tokio::task::spawn_blocking(move || KafkaProbe::new(&kafka, Duration::from_secs(10))).await??;
     let (_, measured) = lag::measure(probe, &pool, &Target::of(projections)).await;
     let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
     let mut report = report(&measured?, now);
@@ -93,7 +93,7 @@ pub async fn collect(settings: &Settings, projections: &[Projection]) -> Result<
 
 /// Fills in the progress of rebuilds under way: their checkpoints against their targets.
 async fn add_rebuilds(pool: &deadpool_postgres::Pool, report: &mut Report) -> Result<(), StatusError> {
-    let client = pool.get().await.map_err(|error| store::StoreError::Connect(error.to_string()))?;
+    let client = crate::store::client(&pool).await?;
     for row in store::rebuild::all(&**client).await? {
         if row.state != "running" {
             continue;

@@ -36,7 +36,7 @@ pub use sampler::{record, KafkaReachability, RunningSampler, Sampler};
 #[derive(Debug, thiserror::Error)]
 pub enum LagError {
     #[error("kafka: {0}")]
-    Kafka(String),
+    Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -153,7 +153,7 @@ pub async fn measure(
     };
     let marks = match marks {
         Ok(marks) => marks,
-        Err(error) => return (probe, Err(LagError::Kafka(error.to_string()))),
+        Err(error) => return (probe, Err(LagError::Kafka(error))),
     };
     let names: Vec<String> = targets.iter().map(|t| t.projection.clone()).collect();
     let stored = match store::lag::checkpoints(pool, &names).await {

@@ -82,8 +82,8 @@ impl Sampler {
                     record(&metrics, mode, &projections);
                 }
                 Err(error) => {
-                    if let LagError::Kafka(message) = &error {
-                        kafka.lock().expect("not poisoned").last_error = Some(message.clone());
+                    if let LagError::Kafka(cause) = &error {
+                        kafka.lock().expect("not poisoned").last_error = Some(cause.to_string());
                     } else {
                         // Postgres failed after Kafka answered.
                         kafka.lock().expect("not poisoned").record_success();

@@ -22,7 +22,7 @@ pub async fn checkpoints(
     pool: &Pool,
     projections: &[String],
 ) -> Result<HashMap<(String, TopicPartition), StoredCheckpoint>, StoreError> {
-    let client = pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+    let client = super::client(&pool).await?;
     let rows = client
         .query(
             "SELECT projection, topic, partition, next_offset, extract(epoch FROM updated_at)::float8

@@ -27,6 +27,11 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// A connection from `pool`; what stops it is told without the URL's password.
+pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {
+    pool.get().await.map_err(|error| StoreError::Connect(redact_text(&error.to_string())))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid database url: {0}")]

@@ -7,7 +7,7 @@ use super::{connect, StoreError};
 /// Drops and creates database `name` on `url`'s server.
 pub async fn recreate_database(url: &str, name: &str) -> Result<(), StoreError> {
     let pool = connect(url, 1).await?;
-    let client = pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+    let client = super::client(&pool).await?;
     for statement in [format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"), format!("CREATE DATABASE \"{name}\"")]
     {
         client.batch_execute(&statement).await.map_err(|error| StoreError::postgres(&error))?;
@@ -18,7 +18,7 @@ pub async fn recreate_database(url: &str, name: &str) -> Result<(), StoreError> 
 /// Drops database `name` on `url`'s server, if it is there.
 pub async fn drop_database(url: &str, name: &str) -> Result<(), StoreError> {
     let pool = connect(url, 1).await?;
-    let client = pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+    let client = super::client(&pool).await?;
     client
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .await

@@ -93,7 +93,7 @@ impl Scratch {
         store::migrate_with(&scratch_url, std::slice::from_ref(projection)).await?;
         let pool = store::connect(&scratch_url, 2).await?;
         {
-            let client = pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+            let client = crate::store::client(&pool).await?;
             let problems = store::check_statements(&client, std::slice::from_ref(projection), true).await;
             if !problems.is_empty() {
                 drop(client);
@@ -160,7 +160,7 @@ async fn run_fixture(
 
 /// Empties the projection's tables and its engine rows, as before its first event.
 async fn reset(scratch: &Scratch, projection: &Projection, fixture: &Fixture) -> Result<(), TestError> {
-    let client = scratch.pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+    let client = crate::store::client(&scratch.pool).await?;
     let mut tables: BTreeSet<String> = projection.tables().into_iter().collect();
     tables.extend(fixture.expect.keys().cloned());
     store::scratch::reset_projection(&client, &projection.name, tables)
@@ -216,7 +216,7 @@ async fn deliver(scratch: &Scratch, projection: &Projection, fixture: &Fixture, 
 /// What differs between the expected rows and the tables: row by row, matched on the first
 /// column written, and column by column.
 async fn compare(scratch: &Scratch, fixture: &Fixture) -> Result<Vec<String>, TestError> {
-    let client = scratch.pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+    let client = crate::store::client(&scratch.pool).await?;
     let mut differences = Vec::new();
     for (table, (columns, expected)) in &fixture.expect {
         let mut got: Vec<Row> = store::scratch::rows_as_text(&client, table, columns).await.map_err(|error| {

@@ -38,7 +38,6 @@ use crate::projection::{Projection, Record};
 use crate::settings::{OnDataLoss, Settings};
 use crate::store::checkpoint;
 use crate::store::fast::Applier;
-use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -410,7 +409,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             let result = async {
-                let client = self.pool.get().await.map_err(|error| StoreError::Connect(error.to_string()))?;
+                let client = crate::store::client(&self.pool).await?;
                 checkpoint::load(&**client, &self.projection.name, partitions).await
             }
             .await;
