@@ -9,7 +9,6 @@ use tokio::sync::watch;
 use super::condition::{Condition, Problem};
 use crate::projection::Projection;
 use crate::store::checkpoint;
-use crate::store::StoreError;
 
 /// Waits until the checkpoints of `projection` were written by its current definition (or it has
 /// none yet). Checkpoints written by this same definition under the hash of an earlier projector
@@ -24,9 +23,9 @@ pub(super) async fn wait_for_matching_definition(
 ) -> bool {
     let mut warned = false;
     loop {
-        let hashes = match pool.get().await {
+        let hashes = match crate::store::client(pool).await {
             Ok(client) => checkpoint::adopt_legacy_hash(&**client, projection).await,
-            Err(error) => Err(StoreError::Connect(error.to_string())),
+            Err(error) => Err(error),
         };
         match hashes {
             Ok(hashes) if hashes.iter().all(|hash| *hash == projection.hash) => {
