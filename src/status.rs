@@ -93,7 +93,7 @@ pub async fn collect(settings: &Settings, projections: &[Projection]) -> Result<
 
 /// Fills in the progress of rebuilds under way: their checkpoints against their targets.
 async fn add_rebuilds(pool: &deadpool_postgres::Pool, report: &mut Report) -> Result<(), StatusError> {
-    let client = crate::store::client(&pool).await?;
+    let client = crate::store::client(pool).await?;
     for row in store::rebuild::all(&**client).await? {
         if row.state != "running" {
             continue;

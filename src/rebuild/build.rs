@@ -216,6 +216,6 @@ impl Build {
 }
 
 pub(super) async fn load(pool: &deadpool_postgres::Pool, name: &str) -> Result<Offsets, StoreError> {
-    let client = crate::store::client(&pool).await?;
+    let client = crate::store::client(pool).await?;
     checkpoint::load_all(&**client, name).await
 }

@@ -65,9 +65,9 @@ async fn process(
 }
 
 /// The event's plan ([`Planner::plan`]): a value that does not fit parks the event untouched.
-async fn bind_handler<'s>(
+async fn bind_handler(
     tx: &Transaction<'_>,
-    handler: &'s Handler,
+    handler: &Handler,
     event: &Event,
     record: &Record,
 ) -> Result<Vec<Bound>, EventError> {

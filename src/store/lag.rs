@@ -22,7 +22,7 @@ pub async fn checkpoints(
     pool: &Pool,
     projections: &[String],
 ) -> Result<HashMap<(String, TopicPartition), StoredCheckpoint>, StoreError> {
-    let client = super::client(&pool).await?;
+    let client = super::client(pool).await?;
     let rows = client
         .query(
             "SELECT projection, topic, partition, next_offset, extract(epoch FROM updated_at)::float8

@@ -76,10 +76,7 @@ pub async fn setup(partitions: i32, max_events: usize) -> Accounts {
     Accounts { _kafka: kafka, topic, db, client, settings, projections, bootstrap }
 }
 
-pub use records::{deposited, event, opened, producer, publish_to, Raw};
-
-#[path = "../common/records.rs"]
-mod records;
+pub use crate::common::records::{deposited, event, opened, producer, publish_to, Raw};
 
 /// [`publish_to`], every record to the partition of its key.
 pub async fn publish(bootstrap: &str, topic: &str, records: &[Raw]) {
