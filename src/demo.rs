@@ -140,7 +140,8 @@ pub async fn wait_caught_up(settings: &Settings, projections: &[Projection], tim
     let deadline = tokio::time::Instant::now() + timeout;
     let pool = store::connect(&settings.database.url, 1).await?;
     loop {
-        let mut caught_up = true;
+        // Each partition still behind its end: projection, topic, partition, checkpoint, end.
+        let mut behind = Vec::new();
         for projection in projections {
             let kafka = settings.kafka.clone();
             let topics = projection.topics.clone();
@@ -150,13 +151,22 @@ pub async fn wait_caught_up(settings: &Settings, projections: &[Projection], tim
             let client = pool.get().await?;
             let stored: HashMap<_, _> =
                 store::checkpoint::load_all(&**client, &projection.name).await.unwrap_or_default();
-            caught_up &= ends.iter().all(|(partition, (_, high))| stored.get(partition).copied().unwrap_or(0) >= *high);
+            for (partition, (_, high)) in ends {
+                let at = stored.get(&partition).copied().unwrap_or(0);
+                if at < high {
+                    behind.push(format!(
+                        "`{}` `{}` partition {} at {at} of {high}",
+                        projection.name, partition.0, partition.1
+                    ));
+                }
+            }
         }
-        if caught_up {
+        if behind.is_empty() {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("projections did not catch up within {timeout:?}");
+            behind.sort();
+            anyhow::bail!("projections did not catch up within {timeout:?}: {}", behind.join(", "));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
