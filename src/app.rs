@@ -1,18 +1,19 @@
 //! Wiring only: connect, migrate, check the projections against the schema, run one worker per
 //! projection until shutdown, drain.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, watch};
 
 use crate::lag::Mode;
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::settings::{redact_url, Settings};
-use crate::store;
+use crate::store::{self, StoreError};
 use crate::worker;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,23 +66,13 @@ pub async fn run_reloading(
         tracing::warn!("{warning}");
     }
     let pool = store::connect(&settings.database.url, settings.database.pool_size).await?;
-    let (applied, waiting) = store::migrate_current(&settings.database.url, &projections).await?;
-    for migration in applied {
-        tracing::info!(%migration, "migration applied");
-    }
+    let (waiting, problems) = migrate_and_check(settings, &pool, &projections).await?;
     for projection in &waiting {
         tracing::warn!(%projection, "its definition changed: its migrations wait for `projector rebuild` or `projector accept`");
     }
-    {
-        let client = crate::store::client(&pool).await?;
-        // Statements of a projection waiting for its rebuild (the definition gate) are not
-        // checked against the live tables: its migrations are not applied to them.
-        let current: Vec<Projection> =
-            projections.iter().filter(|projection| !waiting.contains(&projection.name)).cloned().collect();
-        let problems = store::check_statements(&client, &current, settings.batch.set_based).await;
-        if !problems.is_empty() {
-            return Err(AppError::Statements(problems));
-        }
+    let problems: Vec<String> = problems.into_values().flatten().collect();
+    if !problems.is_empty() {
+        return Err(AppError::Statements(problems));
     }
 
     // `/metrics`, health probes and the lag sampler; stopped when dropped, on every return path.
@@ -188,11 +179,7 @@ pub async fn run_reloading(
     }
     pool.close();
     for name in &all {
-        let counts: Vec<String> = crate::outcome::Outcome::ALL
-            .iter()
-            .map(|outcome| format!("{} {}", outcome.as_str(), metrics.outcome_count(name, *outcome)))
-            .collect();
-        tracing::info!(projection = %name, "events since start: {}", counts.join(", "));
+        tracing::info!(projection = %name, "events since start: {}", metrics.outcome_summary(name));
     }
     if !failures.is_empty() {
         return Err(AppError::Fatal(failures));
@@ -313,36 +300,20 @@ async fn reload(
     } else {
         // New and changed ones: migrations first (a changed one's wait for its rebuild), then
         // their statements against the schema; one that does not fit is not started.
-        let waiting = match store::migrate_current(&settings.database.url, &fresh).await {
-            Ok((applied, waiting)) => {
-                for migration in applied {
-                    tracing::info!(%migration, "migration applied");
-                }
-                waiting
-            }
+        let mut problems = match migrate_and_check(settings, pool, &fresh).await {
+            Ok((_, problems)) => problems,
             Err(error) => {
-                tracing::error!(%error, "reload: migrations failed; the new and changed projections are not started");
-                return Some(running_projections(&loaded, workers));
-            }
-        };
-        let client = match pool.get().await {
-            Ok(client) => client,
-            Err(error) => {
-                tracing::error!(%error, "reload: no database connection; the new and changed projections are not started");
+                tracing::error!(%error, "reload: migrations or the statements' check failed; the new and changed projections are not started");
                 return Some(running_projections(&loaded, workers));
             }
         };
         for projection in fresh {
-            if !waiting.contains(&projection.name) {
-                let problems =
-                    store::check_statements(&client, std::slice::from_ref(&projection), settings.batch.set_based).await;
-                if !problems.is_empty() {
-                    for problem in problems {
-                        tracing::error!("reload: {problem}");
-                    }
-                    tracing::error!(projection = %projection.name, "reload: not started: its statements do not fit the database");
-                    continue;
+            if let Some(problems) = problems.remove(&projection.name).filter(|problems| !problems.is_empty()) {
+                for problem in problems {
+                    tracing::error!("reload: {problem}");
                 }
+                tracing::error!(projection = %projection.name, "reload: not started: its statements do not fit the database");
+                continue;
             }
             if workers.running.contains_key(&projection.name) {
                 tracing::info!(projection = %projection.name, "reload: its definition changed: restarting it");
@@ -359,4 +330,27 @@ async fn reload(
 /// Those of `loaded` that have a worker.
 fn running_projections(loaded: &[Projection], workers: &Workers) -> Vec<Projection> {
     loaded.iter().filter(|projection| workers.running.contains_key(&projection.name)).cloned().collect()
+}
+
+/// Applies the migrations of `projections` whose definition built their read model (logged), then
+/// checks each one's statements against the schema. A projection whose definition changed waits
+/// for its rebuild (the definition gate): its migrations are not applied and its statements are
+/// not checked against the live tables. Returns the waiting projections, and each checked one's
+/// problems (empty: its statements fit).
+async fn migrate_and_check(
+    settings: &Settings,
+    pool: &Pool,
+    projections: &[Projection],
+) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), StoreError> {
+    let (applied, waiting) = store::migrate_current(&settings.database.url, projections).await?;
+    for migration in applied {
+        tracing::info!(%migration, "migration applied");
+    }
+    let client = store::client(pool).await?;
+    let mut problems = BTreeMap::new();
+    for projection in projections.iter().filter(|projection| !waiting.contains(&projection.name)) {
+        let found = store::check_statements(&client, std::slice::from_ref(projection), settings.batch.set_based).await;
+        problems.insert(projection.name.clone(), found);
+    }
+    Ok((waiting, problems))
 }

@@ -255,10 +255,6 @@ async fn print_read_models(url: &str) -> anyhow::Result<()> {
 fn print_outcomes(metrics: &Metrics, projections: &[Projection]) {
     println!("\noutcomes (projector_events_total)");
     for projection in projections {
-        let counts: Vec<String> = crate::outcome::Outcome::ALL
-            .iter()
-            .map(|outcome| format!("{} {}", outcome.as_str(), metrics.outcome_count(&projection.name, *outcome)))
-            .collect();
-        println!("  {:<16} {}", projection.name, counts.join(", "));
+        println!("  {:<16} {}", projection.name, metrics.outcome_summary(&projection.name));
     }
 }

@@ -90,7 +90,7 @@ pub async fn connect_with_search_path(url: &str, size: usize, search_path: Optio
     }
     let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let pool = Pool::builder(manager).max_size(size).build().map_err(|error| StoreError::Connect(error.to_string()))?;
-    let client = pool.get().await.map_err(|error| StoreError::Connect(redact_text(&error.to_string())))?;
+    let client = client(&pool).await?;
     client.simple_query("SELECT 1").await.map_err(|error| StoreError::Connect(describe(&error)))?;
     Ok(pool)
 }
@@ -106,18 +106,14 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
 /// lock. Returns what was applied: the engine's as `V<n>__<name>`, the projections' as
 /// `<projection>: V<n>__<name>`.
 pub async fn migrate_with(url: &str, projections: &[crate::projection::Projection]) -> Result<Vec<String>, StoreError> {
-    let tls::Target { config, tls, .. } = tls::target(url)?;
-    let (mut client, connection) = config.connect(tls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
-    let driver = tokio::spawn(connection);
-    const LOCK: i64 = 0x7072_6f6a_6563_746f; // "projecto"
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
-        .await
-        .map_err(|error| StoreError::Migrate(describe(&error)))?;
-    let result = migrate_locked(&mut client, projections).await;
-    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await;
-    drop(client);
-    let _ = driver.await;
+    let mut locked = MigrationLock::take(url).await?;
+    let result = async {
+        let mut applied = migrate_engine(&mut locked.client).await?;
+        applied.extend(schema::apply(&mut locked.client, projections).await?);
+        Ok(applied)
+    }
+    .await;
+    locked.release().await;
     result
 }
 
@@ -126,39 +122,67 @@ pub async fn migrate_with(url: &str, projections: &[crate::projection::Projectio
 /// it wrote waits for a rebuild or `projector accept` (the worker's definition gate), and so do
 /// its migrations: the live tables keep serving the old definition meanwhile (a shadow rebuild
 /// applies them to its copies; `accept` in place). Returns the migrations applied and the
-/// projections whose migrations wait.
+/// projections whose migrations wait. One connection, under the lock throughout.
 pub async fn migrate_current(
     url: &str,
     projections: &[crate::projection::Projection],
 ) -> Result<(Vec<String>, Vec<String>), StoreError> {
-    let mut applied = migrate(url).await?;
-    let client = connect_client(url).await?;
-    let (mut current, mut waiting) = (Vec::new(), Vec::new());
-    for projection in projections {
-        let hashes = checkpoint::adopt_legacy_hash(&client, projection).await?;
-        if hashes.iter().all(|hash| *hash == projection.hash) {
-            current.push(projection.clone());
-        } else if !projection.migrations.is_empty() {
-            waiting.push(projection.name.clone());
+    let mut locked = MigrationLock::take(url).await?;
+    let result = async {
+        let mut applied = migrate_engine(&mut locked.client).await?;
+        let (mut current, mut waiting) = (Vec::new(), Vec::new());
+        for projection in projections {
+            let hashes = checkpoint::adopt_legacy_hash(&locked.client, projection).await?;
+            if hashes.iter().all(|hash| *hash == projection.hash) {
+                current.push(projection.clone());
+            } else if !projection.migrations.is_empty() {
+                waiting.push(projection.name.clone());
+            }
         }
+        applied.extend(schema::apply(&mut locked.client, &current).await?);
+        Ok((applied, waiting))
     }
-    applied.extend(migrate_with(url, &current).await?);
-    Ok((applied, waiting))
+    .await;
+    locked.release().await;
+    result
 }
 
-/// What [`migrate_with`] does once it holds the lock.
-async fn migrate_locked(
-    client: &mut tokio_postgres::Client,
-    projections: &[crate::projection::Projection],
-) -> Result<Vec<String>, StoreError> {
+/// A connection of its own holding the migrations' advisory lock: instances starting together
+/// migrate one after the other.
+struct MigrationLock {
+    client: tokio_postgres::Client,
+    driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl MigrationLock {
+    const KEY: i64 = 0x7072_6f6a_6563_746f; // "projecto"
+
+    async fn take(url: &str) -> Result<MigrationLock, StoreError> {
+        let tls::Target { config, tls, .. } = tls::target(url)?;
+        let (client, connection) = config.connect(tls).await.map_err(|error| StoreError::Connect(describe(&error)))?;
+        let driver = tokio::spawn(connection);
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&Self::KEY])
+            .await
+            .map_err(|error| StoreError::Migrate(describe(&error)))?;
+        Ok(MigrationLock { client, driver })
+    }
+
+    async fn release(self) {
+        let _ = self.client.execute("SELECT pg_advisory_unlock($1)", &[&Self::KEY]).await;
+        drop(self.client);
+        let _ = self.driver.await;
+    }
+}
+
+/// The engine's own migrations, on a connection that holds the lock.
+async fn migrate_engine(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
     forget_shop_migration(client).await.map_err(|error| StoreError::Migrate(describe(&error)))?;
     let report = embedded::migrations::runner()
         .run_async(client)
         .await
         .map_err(|error| StoreError::Migrate(error.to_string()))?;
-    let mut applied: Vec<String> = report.applied_migrations().iter().map(|migration| migration.to_string()).collect();
-    applied.extend(schema::apply(client, projections).await?);
-    Ok(applied)
+    Ok(report.applied_migrations().iter().map(|migration| migration.to_string()).collect())
 }
 
 /// The engine's migration `V2__shop_read_models` created the example shop's tables in every
