@@ -291,7 +291,9 @@ async fn reload(
     let fresh: Vec<Projection> = loaded
         .iter()
         .filter(|projection| {
-            workers.running.get(&projection.name).is_none_or(|(running, _, _)| running.hash != projection.hash)
+            workers.running.get(&projection.name).is_none_or(|(running, _, _)| {
+                running.hash != projection.hash || running.keep_event_ids != projection.keep_event_ids
+            })
         })
         .cloned()
         .collect();

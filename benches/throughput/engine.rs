@@ -160,7 +160,8 @@ pub async fn broker_mode(
     }
     if args.latency_secs > 0.0 {
         result["latency"] =
-            latency(&setup, workload, &mut per_partition, cleared.steady_rate, args.latency_secs).await?;
+            latency(&setup, workload, &mut per_partition, cleared.steady_rate, &args.latency_rates, args.latency_secs)
+                .await?;
     }
     drop(broker);
     Ok(result)

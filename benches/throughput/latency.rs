@@ -1,5 +1,6 @@
-//! The latency phase of the `mock` and `tansu` modes: the engine started again, `OrderNoted`
-//! updates produced at half its steady backlog rate, each timed from send to visible.
+//! The latency phase of the `mock` and `tansu` modes: the engine started again, then `OrderNoted`
+//! updates produced open-loop (each sent on schedule, whether or not earlier ones are visible) at
+//! each of `--latency-rates` in turn, each timed from send to visible.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -23,31 +24,61 @@ use crate::report::round;
 use crate::running::Engine;
 use crate::workload::{entity_id, event_json, Workload};
 
-/// The engine of `setup` started again, warmed up with 50 events, then measured at half
-/// `steady_rate` for `secs`; stopped after.
+/// A rate of the latency phase: events per second, or `half`, half the steady backlog rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    PerSecond(f64),
+    HalfMax,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Rate, String> {
+        match text {
+            "half" => Ok(Rate::HalfMax),
+            number => match number.parse::<f64>() {
+                Ok(rate) if rate > 0.0 => Ok(Rate::PerSecond(rate)),
+                _ => Err(format!("`{text}` is neither `half` nor a positive number of events per second")),
+            },
+        }
+    }
+}
+
+/// The engine of `setup` started again, warmed up with 50 events, then measured at each of `rates`
+/// for `secs` each (a pause of a second between them); stopped after.
 pub async fn latency(
     setup: &Setup,
     workload: &mut Workload,
     per_partition: &mut [i64],
     steady_rate: f64,
+    rates: &[Rate],
     secs: f64,
 ) -> anyhow::Result<Value> {
     let (client, bootstrap) = (&setup.client, &setup.bootstrap);
     let engine = Engine::start(setup.kind, &setup.settings, &setup.projection, setup.dir.path())?;
     // Warm-up: a few events, until the engine has joined its group and applies them.
     latency_phase(client, bootstrap, workload, per_partition, 50.0, 1.0, engine.alive()).await?;
-    let rate = steady_rate / 2.0;
-    eprintln!("== {}: latency at {rate:.0} events/s (half the backlog rate) for {secs} s", setup.kind.label());
-    let before = cpu_snapshot(engine.pid(), setup.broker_pid);
-    let mut latency = latency_phase(client, bootstrap, workload, per_partition, rate, secs, engine.alive()).await?;
-    let after = cpu_snapshot(engine.pid(), setup.broker_pid);
-    latency["cpu"] = cpu_split(&before, &after);
-    if let Some(pid) = engine.pid() {
-        latency["engine_peak_rss_mb"] = json!(peak_rss_mb(pid));
+    let mut phases = Vec::new();
+    for rate in rates {
+        let (rate, label) = match rate {
+            Rate::PerSecond(rate) => (*rate, format!("{rate:.0}/s")),
+            Rate::HalfMax => (steady_rate / 2.0, "half".to_string()),
+        };
+        eprintln!("== {}: latency at {rate:.0} events/s ({label}) for {secs} s", setup.kind.label());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = cpu_snapshot(engine.pid(), setup.broker_pid);
+        let mut phase = latency_phase(client, bootstrap, workload, per_partition, rate, secs, engine.alive()).await?;
+        let after = cpu_snapshot(engine.pid(), setup.broker_pid);
+        phase["rate"] = json!(label);
+        phase["cpu"] = cpu_split(&before, &after);
+        if let Some(pid) = engine.pid() {
+            phase["engine_peak_rss_mb"] = json!(peak_rss_mb(pid));
+        }
+        eprintln!("  {phase}");
+        phases.push(phase);
     }
-    eprintln!("  {latency}");
     engine.stop().await?;
-    Ok(latency)
+    Ok(Value::Array(phases))
 }
 
 /// A record delivered: its partition, its offset, and when it was sent.
@@ -70,7 +101,7 @@ impl ProducerContext for LatencyContext {
     }
 }
 
-/// Produces `OrderNoted` updates at `rate` for `secs` while polling the checkpoints every 5 ms;
+/// Produces `OrderNoted` updates at `rate` for `secs` while polling the checkpoints every 1 ms;
 /// an event is visible at the first poll whose checkpoint of its partition is past its offset
 /// (the checkpoint commits with the row). `lengths` and `per_partition` are advanced.
 async fn latency_phase(
@@ -95,7 +126,7 @@ async fn latency_phase(
     let target: i64 = per_partition.iter().sum();
     let (topic, bootstrap_owned, value_bytes) = (workload.topic.clone(), bootstrap.to_string(), workload.value_bytes);
     let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Delivered>, f64)> {
-        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap_owned, "1", value_bytes)
+        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap_owned, "0", value_bytes)
             .create_with_context(LatencyContext { delivered: Mutex::new(Vec::new()), failed: AtomicU64::new(0) })?;
         let started = Instant::now();
         let mut sent = 0;
@@ -105,7 +136,10 @@ async fn latency_phase(
                 let (entity, version, partition) = plan[sent];
                 let key = entity_id(entity).to_string();
                 let payload = event_json(entity, version, Some(Utc::now()), value_bytes);
-                let record = BaseRecord::with_opaque_to(&topic, Box::new(Instant::now()))
+                // Timed from when it was due, not when the loop got to it: a late send counts
+                // against the engine rather than hiding its delay (no coordinated omission).
+                let due_at = started + Duration::from_secs_f64(sent as f64 / rate);
+                let record = BaseRecord::with_opaque_to(&topic, Box::new(due_at))
                     .partition(partition)
                     .key(key.as_bytes())
                     .payload(&payload[..]);
@@ -113,7 +147,7 @@ async fn latency_phase(
                 sent += 1;
             }
             producer.poll(Duration::ZERO);
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_micros(200));
         }
         let produce_secs = started.elapsed().as_secs_f64();
         producer.flush(Duration::from_secs(60))?;
@@ -139,7 +173,7 @@ async fn latency_phase(
         if now > deadline {
             bail!("latency phase: the engine did not catch up");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (delivered, produce_secs) = producing.await??;
     let mut latencies: Vec<f64> = Vec::with_capacity(delivered.len());
@@ -166,6 +200,6 @@ async fn latency_phase(
         "p50_ms": round(pct(0.50), 1),
         "p99_ms": round(pct(0.99), 1),
         "max_ms": round(latencies.last().copied().unwrap_or(f64::NAN), 1),
-        "poll_interval_ms": 5,
+        "poll_interval_ms": 1,
     }))
 }

@@ -8,7 +8,7 @@
 //!   processed-events table, apply the guarded write, record the id, commit. Run on a sample.
 //! - `mock`: the topic is loaded into librdkafka's mock cluster first (load time reported, not
 //!   counted), then the engine (`projector::app::run`, in this process) clears the backlog;
-//!   then the latency phase; then `rebuild` (in place, `projector::rebuild::run`).
+//!   then `rebuild`; then the latency phases (in place, `projector::rebuild::run`).
 //! - `tansu`: the same against a Tansu broker, with the engine as a child process (`projector run`),
 //!   so that its peak RSS is the engine's alone.
 //!
@@ -84,9 +84,13 @@ struct Args {
     /// … or this many seconds, whichever comes first.
     #[arg(long, default_value_t = 20.0)]
     naive_secs: f64,
-    /// Length of the latency phase (produce at half the measured rate), per engine mode; 0 skips it.
+    /// Length of each latency phase, per engine mode; 0 skips them.
     #[arg(long, default_value_t = 20.0)]
     latency_secs: f64,
+    /// The rates of the latency phases, in events per second, open-loop; `half` is half the
+    /// engine's steady backlog rate measured just before.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000,half")]
+    latency_rates: Vec<latency::Rate>,
     /// The engine's `batch.max_events`.
     #[arg(long, default_value_t = Settings::default().batch.max_events)]
     batch_max_events: usize,
@@ -175,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             "duplicate_percent": args.duplicate_percent, "value_bytes": args.value_bytes, "row_delay_ms": args.row_delay_ms,
             "batch_max_events": args.batch_max_events, "batch_max_bytes": args.batch_max_bytes, "set_based": args.set_based,
             "modes": args.modes, "latency_secs": args.latency_secs,
+            "latency_rates": args.latency_rates.iter().map(|rate| format!("{rate:?}")).collect::<Vec<_>>(),
         },
         "workload": {
             "records": workload.records.len(), "distinct": workload.distinct(), "duplicates": workload.duplicates,

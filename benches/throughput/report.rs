@@ -45,7 +45,7 @@ pub fn write(results: &mut Value, path: &Path) -> anyhow::Result<()> {
 
 fn print_summary(results: &Value) {
     let mut table = comfy_table::Table::new();
-    table.set_header(["mode", "events/s", "vs ceiling", "vs naive", "peak RSS", "latency p50 / p99 @ ½ max", "check"]);
+    table.set_header(["mode", "events/s", "vs ceiling", "vs naive", "peak RSS", "latency p50 / p99 / max", "check"]);
     let ceiling = get(results, &["ceiling", "events_per_s"]);
     let naive = get(results, &["naive", "events_per_s"]);
     let cell = |v: f64| if v > 0.0 { format!("{v:.0}") } else { "-".into() };
@@ -69,14 +69,26 @@ fn print_summary(results: &Value) {
             continue;
         }
         let rate = get(results, &[mode, "projector", "events_per_s_steady"]);
-        let latency = &results[mode]["latency"];
+        let latency = results[mode]["latency"].as_array().cloned().unwrap_or_default();
         row([
             label.to_string(),
             cell(rate),
             ratio(rate, ceiling).to_string(),
             ratio(rate, naive).to_string(),
             format!("{} MB{}", results[mode]["projector"][rss], if mode == "mock" { " (increase)" } else { "" }),
-            if latency.is_null() { "".into() } else { format!("{} / {} ms", latency["p50_ms"], latency["p99_ms"]) },
+            latency
+                .iter()
+                .map(|phase| {
+                    format!(
+                        "{}: {} / {} / {} ms",
+                        text(&phase["rate"]),
+                        phase["p50_ms"],
+                        phase["p99_ms"],
+                        phase["max_ms"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
             text(&results[mode]["projector"]["check"]),
         ]);
     }

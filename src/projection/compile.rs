@@ -78,6 +78,7 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         None => cx.error(0..0, "no handlers: add an `[on.<EventType>]` table"),
     }
     let rebuild_checks = cx.rebuild_checks(definition.rebuild.as_ref());
+    let keep_event_ids = cx.keep_event_ids(definition.keep_event_ids.as_ref(), dedupe_kind);
     if !cx.errors.is_empty() {
         return Err(cx.errors);
     }
@@ -94,6 +95,7 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         handlers,
         hash: String::new(),
         rebuild: rebuild_checks,
+        keep_event_ids,
         migrations_dir: super::migrations::dir_of(path),
         migrations: Vec::new(),
         fields: Fields::default(),
@@ -227,6 +229,26 @@ impl Context<'_> {
                     self.error(0..0, message);
                 }
                 stem
+            }
+        }
+    }
+
+    /// `keep_event_ids`: a duration of at least a second, for event-id projections only.
+    fn keep_event_ids(&mut self, keep: Option<&Spanned<String>>, dedupe: DedupeKind) -> Option<std::time::Duration> {
+        let keep = keep?;
+        if dedupe != DedupeKind::EventId {
+            self.error(keep.span(), "`keep_event_ids` is only for `dedupe = \"event_id\"`");
+            return None;
+        }
+        match humantime::parse_duration(keep.get_ref()) {
+            Ok(duration) if duration >= std::time::Duration::from_secs(1) => Some(duration),
+            Ok(_) => {
+                self.error(keep.span(), "`keep_event_ids` must be at least 1s");
+                None
+            }
+            Err(error) => {
+                self.error(keep.span(), format!("`keep_event_ids` is not a duration like \"7d\" or \"12h\": {error}"));
+                None
             }
         }
     }
@@ -393,6 +415,35 @@ mod tests {
         let lines: Vec<usize> = errors.iter().map(|(line, _)| *line).collect();
         assert_eq!(lines, [1, 2, 4, 7, 9, 10], "{errors:?}");
         assert!(errors[4].1.starts_with("statement for `A` does not parse"), "{errors:?}");
+    }
+
+    /// `keep_event_ids`: a duration for event-id projections only, at least a second, not part
+    /// of the hash; each mistake is reported at its line.
+    #[test]
+    fn keep_event_ids_is_a_window_of_event_id_projections() {
+        let event_id = |keep: &str| {
+            format!(
+                "topics = [\"t\"]\ndedupe = \"event_id\"\nkeep_event_ids = \"{keep}\"\n[on.A]\nsql = \"SELECT 1\"\n"
+            )
+        };
+        let kept = compile(&event_id("7d")).expect("compiles");
+        assert_eq!(kept.keep_event_ids, Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!(compile(&event_id("12h 30m")).unwrap().keep_event_ids, Some(std::time::Duration::from_secs(45_000)));
+        let forever = compile("topics = [\"t\"]\ndedupe = \"event_id\"\n[on.A]\nsql = \"SELECT 1\"\n").unwrap();
+        assert_eq!(forever.keep_event_ids, None);
+        assert_eq!(kept.hash, forever.hash, "the window is not part of what the projection does");
+        for (keep, says) in [("soon", "is not a duration"), ("500ms", "at least 1s"), ("", "is not a duration")] {
+            let errors = messages(&event_id(keep));
+            assert_eq!(errors.len(), 1, "{keep}: {errors:?}");
+            assert_eq!(errors[0].0, 3, "{keep}: {errors:?}");
+            assert!(errors[0].1.contains(says), "{keep}: {errors:?}");
+        }
+        let versioned = "topics = [\"t\"]\nkeep_event_ids = \"1d\"\n[table]\nname = \"t\"\nkey = \"k\"\n[on.A]\nsql = \"INSERT INTO t (k, version) VALUES (:key, :version)\"\n";
+        let errors = messages(versioned);
+        assert!(
+            errors.iter().any(|(line, message)| *line == 2 && message.contains("only for `dedupe = \"event_id\"`")),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct DefinitionFile {
     pub name: Option<Spanned<String>>,
     pub topics: Option<Spanned<Vec<Spanned<String>>>>,
     pub dedupe: Option<Spanned<DedupeKind>>,
+    /// With `dedupe = "event_id"`: how long processed ids are kept (`"7d"`, `"12h"`).
+    pub keep_event_ids: Option<Spanned<String>>,
     pub envelope: Option<Spanned<EnvelopeDef>>,
     pub table: Option<Spanned<TableDef>>,
     /// Event type to handler, in file order.

@@ -55,6 +55,11 @@ pub struct Projection {
     pub hash: String,
     /// Checks a shadow rebuild must pass before the swap (`[rebuild]`); not part of the hash.
     pub rebuild: RebuildChecks,
+    /// `keep_event_ids` (event-id projections only): how long a processed event id is kept in
+    /// `projector.processed_events`, by when it was processed; `None`: for ever. A duplicate that
+    /// arrives later than this after its original was processed is applied again. Not part of
+    /// the hash: it changes which duplicates are caught, not what an event does.
+    pub keep_event_ids: Option<std::time::Duration>,
     /// Where its read model's migrations live ([`migrations::dir_of`]).
     pub migrations_dir: PathBuf,
     /// Its read model's migrations, in version order (read by [`load_dir`]; none from

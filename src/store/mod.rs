@@ -13,6 +13,7 @@ pub mod lag;
 pub mod park;
 pub mod parked;
 pub mod plan;
+pub mod processed;
 pub mod rebuild;
 pub mod schema;
 pub mod scratch;

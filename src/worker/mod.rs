@@ -13,12 +13,14 @@
 //! - [`condition`]: `running`, or `failed` while any problem is present, each named in the log.
 //! - [`gate`]: the definition gate, before the consumer starts and after a change is seen.
 //! - [`lost`]: partitions whose checkpoint the broker no longer holds (`kafka.on_data_loss`).
+//! - [`prune`]: an event-id projection's processed ids deleted after `keep_event_ids`.
 
 mod batch;
 pub mod condition;
 mod gate;
 pub mod lane;
 mod lost;
+mod prune;
 mod sweep;
 
 use std::collections::HashMap;
@@ -149,6 +151,18 @@ pub async fn run_with(
         max_backoff: Duration::from_millis(settings.retry.max_backoff_ms.max(1)),
     };
     let applier = Applier::new(settings.batch.set_based);
+    // Processed ids are pruned beside the consumer, for as long as the worker runs (a `JoinSet`
+    // aborts its tasks when dropped).
+    let mut pruning = tokio::task::JoinSet::new();
+    if let Some(keep) = projection.keep_event_ids {
+        pruning.spawn(prune::prune_event_ids(
+            projection.clone(),
+            keep,
+            pool.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut restarts = 0;
     loop {
         // A fault the tests inject (feature `failpoints`): the worker ends as if its work were done.
@@ -276,6 +290,10 @@ impl Worker {
                 _ = stopping(&mut shutdown) => break Ended::Shutdown,
                 Some(done) = pending.next(), if !pending.is_empty() => {
                     self.settle(done, &mut batch).await?;
+                    // Natural batching: what arrived while the lanes were busy goes at once.
+                    if self.lane_free(&batch, pending) {
+                        self.flush(&mut batch, pending).await?;
+                    }
                 }
                 _ = sweep.tick(), if self.gap_timeout.is_some() => {
                     self.flush(&mut batch, pending).await?;
@@ -310,6 +328,11 @@ impl Worker {
                                     self.flush(&mut batch, pending).await?;
                                 }
                             }
+                        }
+                        // A chunk ends where the consumer had nothing more fetched: with a lane
+                        // free, it is applied now rather than after `max_wait`.
+                        if self.lane_free(&batch, pending) {
+                            self.flush(&mut batch, pending).await?;
                         }
                     }
                     Some(Input::Assigned { partitions, reply }) => {
@@ -353,6 +376,14 @@ impl Worker {
         self.flush(&mut batch, pending).await?;
         self.drain(&mut batch, pending).await?;
         Ok(self.ended.take().unwrap_or(ended))
+    }
+
+    /// Whether `batch` should be applied now: it holds records and fewer batches than lanes are in
+    /// flight. This is natural batching: under light traffic each record is applied as soon as it
+    /// arrives; while the lanes are busy, records gather into the next batch, which grows with
+    /// the time a commit takes (up to `max_events` and `max_bytes`, or `max_wait`).
+    fn lane_free(&self, batch: &[Record], pending: &Pending) -> bool {
+        !batch.is_empty() && pending.len() < self.lanes
     }
 
     /// Drops records of partitions we do not own, polled before a seek, already checkpointed, or

@@ -401,3 +401,61 @@ async fn records_larger_than_a_batch_and_a_fetch_are_applied() {
     drop(client);
     db.drop().await;
 }
+
+/// `keep_event_ids`: a duplicate within the window is caught; the ids older than the window are
+/// deleted (and counted); a duplicate arriving after its id was deleted is applied again, as
+/// the README says it will be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_ids_are_kept_for_their_window_then_pruned() {
+    common::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = common::new_topic(&kafka, 3);
+    let db = TestDb::create().await;
+    let settings = common::settings(&kafka, &db.url, 3, true);
+    let mut projections = common::example_projection(&topic, "customer_totals");
+    projections[0].keep_event_ids = Some(Duration::from_secs(5));
+    let client = db.connect().await;
+
+    let streams = five_orders();
+    let original = interleave(&streams);
+    let engine = Engine::start(&settings, &projections);
+    // The first events, and at once a duplicate of the first: within the window.
+    let mut first = original.clone();
+    first.push(original[0].clone());
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(&first)).await.expect("publishing");
+    common::wait_caught_up(&settings, &projections).await;
+    assert_eq!(model::read_customer_totals(&client).await, model::fold_customer_totals(&first));
+    let handled = distinct(&first).iter().filter(|fact| fact.counts_for_customer_totals()).count() as i64;
+
+    // The window passes: every id is deleted, and counted.
+    common::wait_for("the processed ids to be pruned", Duration::from_secs(30), || async {
+        let left = common::query_i64(&client, "SELECT count(*) FROM projector.processed_events").await;
+        (left == 0).then_some(()).ok_or(format!("{left} ids left"))
+    })
+    .await;
+
+    // The first order placed, again, after its id was deleted: applied a second time.
+    let again = original[0].clone();
+    assert!(matches!(again.kind, model::Kind::Placed { .. }));
+    projector::demo::publish(&settings.kafka.bootstrap_servers, &topic, &events(std::slice::from_ref(&again)))
+        .await
+        .expect("publishing");
+    common::wait_caught_up(&settings, &projections).await;
+    let recorded = common::query_i64(&client, "SELECT count(*) FROM projector.processed_events").await;
+    assert_eq!(recorded, 1, "the id applied again is recorded again");
+    let metrics = engine.stop().await;
+
+    let mut expected = model::fold_customer_totals(&first);
+    let row = expected.get_mut(&again.customer).expect("the customer's row");
+    row.orders_placed += 1;
+    if let model::Kind::Placed { total } = again.kind {
+        row.total_placed += total;
+    }
+    assert_eq!(model::read_customer_totals(&client).await, expected);
+    assert_eq!(metrics.outcome_count("customer_totals", Outcome::Duplicate), 1, "the duplicate within the window");
+    assert_eq!(metrics.outcome_count("customer_totals", Outcome::Applied), handled as u64 + 1);
+    let pruned = metrics.event_ids_pruned.with_label_values(&["customer_totals"]).get();
+    assert_eq!(pruned, handled as u64, "every id deleted is counted");
+    drop(client);
+    db.drop().await;
+}
