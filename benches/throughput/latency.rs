@@ -67,9 +67,16 @@ pub async fn latency(
         eprintln!("== {}: latency at {rate:.0} events/s ({label}) for {secs} s", setup.kind.label());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = cpu_snapshot(engine.pid(), setup.broker_pid);
+        let batches_before = engine.batches();
         let mut phase = latency_phase(client, bootstrap, workload, per_partition, rate, secs, engine.alive()).await?;
         let after = cpu_snapshot(engine.pid(), setup.broker_pid);
         phase["rate"] = json!(label);
+        if let (Some(before), Some(after)) = (batches_before, engine.batches()) {
+            let batches = after.0 - before.0;
+            phase["batches"] = json!(batches);
+            phase["events_per_batch"] = json!(round((after.2 - before.2) / batches.max(1) as f64, 1));
+            phase["batch_ms_mean"] = json!(round((after.1 - before.1) * 1000.0 / batches.max(1) as f64, 2));
+        }
         phase["cpu"] = cpu_split(&before, &after);
         if let Some(pid) = engine.pid() {
             phase["engine_peak_rss_mb"] = json!(peak_rss_mb(pid));
@@ -81,8 +88,9 @@ pub async fn latency(
     Ok(Value::Array(phases))
 }
 
-/// A record delivered: its partition, its offset, and when it was sent.
-type Delivered = (i32, i64, Instant);
+/// A record delivered: its partition, its offset, when it was due to be sent, and when the broker
+/// acknowledged it (as the producer saw it).
+type Delivered = (i32, i64, Instant, Instant);
 
 struct LatencyContext {
     delivered: Mutex<Vec<Delivered>>,
@@ -93,7 +101,9 @@ impl ProducerContext for LatencyContext {
     type DeliveryOpaque = Box<Instant>;
     fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
         match result {
-            Ok(message) => self.delivered.lock().unwrap().push((message.partition(), message.offset(), *sent)),
+            Ok(message) => {
+                self.delivered.lock().unwrap().push((message.partition(), message.offset(), *sent, Instant::now()))
+            }
             Err(_) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -126,7 +136,9 @@ async fn latency_phase(
     let target: i64 = per_partition.iter().sum();
     let (topic, bootstrap_owned, value_bytes) = (workload.topic.clone(), bootstrap.to_string(), workload.value_bytes);
     let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Delivered>, f64)> {
-        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap_owned, "0", value_bytes)
+        // A producer tuned for latency, as one would be where it matters: 1 ms linger, no Nagle.
+        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap_owned, "1", value_bytes)
+            .set("socket.nagle.disable", "true")
             .create_with_context(LatencyContext { delivered: Mutex::new(Vec::new()), failed: AtomicU64::new(0) })?;
         let started = Instant::now();
         let mut sent = 0;
@@ -177,29 +189,49 @@ async fn latency_phase(
     }
     let (delivered, produce_secs) = producing.await??;
     let mut latencies: Vec<f64> = Vec::with_capacity(delivered.len());
+    let mut acked: Vec<f64> = Vec::with_capacity(delivered.len());
+    let mut after_ack: Vec<f64> = Vec::with_capacity(delivered.len());
     let mut unmatched = 0;
-    for (partition, offset, sent) in &delivered {
+    for (partition, offset, sent, ack) in &delivered {
+        acked.push(ack.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
         let first = timeline.partition_point(|(_, next)| next[*partition as usize] <= *offset);
         match timeline.get(first) {
-            Some((at, _)) => latencies.push(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0),
+            Some((at, _)) => {
+                latencies.push(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
+                after_ack.push(at.saturating_duration_since(*ack).as_secs_f64() * 1000.0);
+            }
             None => unmatched += 1,
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let (latency, acked, after_ack) = (Percentiles::of(latencies), Percentiles::of(acked), Percentiles::of(after_ack));
     Ok(json!({
         "target_rate": round(rate, 0),
         "achieved_rate": round(delivered.len() as f64 / produce_secs, 0),
         "events": delivered.len(),
         "unmatched": unmatched,
-        "p50_ms": round(pct(0.50), 1),
-        "p99_ms": round(pct(0.99), 1),
-        "max_ms": round(latencies.last().copied().unwrap_or(f64::NAN), 1),
+        "p50_ms": latency.at(0.50),
+        "p99_ms": latency.at(0.99),
+        "max_ms": latency.at(1.0),
+        "acked_p50_ms": acked.at(0.50),
+        "acked_p99_ms": acked.at(0.99),
+        "after_ack_p50_ms": after_ack.at(0.50),
+        "after_ack_p99_ms": after_ack.at(0.99),
         "poll_interval_ms": 1,
     }))
+}
+
+/// Milliseconds, sorted, for percentiles.
+struct Percentiles(Vec<f64>);
+
+impl Percentiles {
+    fn of(mut values: Vec<f64>) -> Percentiles {
+        values.sort_by(f64::total_cmp);
+        Percentiles(values)
+    }
+
+    /// The value at `share` (0 to 1) of the sorted values, to 0.1 ms; NaN when there is none.
+    fn at(&self, share: f64) -> f64 {
+        let index = ((self.0.len() as f64 * share) as usize).min(self.0.len().saturating_sub(1));
+        round(self.0.get(index).copied().unwrap_or(f64::NAN), 1)
+    }
 }

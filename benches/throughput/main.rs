@@ -116,8 +116,14 @@ struct Args {
     /// return, and fills a fetch up to `fetch.max.bytes` (capped at 5 MB) from its first
     /// partitions, ignoring `max.partition.fetch.bytes`: see BENCHMARKS.md.
     #[arg(long = "tansu-property", value_parser = parse_property,
-          default_values = ["fetch.wait.max.ms=10", "fetch.max.bytes=1048576"])]
+          default_values = ["fetch.wait.max.ms=3", "fetch.max.bytes=1048576"])]
     tansu_properties: Vec<(String, String)>,
+    /// librdkafka properties for the engine's consumer against the mock cluster only, as
+    /// `--tansu-property`. The mock holds a fetch that finds no record for all of
+    /// `fetch.wait.max.ms` (500 by default) and does not answer it when records arrive: at low
+    /// rates every record would wait for that.
+    #[arg(long = "mock-property", value_parser = parse_property, default_values = ["fetch.wait.max.ms=1"])]
+    mock_properties: Vec<(String, String)>,
     /// Give up waiting for the engine to clear the backlog after this long.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,

@@ -36,8 +36,9 @@ pub fn engine_settings(url: &str, bootstrap: &str, kind: Kind, args: &Args) -> S
     settings.kafka.bootstrap_servers = bootstrap.to_string();
     settings.kafka.group_prefix = format!("bench-{}", kind.label());
     settings.kafka.properties.clear();
-    if kind == Kind::Tansu {
-        settings.kafka.properties.extend(args.tansu_properties.iter().cloned());
+    match kind {
+        Kind::Tansu => settings.kafka.properties.extend(args.tansu_properties.iter().cloned()),
+        Kind::Mock => settings.kafka.properties.extend(args.mock_properties.iter().cloned()),
     }
     settings.http.listen = "127.0.0.1:0".into();
     settings.batch.max_events = args.batch_max_events;
@@ -124,6 +125,27 @@ impl Engine {
                 Ok(Engine::Child { child: Arc::new(Mutex::new(child)), log })
             }
         }
+    }
+
+    /// For an engine in this process: its committed batches so far, the seconds they took and
+    /// the events they held (summed over its projections).
+    pub fn batches(&self) -> Option<(u64, f64, f64)> {
+        let Engine::InProcess { metrics, .. } = self else { return None };
+        let (mut batches, mut seconds, mut events) = (0, 0.0, 0.0);
+        for family in metrics.registry.gather() {
+            for metric in family.get_metric() {
+                let histogram = metric.get_histogram();
+                match family.name() {
+                    "projector_batch_duration_seconds" => {
+                        batches += histogram.get_sample_count();
+                        seconds += histogram.get_sample_sum();
+                    }
+                    "projector_batch_events" => events += histogram.get_sample_sum(),
+                    _ => {}
+                }
+            }
+        }
+        Some((batches, seconds, events))
     }
 
     pub fn pid(&self) -> Option<u32> {
