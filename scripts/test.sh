@@ -70,6 +70,9 @@ fi
 if [ $# -eq 0 ]; then
     step "benchmark harness, tiny workload"
     cargo bench --bench throughput -- --events 2000 --latency-secs 2 --naive-events 200 --naive-secs 5
+    # Several projections on one topic, and an event-id projection whose ids are pruned.
+    cargo bench --bench throughput -- --modes mock --events 2000 --projections 3 --dedupe version --latency-secs 0
+    cargo bench --bench throughput -- --modes mock --events 2000 --dedupe event-id --keep-event-ids 1s --latency-secs 0
 
     # The fuzz targets (fuzz/), briefly: 30 s each; `scripts/fuzz.sh 600` runs them longer.
     step "fuzzing the definition loader and the event decoder, 30 s each"

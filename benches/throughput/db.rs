@@ -1,11 +1,13 @@
-//! PostgreSQL: connecting, the bench's databases (created and dropped), their schema, the read
-//! model's check and the projection's checkpoints.
+//! PostgreSQL: connecting, the bench's databases (created and dropped), their schema, the
+//! versioned read model's check, the projections' checkpoints and their processed event ids.
 
 use anyhow::Context;
+use serde_json::{json, Value};
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
-use crate::workload::PROJECTION;
+use crate::projections::ORDER_EVENTS_TABLE;
+use crate::report::round;
 
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
     let (client, connection) =
@@ -55,25 +57,33 @@ async fn drop_database(admin: &Client, name: &str) -> Result<(), tokio_postgres:
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
 }
 
-/// The engine's migrations, plus the bench's `note` column.
+/// The engine's migrations, plus the bench's `note` column and its `order_events` table.
 pub async fn prepare_schema(url: &str) -> anyhow::Result<()> {
     projector::store::migrate_with(url, &projector::demo::example_projections()?).await?;
-    connect(url).await?.batch_execute("ALTER TABLE order_summary ADD COLUMN IF NOT EXISTS note text").await?;
+    let client = connect(url).await?;
+    client.batch_execute("ALTER TABLE order_summary ADD COLUMN IF NOT EXISTS note text").await?;
+    client.batch_execute(ORDER_EVENTS_TABLE).await?;
     Ok(())
 }
 
-/// A slow database: each row written to `order_summary` waits `ms` (`--row-delay-ms`).
-pub async fn add_row_delay(url: &str, ms: f64) -> anyhow::Result<()> {
-    connect(url)
-        .await?
+/// A slow database: each row written to `tables` waits `ms` (`--row-delay-ms`).
+pub async fn add_row_delay(url: &str, ms: f64, tables: &[String]) -> anyhow::Result<()> {
+    let client = connect(url).await?;
+    client
         .batch_execute(&format!(
             "CREATE FUNCTION bench_row_delay() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$;
-             CREATE TRIGGER bench_row_delay BEFORE INSERT OR UPDATE ON order_summary
-             FOR EACH ROW EXECUTE FUNCTION bench_row_delay()",
+             $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$",
             ms / 1000.0
         ))
         .await?;
+    for table in tables {
+        client
+            .batch_execute(&format!(
+                "CREATE TRIGGER bench_row_delay BEFORE INSERT OR UPDATE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION bench_row_delay()"
+            ))
+            .await?;
+    }
     Ok(())
 }
 
@@ -88,23 +98,37 @@ pub async fn verify(client: &Client, table: &str, entities: usize, version_sum: 
     })
 }
 
-/// Sum of the projection's checkpoints (next offsets) on the topic.
-pub async fn checkpoint_sum(client: &Client, topic: &str) -> anyhow::Result<i64> {
-    let row = client
-        .query_one(
-            "SELECT coalesce(sum(next_offset), 0)::int8 FROM projector.checkpoints WHERE projection = $1 AND topic = $2",
-            &[&PROJECTION, &topic],
+/// The sum of each of `projections`' checkpoints (next offsets) on the topic, in their order (0
+/// where none).
+pub async fn checkpoint_sums(client: &Client, topic: &str, projections: &[String]) -> anyhow::Result<Vec<i64>> {
+    let rows = client
+        .query(
+            "SELECT projection, sum(next_offset)::int8 FROM projector.checkpoints
+              WHERE projection = ANY($1) AND topic = $2 GROUP BY projection",
+            &[&projections, &topic],
         )
         .await?;
-    Ok(row.get(0))
+    let mut sums = vec![0i64; projections.len()];
+    for row in rows {
+        let name: String = row.get(0);
+        if let Some(i) = projections.iter().position(|p| *p == name) {
+            sums[i] = row.get(1);
+        }
+    }
+    Ok(sums)
 }
 
-/// The projection's checkpoint (next offset) of each of the topic's `partitions` (0 where none).
-pub async fn checkpoints(client: &Client, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+/// Sum of `projection`'s checkpoints (next offsets) on the topic.
+pub async fn checkpoint_sum(client: &Client, projection: &str, topic: &str) -> anyhow::Result<i64> {
+    Ok(checkpoint_sums(client, topic, &[projection.to_string()]).await?[0])
+}
+
+/// `projection`'s checkpoint (next offset) of each of the topic's `partitions` (0 where none).
+pub async fn checkpoints(client: &Client, projection: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
     let rows = client
         .query(
             "SELECT partition, next_offset FROM projector.checkpoints WHERE projection = $1 AND topic = $2",
-            &[&PROJECTION, &topic],
+            &[&projection, &topic],
         )
         .await?;
     let mut next = vec![0i64; partitions as usize];
@@ -112,4 +136,18 @@ pub async fn checkpoints(client: &Client, topic: &str, partitions: i32) -> anyho
         next[row.get::<_, i32>(0) as usize] = row.get(1);
     }
     Ok(next)
+}
+
+/// `projector.processed_events` now: the ids `projections` keep, and the table's size (all of it,
+/// indexes and TOAST included; space freed by pruning stays with it until reused).
+pub async fn processed_events(client: &Client, projections: &[String]) -> anyhow::Result<Value> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM projector.processed_events WHERE projection = ANY($1)),
+                    pg_total_relation_size('projector.processed_events')",
+            &[&projections],
+        )
+        .await?;
+    let (rows, bytes): (i64, i64) = (row.get(0), row.get(1));
+    Ok(json!({ "rows": rows, "total_relation_size_mb": round(bytes as f64 / 1024.0 / 1024.0, 1) }))
 }

@@ -1,6 +1,7 @@
 //! The latency phase of the `mock` and `tansu` modes: the engine started again, then `OrderNoted`
 //! updates produced open-loop (each sent on schedule, whether or not earlier ones are visible) at
-//! each of `--latency-rates` in turn, each timed from send to visible.
+//! each of `--latency-rates` in turn, each timed from send to visible in the first bench
+//! projection (the engine runs them all).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -14,7 +15,6 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use serde_json::{json, Value};
-use tokio_postgres::Client;
 
 use crate::db::checkpoints;
 use crate::engine::Setup;
@@ -45,7 +45,8 @@ impl std::str::FromStr for Rate {
 }
 
 /// The engine of `setup` started again, warmed up with 50 events, then measured at each of `rates`
-/// for `secs` each (a pause of a second between them); stopped after.
+/// for `secs` each (a pause of a second between them); stopped after. `steady_rate` is the rate
+/// each projection read the backlog at.
 pub async fn latency(
     setup: &Setup,
     workload: &mut Workload,
@@ -54,10 +55,10 @@ pub async fn latency(
     rates: &[Rate],
     secs: f64,
 ) -> anyhow::Result<Value> {
-    let (client, bootstrap) = (&setup.client, &setup.bootstrap);
-    let engine = Engine::start(setup.kind, &setup.settings, &setup.projection, setup.dir.path())?;
+    let first = setup.projections[0].name.as_str();
+    let engine = Engine::start(setup.kind, &setup.settings, &setup.projections, setup.dir.path())?;
     // Warm-up: a few events, until the engine has joined its group and applies them.
-    latency_phase(client, bootstrap, workload, per_partition, 50.0, 1.0, engine.alive()).await?;
+    latency_phase(setup, workload, per_partition, 50.0, 1.0, engine.alive()).await?;
     let mut phases = Vec::new();
     for rate in rates {
         let (rate, label) = match rate {
@@ -68,7 +69,7 @@ pub async fn latency(
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = cpu_snapshot(engine.pid(), setup.broker_pid);
         let batches_before = engine.batches();
-        let mut phase = latency_phase(client, bootstrap, workload, per_partition, rate, secs, engine.alive()).await?;
+        let mut phase = latency_phase(setup, workload, per_partition, rate, secs, engine.alive()).await?;
         let after = cpu_snapshot(engine.pid(), setup.broker_pid);
         phase["rate"] = json!(label);
         if let (Some(before), Some(after)) = (batches_before, engine.batches()) {
@@ -78,6 +79,10 @@ pub async fn latency(
             phase["batch_ms_mean"] = json!(round((after.1 - before.1) * 1000.0 / batches.max(1) as f64, 2));
         }
         phase["cpu"] = cpu_split(&before, &after);
+        if setup.projections.len() > 1 {
+            phase["projection"] = json!(first);
+            phase["note"] = json!("visible in the first projection (its checkpoints), while the engine runs every projection; `half` is half the rate each projection read the backlog at");
+        }
         if let Some(pid) = engine.pid() {
             phase["engine_peak_rss_mb"] = json!(peak_rss_mb(pid));
         }
@@ -111,12 +116,12 @@ impl ProducerContext for LatencyContext {
     }
 }
 
-/// Produces `OrderNoted` updates at `rate` for `secs` while polling the checkpoints every 1 ms;
-/// an event is visible at the first poll whose checkpoint of its partition is past its offset
-/// (the checkpoint commits with the row). `lengths` and `per_partition` are advanced.
+/// Produces `OrderNoted` updates at `rate` for `secs` to the broker of `setup` while polling the
+/// checkpoints of its first projection every 1 ms; an event is visible at the first poll whose
+/// checkpoint of its partition is past its offset (the checkpoint commits with the row).
+/// `lengths` and `per_partition` are advanced.
 async fn latency_phase(
-    client: &Client,
-    bootstrap: &str,
+    setup: &Setup,
     workload: &mut Workload,
     per_partition: &mut [i64],
     rate: f64,
@@ -134,10 +139,11 @@ async fn latency_phase(
         plan.push((entity, workload.lengths[entity as usize], partition));
     }
     let target: i64 = per_partition.iter().sum();
-    let (topic, bootstrap_owned, value_bytes) = (workload.topic.clone(), bootstrap.to_string(), workload.value_bytes);
+    let projection = setup.projections[0].name.as_str();
+    let (topic, bootstrap, value_bytes) = (workload.topic.clone(), setup.bootstrap.clone(), workload.value_bytes);
     let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Delivered>, f64)> {
         // A producer tuned for latency, as one would be where it matters: 1 ms linger, no Nagle.
-        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap_owned, "1", value_bytes)
+        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap, "1", value_bytes)
             .set("socket.nagle.disable", "true")
             .create_with_context(LatencyContext { delivered: Mutex::new(Vec::new()), failed: AtomicU64::new(0) })?;
         let started = Instant::now();
@@ -174,7 +180,7 @@ async fn latency_phase(
     let mut timeline: Vec<(Instant, Vec<i64>)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs_f64(secs + 120.0);
     loop {
-        let next = checkpoints(client, &workload.topic, workload.partitions).await?;
+        let next = checkpoints(&setup.client, projection, &workload.topic, workload.partitions).await?;
         let now = Instant::now();
         let done = next.iter().sum::<i64>() >= target;
         timeline.push((now, next));

@@ -12,6 +12,10 @@
 //! - `tansu`: the same against a Tansu broker, with the engine as a child process (`projector run`),
 //!   so that its peak RSS is the engine's alone.
 //!
+//! The engine modes run the bench projection (`projections.rs`): `order_summary`, versioned, or
+//! with `--dedupe event-id` `order_events`, deduplicated by event id (`--keep-event-ids`: a
+//! window); `--projections N` runs N of them on the one topic, each with its own table.
+//!
 //! `cargo bench --bench throughput -- --help` lists the flags. See BENCHMARKS.md.
 //!
 //! This file holds the flags and the order of the modes; each mode, and each thing they share,
@@ -19,12 +23,14 @@
 
 mod broker;
 mod ceiling;
+mod cleared;
 mod db;
 mod engine;
 mod latency;
 mod naive;
 mod proc;
 mod produce;
+mod projections;
 mod rebuild;
 mod report;
 mod running;
@@ -47,6 +53,7 @@ use crate::broker::Kind;
 use crate::db::{prepare_schema, Databases};
 use crate::engine::{broker_mode, Steps};
 use crate::produce::mock_fits;
+use crate::projections::Dedupe;
 use crate::workload::Workload;
 
 #[derive(Parser, Debug, Clone)]
@@ -64,14 +71,28 @@ struct Args {
     /// which the projection does not read); 0: no padding (about 280 bytes).
     #[arg(long, default_value_t = 0)]
     value_bytes: usize,
-    /// Each row the engine writes to `order_summary` waits this long (a trigger calling
-    /// `pg_sleep`): a slow database, so that the engine falls behind the broker and reads ahead as
-    /// far as its bounds let it. 0: none.
+    /// Each row the engine writes to its tables (`order_summary`, …) waits this long (a trigger
+    /// calling `pg_sleep`): a slow database, so that the engine falls behind the broker and reads
+    /// ahead as far as its bounds let it. 0: none.
     #[arg(long, default_value_t = 0.0)]
     row_delay_ms: f64,
     /// Share of the records that are duplicates, re-published later, in percent.
     #[arg(long, default_value_t = 5)]
     duplicate_percent: usize,
+    /// Projections the engine modes run at once on the one topic: 1 is `order_summary` (or
+    /// `order_events`); N > 1 are `order_summary_1` … `order_summary_N`, each writing a table of
+    /// its own of that name. Their rates add up; the rebuild and the latency phase use the first.
+    #[arg(long, default_value_t = 1)]
+    projections: usize,
+    /// How the engine modes' projections recognise duplicates: `version` (`order_summary`, every
+    /// write guarded by the order's version) or `event-id` (`order_events`, an upsert counting each
+    /// order's events, every event id recorded in `projector.processed_events`).
+    #[arg(long, value_enum, default_value_t = Dedupe::Version)]
+    dedupe: Dedupe,
+    /// With `--dedupe event-id`: the projection's `keep_event_ids` (`30s`, `1m`): processed ids
+    /// older than that are pruned, and a duplicate of one is applied again. Default: kept for ever.
+    #[arg(long)]
+    keep_event_ids: Option<String>,
     /// Any of ceiling,naive,mock,rebuild,tansu (rebuild needs mock).
     #[arg(long, value_delimiter = ',', default_value = "ceiling,naive,mock,rebuild,tansu")]
     modes: Vec<String>,
@@ -101,9 +122,10 @@ struct Args {
     /// The engine's `batch.lanes` (parts of a batch applied concurrently).
     #[arg(long, default_value_t = Settings::default().batch.lanes)]
     lanes: usize,
-    /// The engine's `database.pool_size`.
-    #[arg(long, default_value_t = Settings::default().database.pool_size)]
-    pool_size: usize,
+    /// The engine's `database.pool_size`. Default: the engine's default for one projection,
+    /// projections × lanes for several, so that all of them can apply batches at once.
+    #[arg(long)]
+    pool_size: Option<usize>,
     /// The engine's `batch.set_based` (false: one statement per event, pipelined).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     set_based: bool,
@@ -160,6 +182,12 @@ async fn main() -> anyhow::Result<()> {
             bail!("unknown mode `{mode}`");
         }
     }
+    if args.projections == 0 {
+        bail!("--projections must be at least 1");
+    }
+    if args.keep_event_ids.is_some() && args.dedupe != Dedupe::EventId {
+        bail!("--keep-event-ids is for --dedupe event-id");
+    }
     let has = |m: &str| args.modes.iter().any(|x| x == m);
     if has("rebuild") && !has("mock") && !has("tansu") {
         bail!("`rebuild` rebuilds what `mock` or `tansu` built: add one of them to --modes");
@@ -185,6 +213,8 @@ async fn main() -> anyhow::Result<()> {
             "duplicate_percent": args.duplicate_percent, "value_bytes": args.value_bytes, "row_delay_ms": args.row_delay_ms,
             "batch_max_events": args.batch_max_events, "batch_max_bytes": args.batch_max_bytes, "set_based": args.set_based,
             "modes": args.modes, "latency_secs": args.latency_secs,
+            "projections": args.projections, "dedupe": args.dedupe.label(), "keep_event_ids": args.keep_event_ids,
+            "pool_size": args.pool_size, "lanes": args.lanes,
             "latency_rates": args.latency_rates.iter().map(|rate| format!("{rate:?}")).collect::<Vec<_>>(),
         },
         "workload": {

@@ -1,6 +1,8 @@
-//! /proc: memory (RSS, peak RSS), CPU time per component between two snapshots, and the machine.
+//! /proc: memory (RSS, peak RSS), CPU time per component between two snapshots, and the machine;
+//! and, through `ss`, the bytes a process received on its connections to a broker.
 
 use std::collections::HashMap;
+use std::process::Command;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -152,4 +154,36 @@ pub fn machine() -> Value {
     let memory_gib = kb_field("/proc/meminfo", "MemTotal:").map_or(0.0, |kb| round(kb as f64 / 1024.0 / 1024.0, 1));
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     json!({ "cpu": cpu, "cores": cores, "memory_gib": memory_gib, "loadavg_at_start": load })
+}
+
+/// The bytes received so far on each established TCP connection of process `pid` to a port of
+/// `ports` (the kernel's `tcp_info.bytes_received`, read by `ss`), by local and peer address.
+/// `None` when `ss` cannot be run.
+pub fn received_from(pid: u32, ports: &[u16]) -> Option<HashMap<String, u64>> {
+    let filter = ports.iter().map(|port| format!("dport = :{port}")).collect::<Vec<_>>().join(" or ");
+    let output = Command::new("ss").args(["-tinpH", "state", "established", &format!("( {filter} )")]).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    // Each connection is a line (`Recv-Q Send-Q local peer users:((…,pid=N,…))`) followed by an
+    // indented line of its `tcp_info`.
+    let owner = format!("pid={pid},");
+    let mut received = HashMap::new();
+    let mut connection: Option<String> = None;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if !line.starts_with(char::is_whitespace) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            connection = (fields.len() >= 4 && line.contains(&owner)).then(|| format!("{} {}", fields[2], fields[3]));
+        } else if let Some(connection) = connection.take() {
+            let bytes = line.split_whitespace().find_map(|field| field.strip_prefix("bytes_received:"));
+            received.insert(connection, bytes.and_then(|b| b.parse().ok()).unwrap_or(0));
+        }
+    }
+    Some(received)
+}
+
+/// The bytes received between two [`received_from`] readings, on the connections open at the
+/// second (one closed meanwhile is not counted).
+pub fn received_between(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> u64 {
+    after.iter().map(|(connection, bytes)| bytes.saturating_sub(before.get(connection).copied().unwrap_or(0))).sum()
 }

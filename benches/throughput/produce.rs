@@ -53,12 +53,13 @@ pub fn send_retrying<C: ProducerContext>(
     }
 }
 
-/// Publishes the whole workload, batched; returns the seconds it took. The last record of each
+/// Publishes the whole workload, batched; returns the seconds it took and the bytes of the keys
+/// and values published. The last record of each
 /// partition is held back and published alone, in a batch of one, after the rest: Tansu reports
 /// a partition's high watermark as its last batch's base offset + 1, which is then exact (a
 /// rebuild reads up to the high watermarks). The producer holds at most 16 MiB of records not yet
 /// delivered, so that what it leaves behind in the bench process is small next to the engine.
-pub fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
+pub fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<(f64, u64)> {
     let producer = |batch: &str| -> anyhow::Result<BaseProducer<CountingContext>> {
         Ok(producer_config(bootstrap, "20", workload.value_bytes)
             .set("batch.num.messages", batch)
@@ -72,9 +73,11 @@ pub fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
         last[workload.partition_of(rec.entity) as usize] = Some(i);
     }
     let started = Instant::now();
+    let bytes = AtomicU64::new(0);
     let send = |producer: &BaseProducer<CountingContext>, rec: &Rec| {
         let key = entity_id(rec.entity).to_string();
         let payload = event_json(rec.entity, rec.version, None, workload.value_bytes);
+        bytes.fetch_add((key.len() + payload.len()) as u64, Ordering::Relaxed);
         send_retrying(
             producer,
             BaseRecord::to(&workload.topic)
@@ -103,7 +106,7 @@ pub fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<f64> {
     if failed > 0 {
         bail!("{failed} records were not delivered");
     }
-    Ok(started.elapsed().as_secs_f64())
+    Ok((started.elapsed().as_secs_f64(), bytes.into_inner()))
 }
 
 /// librdkafka's mock cluster keeps at most 5 MB per partition (rdkafka_mock.c, `max_size`, not

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use projector::metrics::Metrics;
-use projector::projection::Projection;
 use projector::settings::{property_variable, Settings};
 
 use crate::broker::Kind;
-use crate::workload::bench_projection_text;
+use crate::projections::BenchProjection;
 use crate::Args;
 
 /// The bench's own connections (ceiling, naive, checks) are plain TCP: unless the URL says
@@ -45,7 +44,13 @@ pub fn engine_settings(url: &str, bootstrap: &str, kind: Kind, args: &Args) -> S
     settings.batch.max_bytes = args.batch_max_bytes;
     settings.batch.set_based = args.set_based;
     settings.batch.lanes = args.lanes;
-    settings.database.pool_size = args.pool_size;
+    // Every projection's lanes each hold a connection while a batch is applied: with several
+    // projections the pool must hold them all for them to run at once.
+    settings.database.pool_size = match (args.pool_size, args.projections) {
+        (Some(size), _) => size,
+        (None, 1) => settings.database.pool_size,
+        (None, n) => n * args.lanes,
+    };
     settings.kafka.properties.extend(args.kafka_properties.iter().cloned());
     settings
 }
@@ -65,17 +70,23 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub fn start(kind: Kind, settings: &Settings, projection: &Projection, dir: &Path) -> anyhow::Result<Engine> {
+    /// Runs `projections`, all at once.
+    pub fn start(
+        kind: Kind,
+        settings: &Settings,
+        projections: &[BenchProjection],
+        dir: &Path,
+    ) -> anyhow::Result<Engine> {
         match kind {
             Kind::Mock => {
                 let metrics = Metrics::new();
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                 let finished = Arc::new(AtomicBool::new(false));
                 let task = {
-                    let (settings, projection, metrics, finished) =
-                        (settings.clone(), projection.clone(), metrics.clone(), finished.clone());
+                    let projections = projections.iter().map(|p| p.projection.clone()).collect();
+                    let (settings, metrics, finished) = (settings.clone(), metrics.clone(), finished.clone());
                     tokio::spawn(async move {
-                        let result = projector::app::run(&settings, vec![projection], metrics, async {
+                        let result = projector::app::run(&settings, projections, metrics, async {
                             let _ = stopped.await;
                         })
                         .await;
@@ -88,10 +99,9 @@ impl Engine {
             Kind::Tansu => {
                 let projections_dir = dir.join("projections");
                 std::fs::create_dir_all(&projections_dir)?;
-                std::fs::write(
-                    projections_dir.join("order_summary.toml"),
-                    bench_projection_text(&projection.topics[0])?,
-                )?;
+                for projection in projections {
+                    std::fs::write(projections_dir.join(format!("{}.toml", projection.name)), &projection.text)?;
+                }
                 let log = dir.join("projector.log");
                 let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
                 // `PROJECTOR_BENCH_ENGINE`: another `projector` binary (e.g. a copy, while the tree is rebuilt).

@@ -1,9 +1,7 @@
-//! The workload: the generated records (each entity's stream, interleaved, with duplicates), the
-//! events' JSON, and the bench's `order_summary` projection.
+//! The workload: the generated records (each entity's stream, interleaved, with duplicates) and
+//! the events' JSON; the projections that read them are in `projections.rs`.
 
-use std::path::Path;
-
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use chrono::{DateTime, TimeZone, Utc};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -12,13 +10,11 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use projector::projection::{compile_file, Projection};
-
 use crate::Args;
 
-pub const PROJECTION: &str = "order_summary";
-/// The bench's only addition to the example projection: an update that can repeat.
-const NOTED_HANDLER: &str = "\n[on.OrderNoted]\nupdate = { note = \":data.note\", updated_at = \":occurred_at\" }\n";
+/// The event types of the workload: an order's stream is `OrderPlaced` v1, `OrderPaid` v2, then
+/// `OrderNoted` v3….
+pub const EVENT_TYPES: [&str; 3] = ["OrderPlaced", "OrderPaid", "OrderNoted"];
 
 #[derive(Clone, Copy)]
 pub struct Rec {
@@ -129,11 +125,7 @@ pub fn occurred_at(version: u32) -> DateTime<Utc> {
 }
 
 fn event_type(version: u32) -> &'static str {
-    match version {
-        1 => "OrderPlaced",
-        2 => "OrderPaid",
-        _ => "OrderNoted",
-    }
+    EVENT_TYPES[(version as usize).clamp(1, 3) - 1]
 }
 
 /// The record value of `entity`'s event `version`; the id is a function of both, so a duplicate
@@ -165,19 +157,4 @@ pub fn event_json(entity: u32, version: u32, at: Option<DateTime<Utc>>, value_by
         }
         _ => value,
     }
-}
-
-/// The example `order_summary` projection on the bench topic, plus `OrderNoted`.
-pub fn bench_projection_text(topic: &str) -> anyhow::Result<String> {
-    let original = include_str!("../../projections/order_summary.toml");
-    let text = original.replace("topics = [\"shop.orders\"]", &format!("topics = [\"{topic}\"]"));
-    if text == original {
-        bail!("projections/order_summary.toml no longer has `topics = [\"shop.orders\"]`: update the bench");
-    }
-    Ok(text + NOTED_HANDLER)
-}
-
-pub fn bench_projection(topic: &str) -> anyhow::Result<Projection> {
-    compile_file(Path::new("bench/order_summary.toml"), &bench_projection_text(topic)?)
-        .map_err(|errors| anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")))
 }
