@@ -69,7 +69,7 @@ fi
 # fails when a read model it built is wrong. Skipped when arguments select particular tests.
 if [ $# -eq 0 ]; then
     step "benchmark harness, tiny workload"
-    cargo bench --bench throughput -- --events 2000 --latency-secs 2 --naive-events 200 --naive-secs 5
+    cargo bench --bench throughput -- --events 2000 --latency-secs 2 --latency-rates 100,1000,half --naive-events 200 --naive-secs 5
     # Several projections on one topic, and an event-id projection whose ids are pruned.
     cargo bench --bench throughput -- --modes mock --events 2000 --projections 3 --dedupe version --latency-secs 0
     cargo bench --bench throughput -- --modes mock --events 2000 --dedupe event-id --keep-event-ids 1s --latency-secs 0

@@ -26,18 +26,56 @@ impl Worker {
             let Some(done) = pending.next().await else { break };
             self.settle(done, batch).await?;
         }
+        self.dispatch(batch, pending, &vec![true; self.lanes]);
+        Ok(())
+    }
+
+    /// Natural batching: starts applying the records of `batch` that fall on lanes with no batch
+    /// in flight, and keeps the others in `batch`. Under light traffic each record is applied as
+    /// soon as it arrives; while a lane is busy its records gather into its next batch, which so
+    /// grows with the time a commit takes (up to `max_events` and `max_bytes`, or `max_wait`,
+    /// when [`Worker::flush`] sends everything).
+    pub(super) async fn flush_free(
+        &mut self,
+        batch: &mut Vec<Record>,
+        pending: &mut Pending,
+    ) -> Result<(), WorkerError> {
+        let free: Vec<bool> = self.chains.iter().map(|chain| chain.in_flight == 0).collect();
+        if !batch.is_empty() && free.contains(&true) {
+            self.dispatch(batch, pending, &free);
+        }
+        Ok(())
+    }
+
+    /// Starts applying the records of `batch` on the lanes `chosen` says, with their partitions'
+    /// pending advances; the other lanes' records stay in `batch`.
+    fn dispatch(&mut self, batch: &mut Vec<Record>, pending: &mut Pending, chosen: &[bool]) {
         let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
+        let mut kept = Vec::new();
         for record in batch.drain(..) {
             let lane = self.lane_of(&record.topic, record.partition);
-            lanes[lane].push(record);
+            if chosen[lane] {
+                lanes[lane].push(record);
+            } else {
+                kept.push(record);
+            }
         }
-        self.batch_bytes = 0;
+        *batch = kept;
+        self.batch_bytes = batch.iter().map(crate::kafka::record_bytes).sum();
         let expected = |partition: &TopicPartition| self.partitions.get(partition).and_then(|state| state.checkpoint);
         let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| moves_of(records, expected)).collect();
-        let advances: Vec<(TopicPartition, i64)> = self
+        let advancing: Vec<TopicPartition> = self
             .partitions
-            .iter_mut()
-            .filter_map(|(partition, state)| state.advance.take().map(|to| (partition.clone(), to)))
+            .iter()
+            .filter(|(partition, state)| state.advance.is_some() && chosen[self.lane_of(&partition.0, partition.1)])
+            .map(|(partition, _)| partition.clone())
+            .collect();
+        let advances: Vec<(TopicPartition, i64)> = advancing
+            .into_iter()
+            .filter_map(|partition| {
+                let to = self.partitions.get_mut(&partition)?.advance.take()?;
+                Some((partition, to))
+            })
             .collect();
         for (partition, to) in advances {
             let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
@@ -54,6 +92,7 @@ impl Worker {
             }
             self.in_flight_bytes += records.iter().map(crate::kafka::record_bytes).sum::<usize>();
             let (done, next) = oneshot::channel();
+            self.chains[lane].in_flight += 1;
             let job = LaneJob {
                 projection: self.projection.clone(),
                 applier: self.applier.clone(),
@@ -71,7 +110,6 @@ impl Worker {
             };
             pending.push_back(tokio::spawn(job.run()));
         }
-        Ok(())
     }
 
     /// Waits for every batch in flight and settles it.
@@ -95,6 +133,7 @@ impl Worker {
             message: format!("a batch task failed: {error}"),
         })?;
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
+        self.chains[done.lane].in_flight = self.chains[done.lane].in_flight.saturating_sub(1);
         match done.outcome {
             Lane::Committed { report, seconds } => self.committed(&done.moves, &report, done.events, seconds),
             Lane::Fenced | Lane::Skipped => {

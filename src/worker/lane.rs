@@ -64,6 +64,8 @@ pub(super) struct Chain {
     /// Bumped when the lane's partitions are re-read from the stored checkpoints. A batch built on
     /// one that failed in the same generation is skipped; one built after the re-read is applied.
     pub generation: u64,
+    /// The lane's batches dispatched and not yet settled.
+    pub in_flight: usize,
 }
 
 /// How failures that retrying may fix are retried (`[retry]`).

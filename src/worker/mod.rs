@@ -290,10 +290,8 @@ impl Worker {
                 _ = stopping(&mut shutdown) => break Ended::Shutdown,
                 Some(done) = pending.next(), if !pending.is_empty() => {
                     self.settle(done, &mut batch).await?;
-                    // Natural batching: what arrived while the lanes were busy goes at once.
-                    if self.lane_free(&batch, pending) {
-                        self.flush(&mut batch, pending).await?;
-                    }
+                    // Natural batching: what arrived for a lane while it was busy goes at once.
+                    self.flush_free(&mut batch, pending).await?;
                 }
                 _ = sweep.tick(), if self.gap_timeout.is_some() => {
                     self.flush(&mut batch, pending).await?;
@@ -329,11 +327,9 @@ impl Worker {
                                 }
                             }
                         }
-                        // A chunk ends where the consumer had nothing more fetched: with a lane
-                        // free, it is applied now rather than after `max_wait`.
-                        if self.lane_free(&batch, pending) {
-                            self.flush(&mut batch, pending).await?;
-                        }
+                        // A chunk ends where the consumer had nothing more fetched: the records of
+                        // free lanes are applied now rather than after `max_wait`.
+                        self.flush_free(&mut batch, pending).await?;
                     }
                     Some(Input::Assigned { partitions, reply }) => {
                         self.flush(&mut batch, pending).await?;
@@ -376,14 +372,6 @@ impl Worker {
         self.flush(&mut batch, pending).await?;
         self.drain(&mut batch, pending).await?;
         Ok(self.ended.take().unwrap_or(ended))
-    }
-
-    /// Whether `batch` should be applied now: it holds records and fewer batches than lanes are in
-    /// flight. This is natural batching: under light traffic each record is applied as soon as it
-    /// arrives; while the lanes are busy, records gather into the next batch, which grows with
-    /// the time a commit takes (up to `max_events` and `max_bytes`, or `max_wait`).
-    fn lane_free(&self, batch: &[Record], pending: &Pending) -> bool {
-        !batch.is_empty() && pending.len() < self.lanes
     }
 
     /// Drops records of partitions we do not own, polled before a seek, already checkpointed, or
