@@ -459,3 +459,42 @@ async fn event_ids_are_kept_for_their_window_then_pruned() {
     drop(client);
     db.drop().await;
 }
+
+/// Natural batching: a batch that will not fill is applied as soon as its lane is free, not when
+/// `batch.max_wait_ms` runs out. With the wait set to ten minutes, single events, one after the
+/// other, are each applied long before it (the test would time out after 60 s otherwise). The
+/// periodic rounds that also apply what has gathered are off: the projection dedupes by event id
+/// (a versioned one looks for held events to release every second) and held gaps never time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_will_not_fill_is_applied_without_waiting_for_it_to() {
+    common::init_tracing();
+    let kafka = MockKafka::start(1).expect("mock kafka");
+    let topic = common::new_topic(&kafka, 2);
+    let db = TestDb::create().await;
+    let mut settings = common::settings(&kafka, &db.url, 1000, true);
+    settings.batch.max_wait_ms = 600_000;
+    settings.parking.gap_timeout_secs = 0;
+    settings.kafka.properties.insert("fetch.wait.max.ms".into(), "10".into());
+    let projections = common::example_projection(&topic, "customer_totals");
+    let client = db.connect().await;
+    let engine = Engine::start(&settings, &projections);
+    let order = order_stream(&uuid::Uuid::new_v4().to_string(), "alice", 700, &["paid"]);
+    for (published, fact) in order.iter().enumerate() {
+        common::engine::publish(&settings, &topic, &events(std::slice::from_ref(fact))).await;
+        common::wait_for("the lone event to be applied", Duration::from_secs(60), || async {
+            // The engine's tables are created as it starts.
+            let sql = "SELECT count(*) FROM projector.processed_events WHERE projection = 'customer_totals'";
+            let applied = match client.query_one(sql, &[]).await {
+                Ok(row) => row.get::<_, i64>(0),
+                Err(error) => return Err(format!("cannot read processed_events: {error}")),
+            };
+            (applied == published as i64 + 1).then_some(()).ok_or(format!("{applied} events applied"))
+        })
+        .await;
+    }
+    let metrics = engine.stop().await;
+    assert_eq!(model::read_customer_totals(&client).await, model::fold_customer_totals(&order));
+    assert_eq!(metrics.outcome_count("customer_totals", Outcome::Applied), order.len() as u64);
+    drop(client);
+    db.drop().await;
+}
