@@ -137,7 +137,8 @@ pub struct BatchSettings {
     /// less in practice (BENCHMARKS.md, "Memory").
     #[serde(default = "eight_mib")]
     pub max_bytes: usize,
-    /// Longest a batch waits to fill before it is applied, in milliseconds.
+    /// Longest records wait for a busy lane before they are sent on behind its commit, in
+    /// milliseconds. A free lane takes what has arrived at once (natural batching).
     pub max_wait_ms: u64,
     /// Apply the events of handlers that are one guarded statement set-based (one statement for
     /// many events, a key's events in successive statements); false: one statement per event,

@@ -89,6 +89,7 @@ struct Worker {
     max_events: usize,
     /// A batch is applied once its records hold this many bytes (`batch.max_bytes`).
     max_bytes: usize,
+    /// Records gathered for a busy lane are sent on behind its commit after this long.
     max_wait: Duration,
     /// Parts a batch is split into by partition, applied concurrently (`batch.lanes`).
     lanes: usize,
