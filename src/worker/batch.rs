@@ -2,6 +2,8 @@
 //! own ([`super::lane`]), and settled in order when done (metrics, the advisory Kafka commit, or
 //! the partitions re-read when it did not commit).
 
+use std::collections::HashMap;
+
 use futures::stream::StreamExt;
 use tokio::sync::oneshot;
 
@@ -35,16 +37,11 @@ impl Worker {
     /// soon as it arrives; while a lane is busy its records gather into its next batch, which so
     /// grows with the time a commit takes (up to `max_events` and `max_bytes`, or `max_wait`,
     /// when [`Worker::flush`] sends everything).
-    pub(super) async fn flush_free(
-        &mut self,
-        batch: &mut Vec<Record>,
-        pending: &mut Pending,
-    ) -> Result<(), WorkerError> {
+    pub(super) fn flush_free(&mut self, batch: &mut Vec<Record>, pending: &mut Pending) {
         let free: Vec<bool> = self.chains.iter().map(|chain| chain.in_flight == 0).collect();
         if !batch.is_empty() && free.contains(&true) {
             self.dispatch(batch, pending, &free);
         }
-        Ok(())
     }
 
     /// Starts applying the records of `batch` on the lanes `chosen` says, with their partitions'
@@ -64,18 +61,12 @@ impl Worker {
         self.batch_bytes = batch.iter().map(crate::kafka::record_bytes).sum();
         let expected = |partition: &TopicPartition| self.partitions.get(partition).and_then(|state| state.checkpoint);
         let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| moves_of(records, expected)).collect();
-        let advancing: Vec<TopicPartition> = self
+        let lane_map = &self.lane_map;
+        let advances: Vec<(TopicPartition, i64)> = self
             .partitions
-            .iter()
-            .filter(|(partition, state)| state.advance.is_some() && chosen[self.lane_of(&partition.0, partition.1)])
-            .map(|(partition, _)| partition.clone())
-            .collect();
-        let advances: Vec<(TopicPartition, i64)> = advancing
-            .into_iter()
-            .filter_map(|partition| {
-                let to = self.partitions.get_mut(&partition)?.advance.take()?;
-                Some((partition, to))
-            })
+            .iter_mut()
+            .filter(|(partition, _)| chosen[lane_in(lane_map, &partition.0, partition.1)])
+            .filter_map(|(partition, state)| state.advance.take().map(|to| (partition.clone(), to)))
             .collect();
         for (partition, to) in advances {
             let from = self.partitions.get(&partition).and_then(|state| state.checkpoint);
@@ -161,10 +152,7 @@ impl Worker {
     /// The lane of a partition: the same one until the assignment changes (with nothing in
     /// flight).
     pub(super) fn lane_of(&self, topic: &str, partition: i32) -> usize {
-        self.lane_map
-            .get(&partition)
-            .and_then(|topics| topics.iter().find(|(name, _)| name == topic))
-            .map_or(0, |(_, lane)| *lane)
+        lane_in(&self.lane_map, topic, partition)
     }
 
     /// Deals the owned partitions out to the lanes in turn, so that lanes get equal shares.
@@ -194,4 +182,12 @@ impl Worker {
             let _ = self.commands.send(Command::Commit(committed));
         }
     }
+}
+
+/// The lane of a partition in `lane_map` ([`Worker::deal_lanes`]); 0 for one not dealt.
+fn lane_in(lane_map: &HashMap<i32, Vec<(String, usize)>>, topic: &str, partition: i32) -> usize {
+    lane_map
+        .get(&partition)
+        .and_then(|topics| topics.iter().find(|(name, _)| name == topic))
+        .map_or(0, |(_, lane)| *lane)
 }

@@ -292,7 +292,7 @@ impl Worker {
                 Some(done) = pending.next(), if !pending.is_empty() => {
                     self.settle(done, &mut batch).await?;
                     // Natural batching: what arrived for a lane while it was busy goes at once.
-                    self.flush_free(&mut batch, pending).await?;
+                    self.flush_free(&mut batch, pending);
                 }
                 _ = sweep.tick(), if self.gap_timeout.is_some() => {
                     self.flush(&mut batch, pending).await?;
@@ -330,7 +330,7 @@ impl Worker {
                         }
                         // A chunk ends where the consumer had nothing more fetched: the records of
                         // free lanes are applied now rather than after `max_wait`.
-                        self.flush_free(&mut batch, pending).await?;
+                        self.flush_free(&mut batch, pending);
                     }
                     Some(Input::Assigned { partitions, reply }) => {
                         self.flush(&mut batch, pending).await?;
