@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::db::{connect, verify};
+use crate::db::{connect, fill_existing, verify};
 use crate::proc::{cpu_snapshot, cpu_split};
 use crate::report::round;
 use crate::workload::{customer_of, entity_id, note_of, occurred_at, total_of, Workload};
@@ -17,10 +17,10 @@ use crate::workload::{customer_of, entity_id, note_of, occurred_at, total_of, Wo
 /// The ceiling: the faster of two ways to commit the same set-based statements (see
 /// [`ceiling_run`]). On a disk with slow flushes, committing every 1,000-row statement costs
 /// the ceiling more than it costs the engine, which commits a batch of thousands of events at once.
-pub async fn ceiling(url: &str, workload: &Workload) -> anyhow::Result<Value> {
-    let per_statement = ceiling_run(url, workload, false).await?;
+pub async fn ceiling(url: &str, workload: &Workload, existing: usize) -> anyhow::Result<Value> {
+    let per_statement = ceiling_run(url, workload, existing, false).await?;
     eprintln!("  each statement committed: {per_statement}");
-    let per_wave = ceiling_run(url, workload, true).await?;
+    let per_wave = ceiling_run(url, workload, existing, true).await?;
     eprintln!("  one transaction per wave and connection: {per_wave}");
     let rate = |run: &Value| run["events_per_s"].as_f64().unwrap_or(0.0);
     let mut best = if rate(&per_wave) >= rate(&per_statement) { per_wave.clone() } else { per_statement.clone() };
@@ -32,7 +32,7 @@ pub async fn ceiling(url: &str, workload: &Workload) -> anyhow::Result<Value> {
 /// One run of the ceiling: the workload's row changes as 1,000-row set-based statements, a version
 /// wave at a time, over 2 connections; each statement committed on its own, or (`per_wave`) each
 /// connection's share of a wave sent pipelined in one transaction.
-async fn ceiling_run(url: &str, workload: &Workload, per_wave: bool) -> anyhow::Result<Value> {
+async fn ceiling_run(url: &str, workload: &Workload, existing: usize, per_wave: bool) -> anyhow::Result<Value> {
     let setup = connect(url).await?;
     setup
         .batch_execute(
@@ -40,6 +40,7 @@ async fn ceiling_run(url: &str, workload: &Workload, per_wave: bool) -> anyhow::
              CREATE TABLE ceiling_order_summary (LIKE order_summary INCLUDING ALL)",
         )
         .await?;
+    fill_existing(&setup, "ceiling_order_summary", existing, false).await?;
     // Duplicates folded out: each entity's versions 1..=len, applied one version "wave" at a time
     // (two rows of one key in one statement would break it), 1,000 rows per statement.
     let max_version = workload.lengths.iter().copied().max().unwrap_or(0);
@@ -122,7 +123,7 @@ async fn ceiling_run(url: &str, workload: &Workload, per_wave: bool) -> anyhow::
     }
     let secs = started.elapsed().as_secs_f64();
     let after = cpu_snapshot(None, None);
-    let check = verify(&setup, "ceiling_order_summary", workload.entities, workload.version_sum()).await?;
+    let check = verify(&setup, "ceiling_order_summary", workload.entities, workload.version_sum(), existing).await?;
     Ok(json!({
         "cpu": cpu_split(&before, &after),
         "rows_changed": changed,

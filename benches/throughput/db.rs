@@ -87,10 +87,45 @@ pub async fn add_row_delay(url: &str, ms: f64, tables: &[String]) -> anyhow::Res
     Ok(())
 }
 
-/// Rows and sum of versions of `table`, against the workload's expectation.
-pub async fn verify(client: &Client, table: &str, entities: usize, version_sum: i64) -> anyhow::Result<String> {
+/// `--existing-rows`: `rows` rows of other orders in `table` (`order_summary`'s shape, or with
+/// `events` `order_events`'), each at version 1 (and one event), then the table vacuumed and
+/// analysed. Their ids are `md5('existing-<i>')`, spread over the key's index as uuids are.
+pub async fn fill_existing(client: &Client, table: &str, rows: usize, events: bool) -> anyhow::Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let insert = if events {
+        format!(
+            "INSERT INTO {table} (order_id, events, last_version)
+             SELECT md5('existing-' || i)::uuid, 1, 1 FROM generate_series(1, {rows}) AS i"
+        )
+    } else {
+        format!(
+            "INSERT INTO {table} (order_id, customer_id, total, status, placed_at, updated_at, version)
+             SELECT md5('existing-' || i)::uuid, 'customer-' || (i % 997), 10.00 + (i % 90000) / 100.0, 'placed',
+                    now(), now(), 1
+               FROM generate_series(1, {rows}) AS i"
+        )
+    };
+    client.batch_execute(&insert).await?;
+    client.batch_execute(&format!("VACUUM ANALYZE {table}")).await?;
+    eprintln!("  {rows} existing rows in {table} in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Rows and sum of versions of `table`, against the workload's expectation plus `existing` rows
+/// at version 1 (`--existing-rows`).
+pub async fn verify(
+    client: &Client,
+    table: &str,
+    entities: usize,
+    version_sum: i64,
+    existing: usize,
+) -> anyhow::Result<String> {
     let row = client.query_one(&format!("SELECT count(*), coalesce(sum(version), 0)::int8 FROM {table}"), &[]).await?;
     let (rows, sum): (i64, i64) = (row.get(0), row.get(1));
+    let (entities, version_sum) = (entities + existing, version_sum + existing as i64);
     Ok(if rows == entities as i64 && sum == version_sum {
         format!("ok ({rows} rows, versions sum {sum})")
     } else {

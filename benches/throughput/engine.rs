@@ -18,7 +18,9 @@ use crate::latency::latency;
 use crate::naive::naive;
 use crate::proc::{cpu_snapshot, cpu_split, mb, peak_rss_mb, proc_status_kb, received_between, received_from};
 use crate::produce::load_topic;
-use crate::projections::{bench_projections, combined_check, create_tables, verify_table, BenchProjection, Dedupe};
+use crate::projections::{
+    bench_projections, combined_check, create_tables, fill_tables, verify_table, BenchProjection, Dedupe,
+};
 use crate::rebuild::rebuild;
 use crate::report::round;
 use crate::running::{engine_settings, Engine};
@@ -93,6 +95,7 @@ pub async fn broker_mode(
     prepare_schema(&url).await?;
     let client = connect(&url).await?;
     create_tables(&client, args).await?;
+    fill_tables(&client, args).await?;
     let projections = bench_projections(args, &workload.topic)?;
     let names: Vec<String> = projections.iter().map(|p| p.name.clone()).collect();
     if args.row_delay_ms > 0.0 {
@@ -130,7 +133,7 @@ pub async fn broker_mode(
     let received = received_before.zip(received_from(engine_pid, &ports)).map(|(b, a)| received_between(&b, &a));
     let mut checks = Vec::new();
     for name in &names {
-        checks.push(verify_table(&setup.client, args, name, workload).await?);
+        checks.push(verify_table(&setup.client, args, name, workload, args.existing_rows).await?);
     }
     let fetched = Fetched { received, topic_bytes };
     result["projector"] =

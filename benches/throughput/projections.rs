@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 
 use projector::projection::{compile_file, Projection};
 
-use crate::db::verify;
+use crate::db::{fill_existing, verify};
 use crate::workload::{Workload, EVENT_TYPES};
 use crate::Args;
 
@@ -135,12 +135,29 @@ pub async fn create_tables(client: &Client, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The check of projection `name`'s table against the workload: `{"check": …}`, and for
-/// `order_events` the duplicates applied again (`reapplied_duplicates`).
-pub async fn verify_table(client: &Client, args: &Args, name: &str, workload: &Workload) -> anyhow::Result<Value> {
+/// `--existing-rows` in every projection's table.
+pub async fn fill_tables(client: &Client, args: &Args) -> anyhow::Result<()> {
+    for name in names(args) {
+        fill_existing(client, &name, args.existing_rows, args.dedupe == Dedupe::EventId).await?;
+    }
+    Ok(())
+}
+
+/// The check of projection `name`'s table against the workload, plus the `existing` rows it
+/// started with: `{"check": …}`, and for `order_events` the duplicates applied again
+/// (`reapplied_duplicates`).
+pub async fn verify_table(
+    client: &Client,
+    args: &Args,
+    name: &str,
+    workload: &Workload,
+    existing: usize,
+) -> anyhow::Result<Value> {
     Ok(match args.dedupe {
-        Dedupe::Version => json!({ "check": verify(client, name, workload.entities, workload.version_sum()).await? }),
-        Dedupe::EventId => verify_counts(client, name, workload, args.keep_event_ids.is_some()).await?,
+        Dedupe::Version => {
+            json!({ "check": verify(client, name, workload.entities, workload.version_sum(), existing).await? })
+        }
+        Dedupe::EventId => verify_counts(client, name, workload, args.keep_event_ids.is_some(), existing).await?,
     })
 }
 
@@ -148,7 +165,13 @@ pub async fn verify_table(client: &Client, args: &Args, name: &str, workload: &W
 /// each entity's count its stream's length, so `sum(events)` the distinct events. With a window
 /// (`windowed`) a duplicate whose original's id was pruned is applied again: the count may then
 /// exceed the distinct events, by at most the duplicates published.
-async fn verify_counts(client: &Client, table: &str, workload: &Workload, windowed: bool) -> anyhow::Result<Value> {
+async fn verify_counts(
+    client: &Client,
+    table: &str,
+    workload: &Workload,
+    windowed: bool,
+    existing: usize,
+) -> anyhow::Result<Value> {
     let row = client
         .query_one(
             &format!(
@@ -158,8 +181,13 @@ async fn verify_counts(client: &Client, table: &str, workload: &Workload, window
         )
         .await?;
     let (rows, events, last): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    let (entities, distinct, records) =
-        (workload.entities as i64, workload.version_sum(), workload.records.len() as i64);
+    // The existing rows count one event each, at version 1.
+    let existing = existing as i64;
+    let (entities, distinct, records) = (
+        workload.entities as i64 + existing,
+        workload.version_sum() + existing,
+        workload.records.len() as i64 + existing,
+    );
     let reapplied = events - distinct;
     let counted_ok = if windowed { (distinct..=records).contains(&events) } else { events == distinct };
     let check = if rows == entities && last == distinct && counted_ok {
