@@ -84,7 +84,7 @@ impl Context<'_> {
         let errors_before = self.errors.len();
         for (index, (sql, span)) in sources.into_iter().enumerate() {
             let guard = (index == 0).then_some(table).flatten();
-            if let Some(statement) = self.statement(name, &sql, span, guard, envelope) {
+            if let Some(statement) = self.statement(name, &sql, span, guard, dedupe, envelope) {
                 statements.push(statement);
             }
         }
@@ -126,6 +126,7 @@ impl Context<'_> {
         sql: &str,
         span: Range<usize>,
         guard: Option<&VersionedTable>,
+        dedupe: DedupeKind,
         envelope: &Envelope,
     ) -> Option<Statement> {
         let compiled = match compile_named(sql) {
@@ -164,8 +165,13 @@ impl Context<'_> {
         };
         let origin = Origin { file: self.file.clone(), line: self.line(&span) };
         let writes = written_table(parsed);
+        // Guarded statements, and every statement of an event-id projection (each event's run once:
+        // the processed ids decide which).
         let set_based = match kind {
             StatementKind::Create | StatementKind::Update | StatementKind::UpdateIfNewer => {
+                SetBased::from_sql(&compiled.sql, compiled.params.len())
+            }
+            StatementKind::Other if dedupe == DedupeKind::EventId => {
                 SetBased::from_sql(&compiled.sql, compiled.params.len())
             }
             StatementKind::Other => None,

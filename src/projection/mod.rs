@@ -17,7 +17,8 @@
 //! - [`event`]: a Kafka record to an [`event::Event`] through the projection's envelope.
 //! - [`fields`]: the JSON fields a projection reads, found in one pass over a record's value.
 //! - [`value`]: an event's values converted to the Postgres type each parameter needs.
-//! - [`set_based`]: one guarded statement applied to many events at once.
+//! - [`set_based`]: one statement applied to many events at once, and the rows it touches.
+//! - [`waves`]: which events of an event-id projection's batch may share set-based statements.
 
 pub mod compile;
 pub mod definition;
@@ -31,6 +32,7 @@ pub mod migrations;
 pub mod params;
 pub mod set_based;
 pub mod value;
+pub mod waves;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,25 +1,35 @@
-//! One guarded statement applied to many events at once: the set-based form the fast path uses
-//! (`store::fast`) when a batch's events each run a single guarded statement. Both forms read one
+//! One statement applied to many events at once: the set-based form the fast path uses
+//! (`store::fast`) when a batch's events each run statements that have one. Both forms read one
 //! array per parameter through `unnest`, so one prepared statement serves any number of events
 //! (and `unnest` is about twice as fast as a multi-row `VALUES` list):
 //!
-//! - `INSERT INTO t (…) VALUES (<row>) ON CONFLICT … DO NOTHING` becomes `INSERT INTO t (…) SELECT
-//!   <row> FROM unnest($1::<type>[], …) AS projector_rows(p1, …, pn) ON CONFLICT … DO NOTHING`.
+//! - `INSERT INTO t (…) VALUES (<row>) [ON CONFLICT …]` becomes `INSERT INTO t (…) SELECT <row>
+//!   FROM unnest($1::<type>[], …) AS projector_rows(p1, …, pn) [ON CONFLICT …]`. An `ON CONFLICT
+//!   … DO UPDATE` must name its conflict columns, bound each to a bare parameter, and use no
+//!   parameter in its `SET` or `WHERE` (they see the table and `EXCLUDED`, not the rows).
 //! - `UPDATE t SET … WHERE …` becomes `UPDATE t SET … FROM unnest($1::<type>[], …) AS
 //!   projector_rows(p1, …, pn) WHERE …`. (`unnest` is estimated at a few rows, so the key's index
 //!   is used; a `VALUES` list of hundreds of rows is planned as a hash join over the whole table.)
+//!   Its `WHERE` must hold at least one `column = $j` among its top-level `AND`s: the rows it can
+//!   change.
 //!
 //! In both, every `$j` of the statement is read as `projector_rows.pj`. In an update, whose `WHERE`
 //! and values see the table's columns next to the rows', a column of the table named like one of
 //! the rows' (`p1`) is read qualified by the table (`accounts.p1`), so that no name is ambiguous; a
-//! table called `projector_rows` gets rows called otherwise. Both change one row per event as
-//! long as no two events of one statement share a key, which the caller guarantees (it applies a
-//! key's events in successive statements). Statements with a subquery, a `FROM`, `RETURNING`, a
-//! join or a `DEFAULT` value keep running one event at a time: `None`.
+//! table called `projector_rows` gets rows called otherwise. Statements with a subquery, a `FROM`,
+//! `RETURNING`, a join or a `DEFAULT` value keep running one event at a time: `None`.
+//!
+//! One set-based statement is right only for events whose rows differ: an update reads each
+//! table row once however many of the arrays' rows match it, and an upsert cannot change a row
+//! twice. Each form therefore says which rows it touches (its [`Footprint`]), and the caller puts
+//! events whose footprints meet in successive statements, in their order.
 
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{self, visit_expressions_mut, Expr, Ident, OnConflictAction, OnInsert, SetExpr, VisitMut};
+use sqlparser::ast::{
+    self, visit_expressions, visit_expressions_mut, BinaryOperator, ConflictTarget, Expr, Ident, OnConflictAction,
+    OnInsert, SetExpr, VisitMut,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -33,6 +43,29 @@ pub struct SetBased {
     /// (its `RETURNING` sees only the target), the table's alias or name for an update (whose
     /// `RETURNING` also sees `projector_rows`).
     qualifier: Option<String>,
+    /// The rows one event's statement touches.
+    pub footprint: Footprint,
+}
+
+/// The rows of a table one event's statement can touch, as far as its text tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Footprint {
+    /// Rows whose `columns` equal the values of the statement's parameters `params` (0-based,
+    /// one per column): an upsert's conflict columns, an update's `column = $j` conditions.
+    Keyed { table: String, columns: Vec<String>, params: Vec<usize> },
+    /// New rows no parameter names: an insert without conflict columns bound to parameters.
+    /// Two such inserts of one statement never touch the same row; anything else on the table may.
+    Unkeyed { table: String },
+}
+
+impl Footprint {
+    /// The table, by its last name part, lowercased (`s.Orders` is `orders`): two spellings of one
+    /// table always meet, and tables of one name in two schemas are taken as one.
+    pub fn table(&self) -> &str {
+        match self {
+            Footprint::Keyed { table, .. } | Footprint::Unkeyed { table } => table,
+        }
+    }
 }
 
 /// The alias of the rows the set-based statement reads.
@@ -68,16 +101,82 @@ fn read_from_rows<V: VisitMut>(node: &mut V, rows: &str) {
 fn qualify_shadowed<V: VisitMut>(node: &mut V, table: &Ident, width: usize) {
     let _ = visit_expressions_mut(node, |expr| {
         if let Expr::Identifier(name) = expr {
-            let folded = match name.quote_style {
-                None => name.value.to_lowercase(),
-                Some(_) => name.value.clone(),
-            };
+            let folded = folded(name);
             if (1..=width).any(|j| folded == column(j)) {
                 *expr = Expr::CompoundIdentifier(vec![table.clone(), name.clone()]);
             }
         }
         ControlFlow::<()>::Continue(())
     });
+}
+
+/// A name as Postgres folds it: unquoted in lower case, quoted as written.
+fn folded(name: &Ident) -> String {
+    match name.quote_style {
+        None => name.value.to_lowercase(),
+        Some(_) => name.value.clone(),
+    }
+}
+
+/// The last part of a table's name, lowercased (see [`Footprint::table`]).
+fn last_part(name: &ast::ObjectName) -> Option<String> {
+    Some(name.0.last()?.as_ident()?.value.to_lowercase())
+}
+
+/// The 0-based parameter `expr` is, when it is a bare `$j`.
+fn bare_param(expr: &Expr) -> Option<usize> {
+    let Expr::Value(value) = expr else {
+        return None;
+    };
+    let ast::Value::Placeholder(placeholder) = &value.value else {
+        return None;
+    };
+    placeholder.strip_prefix('$')?.parse::<usize>().ok()?.checked_sub(1)
+}
+
+/// The conflict column `name` and the parameter its value in `row` is, when a bare one.
+fn bare_param_of(name: &Ident, columns: &[Ident], row: &[Expr]) -> Option<(String, usize)> {
+    let at = columns.iter().position(|column| folded(column) == folded(name))?;
+    Some((folded(name), bare_param(row.get(at)?)?))
+}
+
+/// The `column = $j` (or `$j = column`) conditions among the top-level `AND`s of `selection`,
+/// `column` unqualified or qualified by `target` (the updated table's name or alias).
+fn equalities(selection: &Expr, target: &Ident, found: &mut Vec<(String, usize)>) {
+    match selection {
+        Expr::Nested(inner) => equalities(inner, target, found),
+        Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
+            equalities(left, target, found);
+            equalities(right, target, found);
+        }
+        Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => {
+            let column = |expr: &Expr| match expr {
+                Expr::Identifier(name) => Some(folded(name)),
+                Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+                    [table, name] if folded(table) == folded(target) => Some(folded(name)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let pair = match (column(left), bare_param(right), bare_param(left), column(right)) {
+                (Some(name), Some(param), _, _) | (_, _, Some(param), Some(name)) => Some((name, param)),
+                _ => None,
+            };
+            if let Some(pair) = pair.filter(|pair| !found.contains(pair)) {
+                found.push(pair);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether any `$j` is left in `statement`.
+fn has_placeholder(statement: &ast::Statement) -> bool {
+    visit_expressions(statement, |expr| match bare_param(expr) {
+        Some(_) => ControlFlow::Break(()),
+        None => ControlFlow::Continue(()),
+    })
+    .is_break()
 }
 
 impl SetBased {
@@ -94,15 +193,15 @@ impl SetBased {
         let columns: Vec<String> = (1..=width).map(column).collect();
         let rows = |alias: &str| format!("unnest({ARGUMENTS}) AS {alias}({})", columns.join(", "));
         let mut qualifier = None;
-        let text = match &mut statement {
+        let (text, footprint) = match &mut statement {
             ast::Statement::Insert(insert) => {
-                let do_nothing = matches!(
-                    &insert.on,
-                    Some(OnInsert::OnConflict(conflict)) if conflict.action == OnConflictAction::DoNothing
-                );
-                if !do_nothing || insert.returning.is_some() {
+                if insert.returning.is_some() {
                     return None;
                 }
+                let ast::TableObject::TableName(name) = &insert.table else {
+                    return None;
+                };
+                let table = last_part(name)?;
                 let Some(SetExpr::Values(values)) = insert.source.as_deref_mut().map(|query| query.body.as_mut())
                 else {
                     return None;
@@ -110,30 +209,69 @@ impl SetBased {
                 let [row] = values.rows.as_mut_slice() else {
                     return None;
                 };
+                // The conflict columns' parameters, when each is bound to a bare one.
+                let keyed = match &insert.on {
+                    None => None,
+                    Some(OnInsert::OnConflict(conflict)) => {
+                        let target: Option<Vec<(String, usize)>> = match &conflict.conflict_target {
+                            Some(ConflictTarget::Columns(target)) if !target.is_empty() => {
+                                target.iter().map(|name| bare_param_of(name, &insert.columns, row)).collect()
+                            }
+                            _ => None,
+                        };
+                        match (&conflict.action, target) {
+                            (OnConflictAction::DoNothing, target) => target,
+                            (OnConflictAction::DoUpdate(_), Some(target)) => Some(target),
+                            (OnConflictAction::DoUpdate(_), None) => return None,
+                        }
+                    }
+                    Some(_) => return None,
+                };
+                let footprint = match keyed {
+                    Some(pairs) => {
+                        let (columns, params): (Vec<String>, Vec<usize>) = pairs.into_iter().unzip();
+                        Footprint::Keyed { table, columns, params }
+                    }
+                    None => Footprint::Unkeyed { table },
+                };
                 read_from_rows(row, ROWS);
                 let exprs: Vec<String> = row.iter().map(ToString::to_string).collect();
                 if exprs.iter().any(|expr| expr.eq_ignore_ascii_case("DEFAULT")) {
                     return None;
                 }
+                // A parameter left outside the row (in `DO UPDATE`) has no rows to read from.
+                if has_placeholder(&statement) {
+                    return None;
+                }
+                let ast::Statement::Insert(insert) = &mut statement else {
+                    return None;
+                };
                 let select = format!("SELECT {} FROM {}", exprs.join(", "), rows(ROWS));
                 let select = Parser::new(&PostgreSqlDialect {}).try_with_sql(&select).ok()?.parse_query().ok()?;
                 insert.source = Some(select);
-                statement.to_string()
+                (statement.to_string(), footprint)
             }
             ast::Statement::Update {
                 table,
                 from: None,
-                selection: Some(_),
+                selection: Some(selection),
                 returning: None,
                 or: None,
                 limit: None,
                 ..
             } if table.joins.is_empty() => {
-                let target = match &table.relation {
-                    ast::TableFactor::Table { alias: Some(alias), .. } => alias.name.clone(),
-                    ast::TableFactor::Table { name, .. } => name.0.last()?.as_ident()?.clone(),
+                let (target, name) = match &table.relation {
+                    ast::TableFactor::Table { alias: Some(alias), name, .. } => (alias.name.clone(), name),
+                    ast::TableFactor::Table { name, .. } => (name.0.last()?.as_ident()?.clone(), name),
                     _ => return None,
                 };
+                let mut keyed = Vec::new();
+                equalities(selection, &target, &mut keyed);
+                if keyed.is_empty() {
+                    return None;
+                }
+                let (columns, params): (Vec<String>, Vec<usize>) = keyed.into_iter().unzip();
+                let footprint = Footprint::Keyed { table: last_part(name)?, columns, params };
                 let alias = if target.value.eq_ignore_ascii_case(ROWS) { OTHER_ROWS } else { ROWS };
                 read_from_rows(&mut statement, alias);
                 qualify_shadowed(&mut statement, &target, width);
@@ -142,7 +280,7 @@ impl SetBased {
                 };
                 qualifier = Some(target.to_string());
                 let assignments = assignments.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-                format!("UPDATE {table} SET {assignments} FROM {} WHERE {selection}", rows(alias))
+                (format!("UPDATE {table} SET {assignments} FROM {} WHERE {selection}", rows(alias)), footprint)
             }
             _ => return None,
         };
@@ -153,7 +291,7 @@ impl SetBased {
         if after.contains(ARGUMENTS) {
             return None;
         }
-        Some(SetBased { before: before.to_string(), after: after.to_string(), width, qualifier })
+        Some(SetBased { before: before.to_string(), after: after.to_string(), width, qualifier, footprint })
     }
 
     /// [`SetBased::sql`] returning, as text, `column` of every row it inserted or updated.
@@ -259,8 +397,14 @@ mod tests {
             "UPDATE t SET n = (SELECT max(n) FROM u) WHERE id = $1",
             "UPDATE t SET n = u.n FROM u WHERE t.id = $1",
             "UPDATE t SET n = 1 WHERE id = $1 RETURNING n",
-            "INSERT INTO t (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET n = 1",
-            "INSERT INTO t (id) VALUES ($1)",
+            "INSERT INTO t (id, n) VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = $1",
+            "INSERT INTO t (id, n) VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = 2 WHERE t.n < $1",
+            "INSERT INTO t (id) VALUES (lower($1)) ON CONFLICT (id) DO UPDATE SET n = 1",
+            "INSERT INTO t (id) VALUES ($1) ON CONFLICT ON CONSTRAINT t_pkey DO UPDATE SET n = 1",
+            "INSERT INTO t VALUES ($1) ON CONFLICT (id) DO UPDATE SET n = 1",
+            "UPDATE t SET n = $1 WHERE name = 'total'",
+            "UPDATE t SET n = 1 WHERE id = $1 OR id = 2",
+            "UPDATE t SET n = 1 WHERE other.id = $1",
             "INSERT INTO t (id, n) VALUES ($1, DEFAULT) ON CONFLICT DO NOTHING",
             "INSERT INTO t (id) VALUES ($1), ($2) ON CONFLICT DO NOTHING",
             "INSERT INTO t (id) SELECT $1",
@@ -268,6 +412,52 @@ mod tests {
             "UPDATE t SET n = 1",
         ] {
             assert!(SetBased::from_sql(sql, 1).is_none(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn an_upsert_touches_the_rows_of_its_conflict_columns() {
+        let set = SetBased::from_sql(
+            "INSERT INTO Shop.Order_Events (order_id, events, last) VALUES ($2, 1, $1) ON CONFLICT (order_id) \
+             DO UPDATE SET events = order_events.events + 1, last = GREATEST(order_events.last, EXCLUDED.last)",
+            2,
+        )
+        .expect("set-based");
+        assert_eq!(
+            set.footprint,
+            Footprint::Keyed { table: "order_events".into(), columns: vec!["order_id".into()], params: vec![1] }
+        );
+        assert_eq!(
+            set.sql(&["int8".to_string(), "uuid".to_string()]),
+            "INSERT INTO Shop.Order_Events (order_id, events, last) \
+             SELECT projector_rows.p2, 1, projector_rows.p1 FROM UNNEST($1::int8[], $2::uuid[]) AS projector_rows (p1, p2) \
+             ON CONFLICT(order_id) DO UPDATE SET events = order_events.events + 1, \
+             last = GREATEST(order_events.last, EXCLUDED.last)"
+        );
+    }
+
+    #[test]
+    fn an_update_touches_the_rows_its_equalities_name() {
+        let set = SetBased::from_sql(
+            "UPDATE s.t AS a SET n = n + $1 WHERE (a.id = $2 AND $3 = kind) AND version < $4 AND other = 1",
+            4,
+        )
+        .expect("set-based");
+        assert_eq!(
+            set.footprint,
+            Footprint::Keyed { table: "t".into(), columns: vec!["id".into(), "kind".into()], params: vec![1, 2] }
+        );
+    }
+
+    #[test]
+    fn an_insert_without_bound_conflict_columns_touches_new_rows() {
+        for sql in [
+            "INSERT INTO audit.Log (event, at) VALUES ($1, now())",
+            "INSERT INTO audit.log (event) VALUES ($1) ON CONFLICT DO NOTHING",
+            "INSERT INTO audit.log (event) VALUES (lower($1)) ON CONFLICT (event) DO NOTHING",
+        ] {
+            let set = SetBased::from_sql(sql, 1).expect(sql);
+            assert_eq!(set.footprint, Footprint::Unkeyed { table: "log".into() }, "{sql}");
         }
     }
 }

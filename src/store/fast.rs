@@ -6,10 +6,13 @@
 //!   decide; then only the keys of refused events are read, to tell duplicates (the row at or
 //!   past the event's version) from anything else, which rolls the batch back
 //!   ([`ApplyError::Mispredicted`]) to be retried event by event.
-//! - **Predicted outcomes** (everything else): one read of the rows' current versions (or of the
-//!   processed event ids) predicts every event's outcome, then only the statements that will
-//!   apply are sent, pipelined on the connection in batch order (tokio-postgres sends
-//!   concurrently polled queries back to back; Postgres runs them in that order). It is exact:
+//! - **Predicted outcomes** (everything else): one read of the rows' current versions (or, for an
+//!   event-id projection, recording the batch's event ids, which returns those new) decides every
+//!   event's outcome, then only the statements that will apply are sent: set-based where they
+//!   all have a set-based form ([`super::grouped`]: by key for versioned projections, by the rows
+//!   each statement touches for event-id ones), else pipelined on the connection in batch order
+//!   (tokio-postgres sends concurrently polled queries back to back; Postgres runs them in that
+//!   order). It is exact:
 //!   when an outcome cannot be predicted (a gap, a value that does not bind, an event without key
 //!   or id) it declines before writing anything, and the batch takes the careful path, event by
 //!   event. A guarded statement that then changes no row, which the prediction says it must,
@@ -23,12 +26,12 @@ use deadpool_postgres::Transaction;
 use futures::stream::{FuturesOrdered, TryStreamExt};
 use postgres_types::ToSql;
 
-use super::column::{sql_type, Column};
+use super::column::Column;
 use super::error::{class_of, ApplyError, ErrorClass};
+use super::grouped::{apply_set_based, columns, deterministic, event_id_waves, set_based_waves, Group};
 use super::plan::{Bound, Planner};
 use super::{describe, stored};
 use crate::outcome::{BatchReport, Outcome};
-use crate::projection::set_based::SetBased;
 use crate::projection::{Decoded, Dedupe, Event, Handler, Projection, Record, StatementKind, VersionedTable};
 
 /// What the fast path did.
@@ -39,13 +42,13 @@ pub enum Fast {
 }
 
 /// One event the fast path will apply: its statements, bound, as compiled and as prepared.
-struct Planned<'p> {
+pub(super) struct Planned<'p> {
     /// Its place among the batch's handled events.
-    index: usize,
+    pub index: usize,
     /// The entity key (versioned projections).
-    key: Option<String>,
-    sources: &'p [crate::projection::Statement],
-    statements: Vec<Bound>,
+    pub key: Option<String>,
+    pub sources: &'p [crate::projection::Statement],
+    pub statements: Vec<Bound>,
 }
 
 /// Applies the batch's records (decoded as `decoded`) on the fast path, or declines before
@@ -117,55 +120,47 @@ pub async fn try_apply<'p>(
             }
         }
         Dedupe::EventId => {
-            // Ids as `processed_events` stores them.
-            let mut ids: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+            // Ids as `processed_events` stores them; the first of each in the batch is recorded,
+            // and those recorded now (not before) are the events to apply.
+            let mut ids: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(events.len());
             for (event, _, _) in &events {
                 match &event.event_id {
                     Some(id) => ids.push(stored::key(id)),
                     None => return Ok(declined(projection, "an event has no id")),
                 }
             }
-            let seen = tx
+            let mut unique: foldhash::HashSet<&str> = HashSet::with_capacity_and_hasher(ids.len(), Default::default());
+            let firsts: Vec<&str> = ids.iter().map(|id| &**id).filter(|id| unique.insert(id)).collect();
+            let recorded = tx
                 .query(
-                    "SELECT event_id FROM projector.processed_events WHERE projection = $1 AND event_id = ANY($2)",
-                    &[&projection.name, &ids],
+                    "INSERT INTO projector.processed_events (projection, event_id)
+                     SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING event_id",
+                    &[&projection.name, &firsts],
                 )
                 .await
-                .map_err(ApplyError::during("reading processed event ids"))?;
-            let mut seen: HashSet<String> = seen.into_iter().map(|row| row.get(0)).collect();
-            let mut new_ids: Vec<String> = Vec::new();
-            for ((event, _, planned), id) in events.into_iter().zip(ids) {
-                let id = id.into_owned();
-                if seen.insert(id.clone()) {
-                    new_ids.push(id);
+                .map_err(ApplyError::during("recording event ids"))?;
+            let mut new: foldhash::HashSet<String> = recorded.into_iter().map(|row| row.get(0)).collect();
+            for ((event, _, planned), id) in events.into_iter().zip(&ids) {
+                if new.remove(&**id) {
                     applied.push(planned);
                     report.count(&event.event_type, Outcome::Applied);
                 } else {
                     report.count(&event.event_type, Outcome::Duplicate);
                 }
             }
-            if !new_ids.is_empty() {
-                let inserted = tx
-                    .execute(
-                        "INSERT INTO projector.processed_events (projection, event_id)
-                         SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
-                        &[&projection.name, &new_ids],
-                    )
-                    .await
-                    .map_err(ApplyError::during("recording event ids"))?;
-                if inserted as usize != new_ids.len() {
-                    return Err(ApplyError::mispredicted(format!(
-                        "{} of {} new event ids were already processed",
-                        new_ids.len() as u64 - inserted,
-                        new_ids.len()
-                    )));
-                }
-            }
         }
     }
 
-    if let Some(waves) = set_based_waves(applier, projection, applied.iter().collect()) {
-        apply_set_based(tx, &waves).await?;
+    let waves = match &projection.dedupe {
+        Dedupe::Version(_) => set_based_waves(applier, projection, applied.iter().collect()),
+        Dedupe::EventId => match deterministic(tx, applier, &applied).await? {
+            true => event_id_waves(applier, applied.iter().collect()),
+            false => None,
+        },
+    };
+    if let Some(waves) = waves {
+        let exact = matches!(projection.dedupe, Dedupe::Version(_));
+        apply_set_based(tx, &waves, exact).await?;
         report.fast = true;
         return Ok(Fast::Done(report));
     }
@@ -198,11 +193,14 @@ pub struct Applier {
     pub set_based: bool,
     /// The version look-up's text per (table, key column): see [`lookup_sql`].
     lookups: Arc<Mutex<HashMap<(String, String), String>>>,
+    /// Per table an event-id projection writes (as written): whether every column of it compares
+    /// by value, no nondeterministic collation (see [`super::grouped::deterministic`]).
+    pub(super) deterministic: Arc<Mutex<HashMap<String, bool>>>,
 }
 
 impl Applier {
     pub fn new(set_based: bool) -> Applier {
-        Applier { set_based, lookups: Arc::default() }
+        Applier { set_based, lookups: Arc::default(), deterministic: Arc::default() }
     }
 }
 
@@ -211,46 +209,6 @@ impl Default for Applier {
     fn default() -> Applier {
         Applier::new(true)
     }
-}
-
-/// Events of one statement applied by one set-based statement: no two share a key.
-struct Group<'a, 'p> {
-    set: &'p SetBased,
-    events: Vec<&'a Planned<'p>>,
-}
-
-/// The applied events of a versioned projection whose handlers are each one guarded statement
-/// with a set-based form, in waves: wave `w` holds the `w`-th applied event of each key, grouped
-/// by statement. Applying the waves in order keeps every key's order; within a wave no two
-/// events share a key, so each group can be one statement. `None`: apply event by event.
-fn set_based_waves<'a, 'p>(
-    applier: &Applier,
-    projection: &Projection,
-    applied: Vec<&'a Planned<'p>>,
-) -> Option<Vec<Vec<Group<'a, 'p>>>> {
-    if !applier.set_based || !matches!(projection.dedupe, Dedupe::Version(_)) || applied.len() < 2 {
-        return None;
-    }
-    let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
-    // Hashed once per event: foldhash, not SipHash.
-    let mut seen: foldhash::HashMap<&str, usize> = HashMap::with_capacity_and_hasher(applied.len(), Default::default());
-    for planned in applied {
-        let [source] = planned.sources else {
-            return None;
-        };
-        let set = source.set_based.as_ref()?;
-        let wave = seen.entry(planned.key.as_deref()?).or_insert(0);
-        if *wave == waves.len() {
-            waves.push(Vec::new());
-        }
-        let groups = &mut waves[*wave];
-        *wave += 1;
-        match groups.iter_mut().find(|group| std::ptr::eq(group.set, set)) {
-            Some(group) => group.events.push(planned),
-            None => groups.push(Group { set, events: vec![planned] }),
-        }
-    }
-    Some(waves)
 }
 
 /// A batch's events to apply in guarded waves, without reading the rows first: when every
@@ -286,7 +244,7 @@ async fn apply_guarded(
 ) -> Result<Vec<Outcome>, ApplyError> {
     let mut statements: Vec<(tokio_postgres::Statement, Vec<Column<'_>>, &Group)> = Vec::new();
     for group in waves.iter().flatten() {
-        let types: Vec<String> = group.events[0].statements[0].statement.params().iter().map(sql_type).collect();
+        let types = group.types();
         let sql = group.set.sql_returning(&types, &table.key_column);
         let prepared = tx.prepare_cached(&sql).await.map_err(ApplyError::during("preparing a set-based statement"))?;
         statements.push((prepared, columns(group, types.len()), group));
@@ -365,50 +323,19 @@ async fn apply_guarded(
     Ok(outcomes)
 }
 
-/// A group's parameters as one array each.
-fn columns<'a>(group: &Group<'a, '_>, width: usize) -> Vec<Column<'a>> {
-    (0..width)
-        .map(|j| {
-            Column(
-                group.events.iter().map(|planned| &*planned.statements[0].values[j] as &(dyn ToSql + Sync)).collect(),
-            )
-        })
-        .collect()
-}
-
-/// Runs the waves' groups in order, pipelined, each as one statement over arrays. Each must change
-/// exactly one row per event.
-async fn apply_set_based(tx: &Transaction<'_>, waves: &[Vec<Group<'_, '_>>]) -> Result<(), ApplyError> {
-    let mut statements: Vec<(tokio_postgres::Statement, Vec<Column<'_>>, u64)> = Vec::new();
-    for group in waves.iter().flatten() {
-        let types: Vec<String> = group.events[0].statements[0].statement.params().iter().map(sql_type).collect();
-        let prepared = tx
-            .prepare_cached(&group.set.sql(&types))
-            .await
-            .map_err(ApplyError::during("preparing a set-based statement"))?;
-        statements.push((prepared, columns(group, types.len()), group.events.len() as u64));
-    }
-    let mut pipeline = FuturesOrdered::new();
-    for (statement, columns, size) in &statements {
-        let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|column| column as &(dyn ToSql + Sync)).collect();
-        pipeline.push_back(async move { tx.execute(statement, &params).await.map(|rows| (rows, *size)) });
-    }
-    let results: Vec<(u64, u64)> = pipeline.try_collect().await.map_err(fast_error)?;
-    if let Some((rows, size)) = results.iter().find(|(rows, size)| rows != size) {
-        return Err(ApplyError::mispredicted(format!("a set-based statement for {size} events changed {rows} rows")));
-    }
-    Ok(())
-}
-
 fn declined(projection: &Projection, why: &str) -> Fast {
     tracing::debug!(projection = %projection.name, why, "fast path declined");
     Fast::Declined
 }
 
 /// A statement failing on the fast path: data errors go to the careful path, which parks the
-/// event responsible alone.
-fn fast_error(error: tokio_postgres::Error) -> ApplyError {
+/// event responsible alone. So does a set-based upsert meeting one row twice (21000), which one
+/// event at a time cannot: two keys the waves took apart that Postgres sees as one (a
+/// nondeterministic collation).
+pub(super) fn fast_error(error: tokio_postgres::Error) -> ApplyError {
+    let twice = error.code() == Some(&tokio_postgres::error::SqlState::CARDINALITY_VIOLATION);
     match class_of(&error) {
+        _ if twice => ApplyError::Mispredicted { why: describe(&error), source: Some(error) },
         ErrorClass::Poison => ApplyError::Mispredicted { why: describe(&error), source: Some(error) },
         _ => ApplyError::database("applying the batch", error),
     }

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod error;
 pub mod event;
 pub mod fast;
+mod grouped;
 pub mod held;
 pub mod lag;
 pub mod park;

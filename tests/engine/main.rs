@@ -7,6 +7,7 @@
 //!   their headers say (was `tests/definitions.rs`).
 //! - `scenarios`: one test per promise (duplicates, crash between commits, replay, gaps, ids).
 //! - `guarded`: the fast path's guarded waves, batch by batch, without Kafka.
+//! - `event_id_sets`: an event-id projection's batches set-based, against one event at a time.
 //! - `properties`: the same promises over random histories, restarts and crashes.
 //!
 //! Databases, topics, settings and engines come from `common::engine` and `common::db`; the
@@ -16,6 +17,7 @@
 mod common;
 
 mod definitions;
+mod event_id_sets;
 mod guarded;
 mod properties;
 mod scenarios;
