@@ -27,6 +27,8 @@ pub(super) async fn prune_event_ids(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut rounds = tokio::time::interval(every(keep));
+    // Where the search for old ids starts: no id processed before it is left.
+    let mut from = None;
     rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -37,12 +39,13 @@ pub(super) async fn prune_event_ids(
             let client = crate::store::client(&pool).await?;
             let mut pruned = 0;
             loop {
-                let deleted = prune_chunk(&**client, &projection.name, keep)
+                let chunk = prune_chunk(&**client, &projection.name, keep, from)
                     .await
                     .map_err(|e| crate::store::StoreError::postgres(&e))?;
-                metrics.record_event_ids_pruned(&projection.name, deleted);
-                pruned += deleted;
-                if deleted < PRUNE_CHUNK as u64 || *shutdown.borrow() {
+                metrics.record_event_ids_pruned(&projection.name, chunk.deleted);
+                pruned += chunk.deleted;
+                from = chunk.up_to.or(from);
+                if chunk.deleted < PRUNE_CHUNK as u64 || *shutdown.borrow() {
                     return Ok::<u64, crate::store::StoreError>(pruned);
                 }
             }
