@@ -6,7 +6,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
-use projector::settings::redact_text;
+use projector::settings::{redact_text, LogFormat, Settings};
 
 use crate::cli::{Cli, Command};
 
@@ -16,13 +16,18 @@ fn main() -> ExitCode {
     // later, …) only says why when asked (RUST_LOG).
     let quiet = matches!(cli.command, Command::Test { .. });
     let default_filter = if quiet { "error" } else { "info,rdkafka=warn" };
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    // `log.format` (README, Logs): settings that do not load are reported once the log is up.
+    let format = Settings::log_format(cli.config.as_deref());
+    match format {
+        LogFormat::Text => log.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => log.json().flatten_event(true).init(),
+    }
+    let _ = cli::LOG_FORMAT.set(format);
     // Fail points from `FAILPOINTS` (tests only: compiled in with the `failpoints` feature).
     #[cfg(feature = "failpoints")]
     let _fail_points = fail::FailScenario::setup();
@@ -38,7 +43,7 @@ fn main() -> ExitCode {
             for cause in error.chain().skip(1) {
                 message.push_str(&format!("\n  caused by: {cause}"));
             }
-            eprintln!("{}", redact_text(&message));
+            cli::report(&redact_text(&message));
             ExitCode::FAILURE
         }
     }

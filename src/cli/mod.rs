@@ -15,14 +15,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use projector::projection::{load_dir, DefinitionError, Projection};
-use projector::settings::{redact_text, Settings};
+use projector::settings::{redact_text, LogFormat, Settings};
 
 #[derive(Parser)]
 #[command(name = "projector", version, about = "Project Kafka event streams into PostgreSQL read models")]
 pub struct Cli {
     /// Settings file (default: `projector.toml` when it exists). Environment variables override it.
     #[arg(long, global = true, env = "PROJECTOR_CONFIG")]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -93,7 +93,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Ok(settings) => settings,
         Err(error) => {
             // Invalid settings, like invalid definitions: exit code 2 (README, Exit codes).
-            eprintln!("{}", redact_text(&format!("error: {error}")));
+            report(&redact_text(&format!("error: {error}")));
             return Ok(ExitCode::from(2));
         }
     };
@@ -133,10 +133,22 @@ pub(crate) fn find_projection(settings: &Settings, name: &str) -> anyhow::Result
 
 pub(crate) fn report_definition_errors(errors: &[DefinitionError]) -> ExitCode {
     for error in errors {
-        eprintln!("{error}");
+        report(&error.to_string());
     }
-    eprintln!("{} error(s) in definitions", errors.len());
+    report(&format!("{} error(s) in definitions", errors.len()));
     ExitCode::from(2)
+}
+
+/// The log's format, set by `main` before anything runs.
+pub static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Writes an error that stops the command to stderr: as it is, or with `log.format = "json"` as
+/// an `ERROR` log line (one JSON object), so that a log pipeline reads it too.
+pub fn report(message: &str) {
+    match LOG_FORMAT.get() {
+        Some(LogFormat::Json) => tracing::error!("{message}"),
+        _ => eprintln!("{message}"),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM. The handlers are in place when this returns, not when the

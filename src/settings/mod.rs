@@ -35,6 +35,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     #[serde(default)]
     pub rebuild: RebuildSettings,
+    #[serde(default)]
+    pub log: LogSettings,
     /// On SIGINT or SIGTERM, how long the batches in flight may take to commit before they are
     /// abandoned (rolled back: read again by whoever runs the projection next) and the process
     /// exits with code 1.
@@ -62,6 +64,26 @@ impl Default for RetrySettings {
     fn default() -> Self {
         RetrySettings { max_attempts: 10, max_backoff_ms: 30_000 }
     }
+}
+
+/// The process's log (`[log]`), on stderr.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How each log line is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: `<time> <LEVEL> <target>: <message> key=value …`, coloured on a terminal.
+    #[default]
+    Text,
+    /// For log pipelines: one JSON object per line, `timestamp`, `level`, `target`, `message`
+    /// and the event's fields at the top level beside them, and the spans it is in (`spans`).
+    Json,
 }
 
 /// Rebuilds (`[rebuild]`; a definition's own `[rebuild]` holds its pre-swap checks).
@@ -212,6 +234,7 @@ impl Default for Settings {
             parking: ParkingSettings { gap_timeout_secs: 600 },
             retry: RetrySettings::default(),
             rebuild: RebuildSettings::default(),
+            log: LogSettings::default(),
             shutdown_timeout_secs: twenty(),
         }
     }
@@ -256,6 +279,28 @@ impl Settings {
     /// Defaults, then the file (if it exists, or fails when it was named explicitly), then the
     /// environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        let mut settings: Settings =
+            Settings::figment(file)?.extract().map_err(|error| SettingsError(redact_text(&error.to_string())))?;
+        // The environment's names (`SASL_PASSWORD`, lowercased by figment) back to the property's.
+        settings.kafka.properties = std::mem::take(&mut settings.kafka.properties)
+            .into_iter()
+            .map(|(name, value)| (name.replace('_', "."), value))
+            .collect();
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// `log.format` alone, as [`Settings::load`] would find it, for the log set up before the
+    /// rest is read (and reported): the default when the settings do not load.
+    pub fn log_format(file: Option<&Path>) -> LogFormat {
+        Settings::figment(file)
+            .ok()
+            .and_then(|figment| figment.extract_inner::<LogFormat>("log.format").ok())
+            .unwrap_or_default()
+    }
+
+    /// Defaults, then the file, then the environment, unread.
+    fn figment(file: Option<&Path>) -> Result<Figment, SettingsError> {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         match file {
             Some(path) => {
@@ -270,15 +315,7 @@ impl Settings {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             figment = figment.merge(("database.url", url));
         }
-        let mut settings: Settings =
-            figment.extract().map_err(|error| SettingsError(redact_text(&error.to_string())))?;
-        // The environment's names (`SASL_PASSWORD`, lowercased by figment) back to the property's.
-        settings.kafka.properties = std::mem::take(&mut settings.kafka.properties)
-            .into_iter()
-            .map(|(name, value)| (name.replace('_', "."), value))
-            .collect();
-        settings.check()?;
-        Ok(settings)
+        Ok(figment)
     }
 
     fn check(&self) -> Result<(), SettingsError> {
@@ -385,6 +422,23 @@ mod tests {
                 settings.kafka.properties.get("enable.ssl.certificate.verification").map(String::as_str),
                 Some("false")
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_log_format_comes_from_the_file_then_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            assert_eq!(Settings::log_format(None), LogFormat::Text);
+            jail.create_file("projector.toml", "[log]\nformat = \"json\"\n")?;
+            assert_eq!(Settings::log_format(None), LogFormat::Json);
+            assert_eq!(Settings::load(None).map_err(|error| error.to_string())?.log.format, LogFormat::Json);
+            jail.create_file("xml.toml", "[log]\nformat = \"xml\"\n")?;
+            let error = Settings::load(Some(Path::new("xml.toml"))).err().expect("`xml` is refused").to_string();
+            assert!(error.contains("xml"), "{error}");
+            assert_eq!(Settings::log_format(Some(Path::new("xml.toml"))), LogFormat::Text, "the log's own default");
+            jail.set_env("PROJECTOR_LOG__FORMAT", "text");
+            assert_eq!(Settings::log_format(None), LogFormat::Text);
             Ok(())
         });
     }

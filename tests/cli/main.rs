@@ -2,6 +2,7 @@
 //! librdkafka's mock cluster served from this test process on a loopback port).
 //!
 //! # Layout
+//! - `logs`: `log.format = "json"`, one JSON object per line.
 //! - `projector_test`: `projector test` on the example projections' fixtures and on a projection
 //!   that is not idempotent under reordering; reports; broken fixtures.
 //! - `schema`: a projection's SQL migrations, applied by `projector migrate` and `projector run`.
@@ -11,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod logs;
 mod projector_test;
 mod reload;
 mod schema;
