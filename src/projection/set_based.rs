@@ -10,8 +10,8 @@
 //! - `UPDATE t SET … WHERE …` becomes `UPDATE t SET … FROM unnest($1::<type>[], …) AS
 //!   projector_rows(p1, …, pn) WHERE …`. (`unnest` is estimated at a few rows, so the key's index
 //!   is used; a `VALUES` list of hundreds of rows is planned as a hash join over the whole table.)
-//!   Its `WHERE` must hold at least one `column = $j` among its top-level `AND`s: the rows it can
-//!   change.
+//!   The `column = $j` among its `WHERE`'s top-level `AND`s name the rows it can change (without
+//!   one, events of an event-id projection run one by one).
 //!
 //! In both, every `$j` of the statement is read as `projector_rows.pj`. In an update, whose `WHERE`
 //! and values see the table's columns next to the rows', a column of the table named like one of
@@ -43,8 +43,9 @@ pub struct SetBased {
     /// (its `RETURNING` sees only the target), the table's alias or name for an update (whose
     /// `RETURNING` also sees `projector_rows`).
     qualifier: Option<String>,
-    /// The rows one event's statement touches.
-    pub footprint: Footprint,
+    /// The rows one event's statement touches; `None`: the text does not tell (an update whose
+    /// `WHERE` has no `column = $j`), and events of an event-id projection then run one by one.
+    pub footprint: Option<Footprint>,
 }
 
 /// The rows of a table one event's statement can touch, as far as its text tells.
@@ -227,13 +228,13 @@ impl SetBased {
                     }
                     Some(_) => return None,
                 };
-                let footprint = match keyed {
+                let footprint = Some(match keyed {
                     Some(pairs) => {
                         let (columns, params): (Vec<String>, Vec<usize>) = pairs.into_iter().unzip();
                         Footprint::Keyed { table, columns, params }
                     }
                     None => Footprint::Unkeyed { table },
-                };
+                });
                 read_from_rows(row, ROWS);
                 let exprs: Vec<String> = row.iter().map(ToString::to_string).collect();
                 if exprs.iter().any(|expr| expr.eq_ignore_ascii_case("DEFAULT")) {
@@ -267,11 +268,9 @@ impl SetBased {
                 };
                 let mut keyed = Vec::new();
                 equalities(selection, &target, &mut keyed);
-                if keyed.is_empty() {
-                    return None;
-                }
                 let (columns, params): (Vec<String>, Vec<usize>) = keyed.into_iter().unzip();
-                let footprint = Footprint::Keyed { table: last_part(name)?, columns, params };
+                let table = last_part(name)?;
+                let footprint = (!columns.is_empty()).then_some(Footprint::Keyed { table, columns, params });
                 let alias = if target.value.eq_ignore_ascii_case(ROWS) { OTHER_ROWS } else { ROWS };
                 read_from_rows(&mut statement, alias);
                 qualify_shadowed(&mut statement, &target, width);
@@ -402,9 +401,6 @@ mod tests {
             "INSERT INTO t (id) VALUES (lower($1)) ON CONFLICT (id) DO UPDATE SET n = 1",
             "INSERT INTO t (id) VALUES ($1) ON CONFLICT ON CONSTRAINT t_pkey DO UPDATE SET n = 1",
             "INSERT INTO t VALUES ($1) ON CONFLICT (id) DO UPDATE SET n = 1",
-            "UPDATE t SET n = $1 WHERE name = 'total'",
-            "UPDATE t SET n = 1 WHERE id = $1 OR id = 2",
-            "UPDATE t SET n = 1 WHERE other.id = $1",
             "INSERT INTO t (id, n) VALUES ($1, DEFAULT) ON CONFLICT DO NOTHING",
             "INSERT INTO t (id) VALUES ($1), ($2) ON CONFLICT DO NOTHING",
             "INSERT INTO t (id) SELECT $1",
@@ -425,7 +421,7 @@ mod tests {
         .expect("set-based");
         assert_eq!(
             set.footprint,
-            Footprint::Keyed { table: "order_events".into(), columns: vec!["order_id".into()], params: vec![1] }
+            Some(Footprint::Keyed { table: "order_events".into(), columns: vec!["order_id".into()], params: vec![1] })
         );
         assert_eq!(
             set.sql(&["int8".to_string(), "uuid".to_string()]),
@@ -445,8 +441,17 @@ mod tests {
         .expect("set-based");
         assert_eq!(
             set.footprint,
-            Footprint::Keyed { table: "t".into(), columns: vec!["id".into(), "kind".into()], params: vec![1, 2] }
+            Some(Footprint::Keyed { table: "t".into(), columns: vec!["id".into(), "kind".into()], params: vec![1, 2] })
         );
+        // Rows no `column = $j` names: a set-based form (for a versioned guard), no footprint.
+        for sql in [
+            "UPDATE t SET n = $1 WHERE name = 'total'",
+            "UPDATE t SET n = 1 WHERE id = $1 OR id = 2",
+            "UPDATE t SET n = 1 WHERE other.id = $1",
+            "UPDATE t SET n = 1 WHERE id = $1::uuid",
+        ] {
+            assert_eq!(SetBased::from_sql(sql, 1).expect(sql).footprint, None, "{sql}");
+        }
     }
 
     #[test]
@@ -457,7 +462,7 @@ mod tests {
             "INSERT INTO audit.log (event) VALUES (lower($1)) ON CONFLICT (event) DO NOTHING",
         ] {
             let set = SetBased::from_sql(sql, 1).expect(sql);
-            assert_eq!(set.footprint, Footprint::Unkeyed { table: "log".into() }, "{sql}");
+            assert_eq!(set.footprint, Some(Footprint::Unkeyed { table: "log".into() }), "{sql}");
         }
     }
 }

@@ -90,7 +90,7 @@ pub(super) fn event_id_waves<'a, 'p>(
         let mut touches = Vec::with_capacity(planned.sources.len());
         for (source, bound) in planned.sources.iter().zip(&planned.statements) {
             let set = source.set_based.as_ref()?;
-            touches.push(match &set.footprint {
+            touches.push(match set.footprint.as_ref()? {
                 Footprint::Keyed { table, columns, params } => {
                     let mut key = Some(Vec::new());
                     for &param in params {
