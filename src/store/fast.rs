@@ -28,7 +28,7 @@ use postgres_types::ToSql;
 
 use super::column::Column;
 use super::error::{class_of, ApplyError, ErrorClass};
-use super::grouped::{apply_set_based, columns, deterministic, event_id_waves, set_based_waves, Group};
+use super::grouped::{apply_set_based, columns, event_id_waves, set_based_waves, Group};
 use super::plan::{Bound, Planner};
 use super::{describe, stored};
 use crate::outcome::{BatchReport, Outcome};
@@ -88,7 +88,7 @@ pub async fn try_apply<'p>(
             }
             // Hash and merge joins are off (`apply_batch`): each row is found through the key's
             // index, in the look-up as in the set-based statements.
-            if let Some(waves) = guarded_waves(applier, projection, &events) {
+            if let Some(waves) = guarded_waves(applier, &events) {
                 let outcomes = apply_guarded(tx, applier, table, &events, &waves).await?;
                 for ((event, _, _), outcome) in events.iter().zip(outcomes) {
                     report.count(&event.event_type, outcome);
@@ -151,15 +151,12 @@ pub async fn try_apply<'p>(
         }
     }
 
-    let waves = match &projection.dedupe {
-        Dedupe::Version(_) => set_based_waves(applier, projection, applied.iter().collect()),
-        Dedupe::EventId => match deterministic(tx, applier, &applied).await? {
-            true => event_id_waves(applier, applied.iter().collect()),
-            false => None,
-        },
+    // Guarded statements change exactly one row per event; an event-id projection's, any number.
+    let (waves, exact) = match &projection.dedupe {
+        Dedupe::Version(_) => (set_based_waves(applier, applied.iter().collect()), true),
+        Dedupe::EventId => (event_id_waves(tx, applier, &applied).await?, false),
     };
     if let Some(waves) = waves {
-        let exact = matches!(projection.dedupe, Dedupe::Version(_));
         apply_set_based(tx, &waves, exact).await?;
         report.fast = true;
         return Ok(Fast::Done(report));
@@ -217,7 +214,6 @@ impl Default for Applier {
 /// the prediction would; `apply_guarded` explains the events it refused.
 fn guarded_waves<'a, 'p>(
     applier: &Applier,
-    projection: &Projection,
     events: &'a [(&Event, &Handler, Planned<'p>)],
 ) -> Option<Vec<Vec<Group<'a, 'p>>>> {
     let exact = events.iter().all(|(_, handler, _)| {
@@ -227,7 +223,7 @@ fn guarded_waves<'a, 'p>(
         return None;
     }
     let planned: Vec<&'a Planned<'p>> = events.iter().map(|(_, _, planned)| planned).collect();
-    set_based_waves(applier, projection, planned)
+    set_based_waves(applier, planned)
 }
 
 /// Runs the waves, each group returning the keys it changed, then explains every event whose
@@ -334,10 +330,10 @@ fn declined(projection: &Projection, why: &str) -> Fast {
 /// nondeterministic collation).
 pub(super) fn fast_error(error: tokio_postgres::Error) -> ApplyError {
     let twice = error.code() == Some(&tokio_postgres::error::SqlState::CARDINALITY_VIOLATION);
-    match class_of(&error) {
-        _ if twice => ApplyError::Mispredicted { why: describe(&error), source: Some(error) },
-        ErrorClass::Poison => ApplyError::Mispredicted { why: describe(&error), source: Some(error) },
-        _ => ApplyError::database("applying the batch", error),
+    if twice || class_of(&error) == ErrorClass::Poison {
+        ApplyError::Mispredicted { why: describe(&error), source: Some(error) }
+    } else {
+        ApplyError::database("applying the batch", error)
     }
 }
 

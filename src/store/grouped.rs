@@ -15,7 +15,6 @@ use super::error::ApplyError;
 use super::fast::{fast_error, Applier, Planned};
 use crate::projection::set_based::{Footprint, SetBased};
 use crate::projection::waves::{Touch, Waves};
-use crate::projection::{Dedupe, Projection};
 
 /// Events of one statement applied by one set-based statement: no two touch the same row.
 pub(super) struct Group<'a, 'p> {
@@ -47,10 +46,9 @@ impl<'a, 'p> Group<'a, 'p> {
 /// events share a key, so each group can be one statement. `None`: apply event by event.
 pub(super) fn set_based_waves<'a, 'p>(
     applier: &Applier,
-    projection: &Projection,
     applied: Vec<&'a Planned<'p>>,
 ) -> Option<Vec<Vec<Group<'a, 'p>>>> {
-    if !applier.set_based || !matches!(projection.dedupe, Dedupe::Version(_)) || applied.len() < 2 {
+    if !applier.set_based || applied.len() < 2 {
         return None;
     }
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
@@ -74,22 +72,30 @@ pub(super) fn set_based_waves<'a, 'p>(
 /// The applied events of an event-id projection whose statements all have a set-based form, in
 /// waves ([`Waves`]): an event's statements go to the first wave after every earlier event whose
 /// rows they may touch, each wave's events of one statement as one statement. `None`: apply
-/// event by event (a statement without a set-based form, or a key of a type whose equal values
-/// may be encoded differently).
-pub(super) fn event_id_waves<'a, 'p>(
+/// event by event (a statement without a set-based form or footprint, a table with a
+/// nondeterministic collation, or a key of a type whose equal values may be encoded differently).
+pub(super) async fn event_id_waves<'a, 'p>(
+    tx: &Transaction<'_>,
     applier: &Applier,
-    applied: Vec<&'a Planned<'p>>,
-) -> Option<Vec<Vec<Group<'a, 'p>>>> {
-    if !applier.set_based || applied.len() < 2 {
-        return None;
+    applied: &'a [Planned<'p>],
+) -> Result<Option<Vec<Vec<Group<'a, 'p>>>>, ApplyError> {
+    if !applier.set_based || applied.len() < 2 || !deterministic(tx, applier, applied).await? {
+        return Ok(None);
     }
+    Ok(place_event_id(applied))
+}
+
+/// [`event_id_waves`]' placement, once the tables are known to compare by value.
+fn place_event_id<'a, 'p>(applied: &'a [Planned<'p>]) -> Option<Vec<Vec<Group<'a, 'p>>>> {
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
     let mut placing = Waves::default();
     let mut encoded = bytes::BytesMut::new();
     for planned in applied {
         let mut touches = Vec::with_capacity(planned.sources.len());
+        let mut sets = Vec::with_capacity(planned.sources.len());
         for (source, bound) in planned.sources.iter().zip(&planned.statements) {
             let set = source.set_based.as_ref()?;
+            sets.push(set);
             touches.push(match set.footprint.as_ref()? {
                 Footprint::Keyed { table, columns, params } => {
                     let mut key = Some(Vec::new());
@@ -120,8 +126,8 @@ pub(super) fn event_id_waves<'a, 'p>(
         while waves.len() <= wave {
             waves.push(Vec::new());
         }
-        for (index, source) in planned.sources.iter().enumerate() {
-            Group::join(&mut waves[wave], source.set_based.as_ref()?, index, planned);
+        for (index, set) in sets.into_iter().enumerate() {
+            Group::join(&mut waves[wave], set, index, planned);
         }
     }
     Some(waves)
@@ -132,14 +138,7 @@ pub(super) fn event_id_waves<'a, 'p>(
 /// row to Postgres. Read once per table and engine (one round trip for the tables not known
 /// yet); `false` also when a statement has no set-based form, or its table is not found by its
 /// name as the statement writes it, lowercased (a quoted mixed-case name).
-pub(super) async fn deterministic(
-    tx: &Transaction<'_>,
-    applier: &Applier,
-    applied: &[Planned<'_>],
-) -> Result<bool, ApplyError> {
-    if !applier.set_based || applied.len() < 2 {
-        return Ok(false);
-    }
+async fn deterministic(tx: &Transaction<'_>, applier: &Applier, applied: &[Planned<'_>]) -> Result<bool, ApplyError> {
     let mut tables: Vec<&str> = Vec::new();
     for source in applied.iter().flat_map(|planned| planned.sources) {
         match (&source.writes, &source.set_based) {
