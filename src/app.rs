@@ -82,6 +82,9 @@ pub async fn run_reloading(
     let _observability =
         crate::http::Observability::start(settings, &projections, own_pool, metrics.clone(), Mode::Live).await;
 
+    // The schemas of Confluent-framed records: the caller's, kept for the projections a reload
+    // starts.
+    let schemas = projections[0].schemas.clone();
     let mut workers = Workers::default();
     let mut all: Vec<String> = projections.iter().map(|projection| projection.name.clone()).collect();
     for projection in projections {
@@ -98,7 +101,7 @@ pub async fn run_reloading(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(()) = reloads.recv() => {
-                let running = reload(settings, &pool, &metrics, &mut workers).await;
+                let running = reload(settings, &pool, &metrics, &schemas, &mut workers).await;
                 if let Some(running) = running {
                     _observability.set_projections(&running);
                     for projection in running {
@@ -241,11 +244,15 @@ async fn reload(
     settings: &Settings,
     pool: &deadpool_postgres::Pool,
     metrics: &Metrics,
+    schemas: &std::sync::Arc<crate::projection::schemas::Schemas>,
     workers: &mut Workers,
 ) -> Option<Vec<Projection>> {
     tracing::info!(dir = %settings.projections_dir.display(), "reloading the projections (SIGHUP)");
     let (loaded, errors) = match crate::projection::load_dir_partly(&settings.projections_dir) {
-        Ok(loaded) => loaded,
+        Ok((mut loaded, errors)) => {
+            crate::schema::attach(&mut loaded, schemas);
+            (loaded, errors)
+        }
         Err(errors) => {
             for error in &errors {
                 tracing::error!("reload: {error}");

@@ -34,6 +34,7 @@ pub mod outcome;
 pub mod parked;
 pub mod projection;
 pub mod rebuild;
+pub mod schema;
 pub mod settings;
 pub mod status;
 pub mod store;

@@ -18,7 +18,7 @@ pub enum TestFormat {
 
 /// `projector run`: every projection until SIGINT or SIGTERM; SIGHUP reloads the folder.
 pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let projections = match load_projections(&settings.projections_dir) {
+    let projections = match load_projections(settings, &settings.projections_dir) {
         Ok(projections) => projections,
         Err(code) => return Ok(code),
     };
@@ -42,7 +42,7 @@ pub async fn validate(
     database_url: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let dir = dir.unwrap_or_else(|| settings.projections_dir.clone());
-    let projections = match load_projections(&dir) {
+    let projections = match load_projections(settings, &dir) {
         Ok(projections) => projections,
         Err(code) => return Ok(code),
     };
@@ -82,7 +82,7 @@ pub async fn validate(
 /// `projector migrate`: the engine's migrations, then those of each projection whose definition
 /// built its read model.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let projections = match load_projections(&settings.projections_dir) {
+    let projections = match load_projections(settings, &settings.projections_dir) {
         Ok(projections) => projections,
         Err(code) => return Ok(code),
     };
@@ -116,7 +116,7 @@ pub async fn test(
     format: TestFormat,
     seed: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
-    let projections = match load_projections(&settings.projections_dir) {
+    let projections = match load_projections(settings, &settings.projections_dir) {
         Ok(projections) => projections,
         Err(code) => return Ok(code),
     };
@@ -148,7 +148,7 @@ pub async fn test(
 
 /// `projector status`: lag and checkpoints, read directly, as tables or JSON.
 pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let projections = match load_projections(&settings.projections_dir) {
+    let projections = match load_projections(settings, &settings.projections_dir) {
         Ok(projections) => projections,
         Err(code) => return Ok(code),
     };

@@ -112,15 +112,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Every projection of `dir`; `Err(code)` when a definition does not load (its errors printed).
-pub(crate) fn load_projections(dir: &Path) -> Result<Vec<Projection>, ExitCode> {
-    load_dir(dir).map_err(|errors| report_definition_errors(&errors))
+/// Every projection of `dir`, with the schemas `settings` names; `Err(code)` when a definition
+/// does not load, or the schema registry's settings are wrong (the errors printed).
+pub(crate) fn load_projections(settings: &Settings, dir: &Path) -> Result<Vec<Projection>, ExitCode> {
+    let schemas = projector::schema::from_settings(&settings.schemas).map_err(|error| {
+        report(&format!("[schemas]: {error:#}"));
+        ExitCode::from(2)
+    })?;
+    let mut projections = load_dir(dir).map_err(|errors| report_definition_errors(&errors))?;
+    projector::schema::attach(&mut projections, &schemas);
+    Ok(projections)
 }
 
 /// The projection called `name` from the projections folder; `Ok(Err(code))` when a definition
 /// does not load (its errors printed).
 pub(crate) fn find_projection(settings: &Settings, name: &str) -> anyhow::Result<Result<Projection, ExitCode>> {
-    let projections = match load_projections(&settings.projections_dir) {
+    let projections = match load_projections(settings, &settings.projections_dir) {
         Ok(projections) => projections,
         Err(code) => return Ok(Err(code)),
     };

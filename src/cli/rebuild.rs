@@ -60,7 +60,7 @@ fn parse_offsets(spec: &str) -> anyhow::Result<HashMap<(String, i32), i64>> {
 
 /// `projector rebuild`: in place, into shadow tables, or as of a time (resumes one under way).
 pub async fn rebuild(settings: &Settings, cli: RebuildCli) -> anyhow::Result<ExitCode> {
-    let projections = match load_projections(&settings.projections_dir) {
+    let projections = match load_projections(settings, &settings.projections_dir) {
         Ok(projections) => projections,
         Err(code) => return Ok(code),
     };

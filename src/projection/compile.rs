@@ -100,6 +100,7 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
         migrations: Vec::new(),
         fields: Fields::default(),
         envelope_slots: [None; 5],
+        schemas: Default::default(),
     };
     projection.hash = semantic_hash(&projection);
     assign_fields(&mut projection);

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::fields::{Json, Span};
+use super::schemas::{frame, FrameError};
 use super::{Dedupe, Handler, Projection, Source};
 
 /// A Kafka record as the consumer hands it over.
@@ -39,8 +40,11 @@ pub struct Event {
     pub version: Option<i64>,
     pub occurred_at: Option<DateTime<Utc>>,
     /// Slot `i`: where the projection's `i`-th JSON path is in the record's value
-    /// ([`Fields`](super::fields::Fields)).
+    /// ([`Fields`](super::fields::Fields)), or in `body` when it is given.
     pub spans: Vec<Option<Span>>,
+    /// The value as JSON text, when the record's value is not that text itself (a
+    /// Confluent-framed body, read with its schema).
+    pub body: Option<std::sync::Arc<str>>,
 }
 
 /// What a record means to one projection.
@@ -79,6 +83,8 @@ pub enum DecodeError {
     BadVersion { from: String, got: String },
     #[error("envelope field `occurred_at` (from `{from}`) is not an RFC 3339 time, got {got}")]
     BadOccurredAt { from: String, got: String },
+    #[error(transparent)]
+    Framed(#[from] FrameError),
 }
 
 impl fmt::Display for Source {
@@ -99,6 +105,19 @@ impl Projection {
         let Some(bytes) = &record.value else {
             return Decoded::Tombstone;
         };
+        if let Some(framed) = frame(bytes) {
+            let body = match framed.and_then(|(id, body)| self.schemas.to_json(id, body)) {
+                Ok(body) => body,
+                Err(error) => return Decoded::Poison { event_type: None, error: error.into() },
+            };
+            return match self.decode_text(record, &body) {
+                Decoded::Handled { mut event, handler } => {
+                    event.body = Some(body.into());
+                    Decoded::Handled { event, handler }
+                }
+                decoded => decoded,
+            };
+        }
         let text = match std::str::from_utf8(bytes) {
             Ok(text) => text,
             Err(error) => return Decoded::Poison { event_type: None, error: DecodeError::NotUtf8(error.to_string()) },
@@ -146,9 +165,10 @@ impl Projection {
             }
         })();
         match fields {
-            Ok((event_id, key, version, occurred_at)) => {
-                Decoded::Handled { event: Event { event_type, event_id, key, version, occurred_at, spans }, handler }
-            }
+            Ok((event_id, key, version, occurred_at)) => Decoded::Handled {
+                event: Event { event_type, event_id, key, version, occurred_at, spans, body: None },
+                handler,
+            },
             Err(error) => poison(Some(event_type), error),
         }
     }

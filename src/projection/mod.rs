@@ -20,6 +20,7 @@
 //! - [`set_based`]: one statement applied to many events at once, and the rows it touches.
 //! - [`waves`]: which events of an event-id projection's batch may share set-based statements.
 
+pub mod avro;
 pub mod compile;
 pub mod definition;
 pub mod event;
@@ -30,6 +31,7 @@ pub mod hash;
 pub mod identifier;
 pub mod migrations;
 pub mod params;
+pub mod schemas;
 pub mod set_based;
 pub mod value;
 pub mod waves;
@@ -72,6 +74,9 @@ pub struct Projection {
     /// The slots of the envelope's fields read from the JSON value: type, id, key, version,
     /// occurred_at.
     pub envelope_slots: [Option<usize>; 5],
+    /// The schemas of Confluent-framed records, shared by the process's projections (none until
+    /// the caller gives them: see `crate::schema`).
+    pub schemas: std::sync::Arc<schemas::Schemas>,
 }
 
 /// `[rebuild]` of a definition.

@@ -51,9 +51,9 @@ fn lookup<'a>(param: &'a ParamRef, event: &'a Event, record: &'a Record) -> Resu
             )),
             None => None,
         },
-        ParamSource::WholeValue => Some(json_at(param, value_text(record), None)?),
+        ParamSource::WholeValue => Some(json_at(param, value_text(event, record), None)?),
         ParamSource::Path(path) => {
-            let whole = value_text(record);
+            let whole = value_text(event, record);
             // Every path of a compiled projection has its slot.
             match path.slot.and_then(|slot| event.spans.get(slot).copied().flatten()) {
                 Some((start, end)) => Some(json_at(param, whole, Some((start as usize, end as usize)))?),
@@ -63,8 +63,12 @@ fn lookup<'a>(param: &'a ParamRef, event: &'a Event, record: &'a Record) -> Resu
     })
 }
 
-/// The record's value as text (decoding checked that it is UTF-8 JSON).
-fn value_text(record: &Record) -> &str {
+/// The event's value as JSON text: its framed body read with its schema, else the record's value
+/// (decoding checked that it is UTF-8 JSON).
+fn value_text<'a>(event: &'a Event, record: &'a Record) -> &'a str {
+    if let Some(body) = &event.body {
+        return body;
+    }
     record.value.as_deref().and_then(|bytes| std::str::from_utf8(bytes).ok()).unwrap_or("null")
 }
 
@@ -288,6 +292,7 @@ mod tests {
             version: Some(3),
             occurred_at: DateTime::from_timestamp_millis(1_700_000_000_000),
             spans: Vec::new(),
+            body: None,
         };
         let record = Record {
             topic: "t".into(),
@@ -316,7 +321,7 @@ mod tests {
         if let ParamSource::Path(path) = &mut param.source {
             let mut fields = Fields::default();
             path.slot = Some(fields.add(&path.segments));
-            event.spans = fields.find(value_text(record)).unwrap();
+            event.spans = fields.find(value_text(event, record)).unwrap();
         }
         param
     }

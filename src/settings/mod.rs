@@ -37,6 +37,8 @@ pub struct Settings {
     pub rebuild: RebuildSettings,
     #[serde(default)]
     pub log: LogSettings,
+    #[serde(default)]
+    pub schemas: SchemaSettings,
     /// On SIGINT or SIGTERM, how long the batches in flight may take to commit before they are
     /// abandoned (rolled back: read again by whoever runs the projection next) and the process
     /// exits with code 1.
@@ -67,6 +69,39 @@ impl Default for RetrySettings {
 }
 
 /// The process's log (`[log]`), on stderr.
+/// Where the schemas of Confluent-framed records (Avro) come from (`[schemas]`): a directory of
+/// schema files named by id, a Confluent Schema Registry, or both (the directory is asked first).
+/// With neither, a framed record is parked, saying so.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaSettings {
+    /// The registry's base URL (`https://registry.internal:8081`); its `GET /schemas/ids/{id}`
+    /// is asked once per id.
+    pub registry_url: Option<String>,
+    /// Basic auth for the registry.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A PEM file of the CA that signed the registry's certificate (else the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// A directory of schema files, each named by its id: `42.avsc`.
+    pub dir: Option<PathBuf>,
+    /// How long one request to the registry may take before it is retried, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for SchemaSettings {
+    fn default() -> Self {
+        SchemaSettings {
+            registry_url: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            dir: None,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
@@ -235,6 +270,7 @@ impl Default for Settings {
             retry: RetrySettings::default(),
             rebuild: RebuildSettings::default(),
             log: LogSettings::default(),
+            schemas: SchemaSettings::default(),
             shutdown_timeout_secs: twenty(),
         }
     }
@@ -365,6 +401,10 @@ impl fmt::Debug for Settings {
             .field("database.url", &redact_url(&self.database.url))
             .field("database.pool_size", &self.database.pool_size)
             .field("projections_dir", &self.projections_dir)
+            .field("schemas.registry_url", &self.schemas.registry_url.as_deref().map(redact_url))
+            .field("schemas.username", &self.schemas.username)
+            .field("schemas.password", &self.schemas.password.as_ref().map(|_| "***"))
+            .field("schemas.dir", &self.schemas.dir)
             .field("batch.max_events", &self.batch.max_events)
             .field("batch.max_bytes", &self.batch.max_bytes)
             .field("batch.max_wait_ms", &self.batch.max_wait_ms)

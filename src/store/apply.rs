@@ -39,7 +39,10 @@ pub async fn apply_batch<'p>(
 ) -> Result<BatchReport, ApplyError> {
     let decoded: Vec<Decoded<'_>> = match decoded {
         Some(decoded) if decoded.len() == batch.records.len() => decoded,
-        _ => batch.records.iter().map(|record| projection.decode(record)).collect(),
+        _ => {
+            projection.schemas.ensure(batch.records).await?;
+            batch.records.iter().map(|record| projection.decode(record)).collect()
+        }
     };
     match apply_decoded(client, applier, projection, batch, &decoded, isolate).await {
         Err(ApplyError::Database { class: ErrorClass::Poison, during, source }) if !isolate => {

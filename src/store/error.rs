@@ -113,6 +113,10 @@ pub enum ApplyError {
     /// No connection could be had.
     #[error("cannot get a connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// The schema of a Confluent-framed record could not be had (a registry that cannot be
+    /// reached): retried, never a parked record.
+    #[error("cannot get a record's schema: {0}")]
+    Schema(#[from] crate::projection::schemas::FetchError),
     /// A database error, with what was being done.
     #[error("{during}: {}", describe(.source))]
     Database {
@@ -145,7 +149,7 @@ impl ApplyError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ApplyError::Database { class, .. } => *class,
-            ApplyError::Pool(_) => ErrorClass::Transient,
+            ApplyError::Pool(_) | ApplyError::Schema(_) => ErrorClass::Transient,
             ApplyError::Fenced { .. }
             | ApplyError::DefinitionChanged { .. }
             | ApplyError::Mispredicted { .. }
@@ -160,7 +164,7 @@ impl ApplyError {
             ApplyError::Mispredicted { .. } | ApplyError::Isolate { .. } => Handling::Isolate,
             ApplyError::Fenced { .. } => Handling::Reread,
             ApplyError::DefinitionChanged { .. } => Handling::StopProjection,
-            ApplyError::Database { .. } | ApplyError::Pool(_) => match self.class() {
+            ApplyError::Database { .. } | ApplyError::Pool(_) | ApplyError::Schema(_) => match self.class() {
                 ErrorClass::Fatal => Handling::Fail,
                 ErrorClass::Transient | ErrorClass::Poison => Handling::Retry,
             },
@@ -182,6 +186,8 @@ mod tests {
         assert_eq!(ApplyError::mispredicted("a key moved").class(), ErrorClass::Transient);
         let timeout = deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait);
         assert_eq!(ApplyError::Pool(timeout).handling(), Handling::Retry);
+        let unreachable = crate::projection::schemas::FetchError { id: 7, reason: "connection refused".into() };
+        assert_eq!(ApplyError::Schema(unreachable).handling(), Handling::Retry);
     }
 
     #[test]

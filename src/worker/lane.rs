@@ -123,7 +123,12 @@ impl LaneJob {
             previous,
             done,
         } = self;
-        let decoded: Vec<_> = records.iter().map(|record| projection.decode(record)).collect();
+        // Decoded now, while the lane's previous batch may still be in its transaction; when a
+        // schema cannot be had, the first attempt to apply fetches it again (and is retried).
+        let decoded = match projection.schemas.ensure(&records).await {
+            Ok(()) => Some(records.iter().map(|record| projection.decode(record)).collect()),
+            Err(_) => None,
+        };
         let built_on_failure = match previous {
             None => false,
             Some(previous) => match previous.await {
@@ -172,10 +177,10 @@ impl<'a> LaneRun<'a> {
     /// poison (one event's data) isolates the events so that the one responsible is parked;
     /// transient (and poison that no event can be blamed for) is retried with backoff, the
     /// projection reported `failed` after `max_attempts` in a row; fatal stops.
-    async fn apply(&self, records: &[Record], moves: &[Move], decoded: Vec<Decoded<'a>>) -> Lane {
+    async fn apply(&self, records: &[Record], moves: &[Move], decoded: Option<Vec<Decoded<'a>>>) -> Lane {
         let projection = self.projection;
         let started = Instant::now();
-        let mut decoded = Some(decoded);
+        let mut decoded = decoded;
         let mut isolate = false;
         let mut attempt: u32 = 0;
         loop {

@@ -149,8 +149,8 @@ fn corpus(accounts: usize) -> Vec<Case> {
         both("whitespace only", bytes("h-space", b" \n\t "), Parked("value is not valid JSON")),
         both("a UTF-8 byte order mark before the JSON", bytes("h-bom", &[b"\xef\xbb\xbf".as_slice(), &serde_json::to_vec(&opened("h-bom", 1)).unwrap()].concat()), Parked("value is not valid JSON")),
         both("a tombstone", Raw { key: Some(b"h-tomb".to_vec()), value: None, headers: vec![] }, Ignored),
-        both("Confluent-framed binary (magic byte 0, schema id) with a binary key", Raw { key: Some(vec![0xde, 0xad, 0x00, 0xbe, 0xef]), value: Some(vec![0, 0, 0, 0, 7, 0x02, 0x06, b'a', b'b', b'c', 0xff]), headers: vec![] }, Parked("value is not valid UTF-8")),
-        both("Confluent-framed JSON", bytes("h-cfjson", &confluent_json), Parked("value is not valid JSON")),
+        both("Confluent-framed binary (magic byte 0, schema id) with a binary key", Raw { key: Some(vec![0xde, 0xad, 0x00, 0xbe, 0xef]), value: Some(vec![0, 0, 0, 0, 7, 0x02, 0x06, b'a', b'b', b'c', 0xff]), headers: vec![] }, Parked("no schema registry or schema directory is configured")),
+        both("Confluent-framed JSON", bytes("h-cfjson", &confluent_json), Parked("no schema registry or schema directory is configured")),
         both("invalid JSON and no Kafka key", Raw { key: None, value: Some(b"not json".to_vec()), headers: vec![] }, Parked("value is not valid JSON")),
         // The envelope's type.
         both("a type of the wrong JSON type", json(&with(opened("h-type", 1), "type", Some(json!(7)))), Parked("`type` (from `type`) must be a string, got 7")),

@@ -11,10 +11,13 @@
 //!   broker killed and restarted, a record too large (was `tests/e2e_tansu.rs`).
 //! - `chaos`: SIGKILL at random moments, instances joining and leaving the group under load.
 //! - `corpus`: a hostile corpus at the record level, then shadow and in-place rebuilds.
+//! - `avro`: Avro in the Confluent wire format, mixed with JSON and broken frames, its schemas
+//!   from a stand-in registry or a directory.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod avro;
 mod chaos;
 mod corpus;
 mod tansu;

@@ -58,7 +58,7 @@ fn corpus() -> Vec<(&'static str, Raw, Expect)> {
         ("no Kafka key (the key is in the event)", { let mut raw = Raw::json(&opened("h-nokey", 4)); raw.key = None; raw }, Applied("h-nokey", (1, "4"))),
         ("a NUL in the entity key and the Kafka key", { let mut raw = Raw::json(&opened("h\0nul", 4)); raw.key = Some(b"h\0nul".to_vec()); raw }, Parked(Some("h\0nul"), "0x00")),
         ("an entity key of 4,000 random characters", Raw::json(&opened(long_key, 4)), Parked(Some(long_key), "index row")),
-        ("Confluent-framed binary with a binary key", Raw { key: Some(vec![0xde, 0xad, 0x00, 0xbe, 0xef]), value: Some(vec![0, 0, 0, 0, 7, 0x02, 0x06, b'a', b'b', b'c', 0xff]), headers: vec![] }, Parked(Some("0xdead00beef"), "value is not valid UTF-8")),
+        ("Confluent-framed binary with a binary key", Raw { key: Some(vec![0xde, 0xad, 0x00, 0xbe, 0xef]), value: Some(vec![0, 0, 0, 0, 7, 0x02, 0x06, b'a', b'b', b'c', 0xff]), headers: vec![] }, Parked(Some("0xdead00beef"), "no schema registry or schema directory is configured")),
         ("a header name that is not UTF-8", { let mut raw = Raw::json(&opened("h-hdr", 5)); raw.headers = vec![(vec![0xff, 0xfe, b'x'], vec![0x00, 0x01]), (b"ok".to_vec(), b"v".to_vec())]; raw }, Applied("h-hdr", (1, "5"))),
     ]
 }
