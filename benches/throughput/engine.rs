@@ -24,7 +24,7 @@ use crate::projections::{
 use crate::rebuild::rebuild;
 use crate::report::round;
 use crate::running::{engine_settings, Engine};
-use crate::workload::Workload;
+use crate::workload::{Format, Workload, AVRO_SCHEMA, AVRO_SCHEMA_ID};
 use crate::Args;
 
 /// What to do in one broker mode.
@@ -74,6 +74,9 @@ pub async fn broker_mode(
         mb(peak_after_producing)
     );
     let mut result = json!({ "load_topic_s": round(load_s, 2) });
+    if steps.naive && workload.format != Format::Json {
+        anyhow::bail!("the naive consumer reads JSON only: leave `naive` out of --modes with --format avro");
+    }
     if steps.naive {
         eprintln!("== naive (per-event transactions, reading the {label} topic)");
         let url = dbs.create(&format!("naive_{label}")).await?;
@@ -101,7 +104,15 @@ pub async fn broker_mode(
     if args.row_delay_ms > 0.0 {
         add_row_delay(&url, args.row_delay_ms, &names).await?;
     }
-    let settings = engine_settings(&url, &bootstrap, kind, args);
+    let dir = tempfile::tempdir()?;
+    let mut settings = engine_settings(&url, &bootstrap, kind, args);
+    if workload.format == Format::Avro {
+        // The writer's schema, where the engine finds it by its id.
+        let schemas = dir.path().join("schemas");
+        std::fs::create_dir_all(&schemas)?;
+        std::fs::write(schemas.join(format!("{AVRO_SCHEMA_ID}.avsc")), AVRO_SCHEMA)?;
+        settings.schemas.dir = Some(schemas);
+    }
     if !settings.kafka.properties.is_empty() {
         eprintln!("  consumer properties: {:?}", settings.kafka.properties);
     }
@@ -113,7 +124,6 @@ pub async fn broker_mode(
             settings.database.pool_size
         );
     }
-    let dir = tempfile::tempdir()?;
     let setup = Setup { kind, url, client, settings, projections, bootstrap, broker_pid: broker.pid(), dir };
     let mut per_partition = workload.per_partition();
     let records: i64 = per_partition.iter().sum();

@@ -71,6 +71,11 @@ struct Args {
     /// which the projection does not read); 0: no padding (about 280 bytes).
     #[arg(long, default_value_t = 0)]
     value_bytes: usize,
+    /// How the values are written: `json`, or `avro` (Confluent-framed, the engine reading the
+    /// writer's schema from a schema directory). The naive consumer and the latency phases read
+    /// and write JSON only.
+    #[arg(long, value_enum, default_value_t = workload::Format::Json)]
+    format: workload::Format,
     /// Each row the engine writes to its tables (`order_summary`, …) waits this long (a trigger
     /// calling `pg_sleep`): a slow database, so that the engine falls behind the broker and reads
     /// ahead as far as its bounds let it. 0: none.
@@ -215,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
         "machine": proc::machine(),
         "args": {
             "events": args.events, "entities": workload.entities, "partitions": args.partitions,
-            "duplicate_percent": args.duplicate_percent, "value_bytes": args.value_bytes, "row_delay_ms": args.row_delay_ms,
+            "duplicate_percent": args.duplicate_percent, "value_bytes": args.value_bytes, "format": format!("{:?}", args.format).to_lowercase(), "row_delay_ms": args.row_delay_ms,
             "existing_rows": args.existing_rows,
             "batch_max_events": args.batch_max_events, "batch_max_bytes": args.batch_max_bytes, "set_based": args.set_based,
             "modes": args.modes, "latency_secs": args.latency_secs,

@@ -9,7 +9,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::workload::{entity_id, event_json, Rec, Workload};
+use crate::workload::{entity_id, event_value, Rec, Workload};
 
 struct CountingContext {
     failed: AtomicU64,
@@ -76,7 +76,7 @@ pub fn load_topic(bootstrap: &str, workload: &Workload) -> anyhow::Result<(f64, 
     let bytes = AtomicU64::new(0);
     let send = |producer: &BaseProducer<CountingContext>, rec: &Rec| {
         let key = entity_id(rec.entity).to_string();
-        let payload = event_json(rec.entity, rec.version, None, workload.value_bytes);
+        let payload = event_value(workload.format, rec.entity, rec.version, workload.value_bytes);
         bytes.fetch_add((key.len() + payload.len()) as u64, Ordering::Relaxed);
         send_retrying(
             producer,
@@ -118,7 +118,7 @@ pub fn mock_fits(workload: &Workload) -> Result<(), String> {
         .records
         .iter()
         .take(count)
-        .map(|r| event_json(r.entity, r.version, None, workload.value_bytes).len() + 36 + 70)
+        .map(|r| event_value(workload.format, r.entity, r.version, workload.value_bytes).len() + 36 + 70)
         .sum();
     let per_record = bytes as f64 / count as f64;
     let largest = workload.per_partition().into_iter().max().unwrap_or(0) as f64 * per_record;

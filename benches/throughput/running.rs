@@ -83,7 +83,8 @@ impl Engine {
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                 let finished = Arc::new(AtomicBool::new(false));
                 let task = {
-                    let projections = projections.iter().map(|p| p.projection.clone()).collect();
+                    let mut projections: Vec<_> = projections.iter().map(|p| p.projection.clone()).collect();
+                    projector::schema::attach(&mut projections, &projector::schema::from_settings(&settings.schemas)?);
                     let (settings, metrics, finished) = (settings.clone(), metrics.clone(), finished.clone());
                     tokio::spawn(async move {
                         let result = projector::app::run(&settings, projections, metrics, async {
@@ -125,6 +126,7 @@ impl Engine {
                     .env("PROJECTOR_BATCH__SET_BASED", settings.batch.set_based.to_string())
                     .env("PROJECTOR_BATCH__LANES", settings.batch.lanes.to_string())
                     .env("PROJECTOR_DATABASE__POOL_SIZE", settings.database.pool_size.to_string())
+                    .envs(settings.schemas.dir.iter().map(|dir| ("PROJECTOR_SCHEMAS__DIR", dir)))
                     .envs(settings.kafka.properties.iter().map(|(name, value)| (property_variable(name), value)))
                     .env("RUST_LOG", "warn")
                     .current_dir(dir)

@@ -34,7 +34,36 @@ pub struct Workload {
     pub lengths: Vec<u32>,
     /// Each record's value padded to about this many bytes (0: none).
     pub value_bytes: usize,
+    /// How the values are written.
+    pub format: Format,
 }
+
+/// How the workload's values are written (`--format`): JSON, or Avro in the Confluent wire
+/// format with the writer's schema [`AVRO_SCHEMA`] under id [`AVRO_SCHEMA_ID`], which the engine
+/// reads from a schema directory.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Avro,
+}
+
+pub const AVRO_SCHEMA_ID: u32 = 1;
+
+/// The events' Avro schema: the JSON events' fields, the totals as decimals.
+pub const AVRO_SCHEMA: &str = r#"{"type": "record", "name": "OrderEvent", "namespace": "bench", "fields": [
+  {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+  {"name": "type", "type": "string"},
+  {"name": "stream_id", "type": {"type": "string", "logicalType": "uuid"}},
+  {"name": "stream_version", "type": "long"},
+  {"name": "occurred_at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+  {"name": "data", "type": {"type": "record", "name": "Data", "fields": [
+    {"name": "customer_id", "type": ["null", "string"], "default": null},
+    {"name": "total", "type": ["null", {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}], "default": null},
+    {"name": "amount", "type": ["null", {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}], "default": null},
+    {"name": "note", "type": ["null", "string"], "default": null},
+    {"name": "padding", "type": ["null", "string"], "default": null}
+  ]}}
+]}"#;
 
 impl Workload {
     pub fn generate(args: &Args) -> anyhow::Result<Workload> {
@@ -80,6 +109,7 @@ impl Workload {
             duplicates,
             lengths,
             value_bytes: args.value_bytes,
+            format: args.format,
         })
     }
 
@@ -126,6 +156,62 @@ pub fn occurred_at(version: u32) -> DateTime<Utc> {
 
 fn event_type(version: u32) -> &'static str {
     EVENT_TYPES[(version as usize).clamp(1, 3) - 1]
+}
+
+/// The record value of `entity`'s event `version`, as the workload's format writes it.
+pub fn event_value(format: Format, entity: u32, version: u32, value_bytes: usize) -> Vec<u8> {
+    match format {
+        Format::Json => event_json(entity, version, None, value_bytes),
+        Format::Avro => event_avro(entity, version, value_bytes),
+    }
+}
+
+/// [`event_json`]'s event in Avro ([`AVRO_SCHEMA`]), Confluent-framed: the same fields and
+/// values, padded to about `value_bytes` the same way.
+pub fn event_avro(entity: u32, version: u32, value_bytes: usize) -> Vec<u8> {
+    use apache_avro::types::Value as Avro;
+    thread_local! {
+        static SCHEMA: apache_avro::Schema = apache_avro::Schema::parse_str(AVRO_SCHEMA).expect("the bench's Avro schema");
+    }
+    let optional = |value: Option<Avro>| match value {
+        Some(value) => Avro::Union(1, Box::new(value)),
+        None => Avro::Union(0, Box::new(Avro::Null)),
+    };
+    let decimal = |value: Decimal| {
+        let unscaled = num_bigint::BigInt::from(value.mantissa()).to_signed_bytes_be();
+        Avro::Decimal(apache_avro::Decimal::from(unscaled))
+    };
+    let event = |padding: Option<String>| {
+        let customer = (version <= 2).then(|| Avro::String(customer_of(entity)));
+        let data = Avro::Record(vec![
+            ("customer_id".into(), optional(customer)),
+            ("total".into(), optional((version == 1).then(|| decimal(total_of(entity))))),
+            ("amount".into(), optional((version == 2).then(|| decimal(total_of(entity))))),
+            ("note".into(), optional((version >= 3).then(|| Avro::String(note_of(version))))),
+            ("padding".into(), optional(padding.map(Avro::String))),
+        ]);
+        let event = Avro::Record(vec![
+            ("id".into(), Avro::Uuid(Uuid::from_u64_pair(u64::from(entity), u64::from(version)))),
+            ("type".into(), Avro::String(event_type(version).into())),
+            ("stream_id".into(), Avro::Uuid(entity_id(entity))),
+            ("stream_version".into(), Avro::Long(i64::from(version))),
+            ("occurred_at".into(), Avro::TimestampMicros(occurred_at(version).timestamp_micros())),
+            ("data".into(), data),
+        ]);
+        let mut framed = vec![0];
+        framed.extend_from_slice(&AVRO_SCHEMA_ID.to_be_bytes());
+        SCHEMA.with(|schema| {
+            let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema).build().expect("writer");
+            framed.extend(writer.write_value_to_vec(event).expect("the event as Avro"));
+        });
+        framed
+    };
+    let value = event(None);
+    // A string of n bytes takes about n + 2 (its length, a varint, and the union's index).
+    match value_bytes.checked_sub(value.len() + 3) {
+        Some(padding) if value_bytes > 0 => event(Some("x".repeat(padding))),
+        _ => value,
+    }
 }
 
 /// The record value of `entity`'s event `version`; the id is a function of both, so a duplicate

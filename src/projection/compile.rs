@@ -309,6 +309,15 @@ impl Context<'_> {
         let Some(envelope) = envelope else {
             return result;
         };
+        if let Some(preset) = &envelope.preset {
+            match preset.get_ref().as_str() {
+                "cloudevents" => result = super::cloudevents::envelope(),
+                other => self.error(
+                    preset.span(),
+                    format!("envelope `preset`: unknown preset `{other}` (known: `cloudevents`)"),
+                ),
+            }
+        }
         let fields = [
             ("type", &envelope.event_type, &mut result.event_type),
             ("id", &envelope.id, &mut result.event_id),

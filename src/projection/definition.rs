@@ -47,6 +47,8 @@ pub enum DedupeKind {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvelopeDef {
+    /// `cloudevents`: CloudEvents in either Kafka binding mode, its attributes as the defaults.
+    pub preset: Option<Spanned<String>>,
     #[serde(rename = "type")]
     pub event_type: Option<Spanned<String>>,
     pub id: Option<Spanned<String>>,

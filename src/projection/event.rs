@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::fields::{Json, Span};
-use super::schemas::{frame, FrameError};
+use super::schemas::FrameError;
 use super::{Dedupe, Handler, Projection, Source};
 
 /// A Kafka record as the consumer hands it over.
@@ -85,6 +85,8 @@ pub enum DecodeError {
     BadOccurredAt { from: String, got: String },
     #[error(transparent)]
     Framed(#[from] FrameError),
+    #[error("not a CloudEvent in binary mode: {0}")]
+    NotCloudEvent(String),
 }
 
 impl fmt::Display for Source {
@@ -105,11 +107,11 @@ impl Projection {
         let Some(bytes) = &record.value else {
             return Decoded::Tombstone;
         };
-        if let Some(framed) = frame(bytes) {
-            let body = match framed.and_then(|(id, body)| self.schemas.to_json(id, body)) {
-                Ok(body) => body,
-                Err(error) => return Decoded::Poison { event_type: None, error: error.into() },
-            };
+        let body = match self.body(record, bytes) {
+            Ok(body) => body,
+            Err(error) => return Decoded::Poison { event_type: None, error },
+        };
+        if let Some(body) = body {
             return match self.decode_text(record, &body) {
                 Decoded::Handled { mut event, handler } => {
                     event.body = Some(body.into());

@@ -42,6 +42,10 @@ pub fn canonical_form(projection: &Projection) -> String {
     ] {
         form.push_str(&format!("envelope {field} {}\n", quoted(&source.to_string())));
     }
+    // Only when set: the hashes of definitions without it stay as they were.
+    if envelope.cloudevents {
+        form.push_str("envelope preset \"cloudevents\"\n");
+    }
     match &projection.dedupe {
         Dedupe::EventId => form.push_str("dedupe event_id\n"),
         Dedupe::Version(table) => form.push_str(&format!(
@@ -156,7 +160,9 @@ mod tests {
 
     /// The hash before the canonical form, as it was computed then: from the `Debug` text.
     fn debug_hash(projection: &Projection) -> String {
-        let mut canonical = format!("topics={:?}\nenvelope={:?}\n", projection.topics, projection.envelope);
+        // The envelope's Debug text then, before it had its `cloudevents` preset.
+        let envelope = format!("{:?}", projection.envelope).replace(", cloudevents: false", "");
+        let mut canonical = format!("topics={:?}\nenvelope={envelope}\n", projection.topics);
         match &projection.dedupe {
             Dedupe::EventId => canonical.push_str("dedupe=event_id\n"),
             Dedupe::Version(table) => canonical.push_str(&format!(

@@ -21,6 +21,7 @@
 //! - [`waves`]: which events of an event-id projection's batch may share set-based statements.
 
 pub mod avro;
+pub mod cloudevents;
 pub mod compile;
 pub mod definition;
 pub mod event;
@@ -261,6 +262,9 @@ pub struct Envelope {
     pub key: Source,
     pub version: Source,
     pub occurred_at: Source,
+    /// `preset = "cloudevents"`: a binary-mode CloudEvent (a `ce_specversion` header) is read as
+    /// its structured JSON ([`cloudevents`]).
+    pub cloudevents: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +287,7 @@ impl Default for Envelope {
             key: Source::Path(vec!["stream_id".into()]),
             version: Source::Path(vec!["stream_version".into()]),
             occurred_at: Source::Path(vec!["occurred_at".into()]),
+            cloudevents: false,
         }
     }
 }

@@ -89,6 +89,7 @@ enum Entry {
 pub struct Schemas {
     source: Option<Arc<dyn Fetch>>,
     known: RwLock<HashMap<u32, Entry>>,
+    fetching: futures::lock::Mutex<()>,
 }
 
 impl std::fmt::Debug for Schemas {
@@ -100,7 +101,7 @@ impl std::fmt::Debug for Schemas {
 
 impl Schemas {
     pub fn new(source: Arc<dyn Fetch>) -> Arc<Schemas> {
-        Arc::new(Schemas { source: Some(source), known: RwLock::default() })
+        Arc::new(Schemas { source: Some(source), known: RwLock::default(), fetching: futures::lock::Mutex::new(()) })
     }
 
     /// Fetches the schema of every framed record in `records` not known yet (or unknown for
@@ -114,17 +115,14 @@ impl Schemas {
                 Err(_) => None,
             })
             .collect();
-        let missing: Vec<u32> = {
-            let known = self.known.read().expect("schemas lock");
-            wanted
-                .into_iter()
-                .filter(|id| match known.get(id) {
-                    Some(Entry::Schema(_)) => false,
-                    Some(Entry::Unknown { since, .. }) => since.elapsed() >= UNKNOWN_FOR,
-                    None => true,
-                })
-                .collect()
-        };
+        if self.missing(&wanted).is_empty() {
+            return Ok(());
+        }
+        // One fetch at a time, the missing ids looked for again once it is this one's turn: the
+        // lanes of every projection ask for the same new schema at once, and the source is asked
+        // once.
+        let _turn = self.fetching.lock().await;
+        let missing = self.missing(&wanted);
         for id in missing {
             let entry = match source.fetch(id).await? {
                 Found::Schema(schema) => Entry::Schema(Arc::new(schema)),
@@ -133,6 +131,19 @@ impl Schemas {
             self.known.write().expect("schemas lock").insert(id, entry);
         }
         Ok(())
+    }
+
+    fn missing(&self, wanted: &HashSet<u32>) -> Vec<u32> {
+        let known = self.known.read().expect("schemas lock");
+        wanted
+            .iter()
+            .copied()
+            .filter(|id| match known.get(id) {
+                Some(Entry::Schema(_)) => false,
+                Some(Entry::Unknown { since, .. }) => since.elapsed() >= UNKNOWN_FOR,
+                None => true,
+            })
+            .collect()
     }
 
     /// A framed body as JSON text.
@@ -171,6 +182,17 @@ mod tests {
         fn fetch(&self, id: u32) -> BoxFuture<'_, Result<Found, FetchError>> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(async move {
+                // Waits once, as a request would: another ensure may run meanwhile.
+                let mut waited = false;
+                futures::future::poll_fn(|cx| {
+                    if std::mem::replace(&mut waited, true) {
+                        std::task::Poll::Ready(())
+                    } else {
+                        cx.waker().wake_by_ref();
+                        std::task::Poll::Pending
+                    }
+                })
+                .await;
                 match id {
                     1 => Ok(Found::Schema(Schema::Avro(AvroSchema::parse(r#""string""#).unwrap()))),
                     2 => Ok(Found::Unknown("not found".into())),
@@ -199,7 +221,9 @@ mod tests {
         let hello = [&[0, 0, 0, 0, 1, 10][..], b"hello"].concat();
         let records = [record(&hello), record(&hello), record(&[0, 0, 0, 0, 2]), record(b"{}"), record(&[0])];
         assert_eq!(schemas.to_json(1, b"\x02a"), Err(FrameError::NotLoaded { id: 1 }));
-        futures::executor::block_on(schemas.ensure(&records)).unwrap();
+        let (first, second) =
+            futures::executor::block_on(futures::future::join(schemas.ensure(&records), schemas.ensure(&records[..2])));
+        (first.unwrap(), second.unwrap());
         futures::executor::block_on(schemas.ensure(&records)).unwrap();
         assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(schemas.to_json(1, &hello[5..]).unwrap(), r#""hello""#);

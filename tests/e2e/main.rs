@@ -13,11 +13,13 @@
 //! - `corpus`: a hostile corpus at the record level, then shadow and in-place rebuilds.
 //! - `avro`: Avro in the Confluent wire format, mixed with JSON and broken frames, its schemas
 //!   from a stand-in registry or a directory.
+//! - `cloudevents`: CloudEvents from the SDK in both binding modes, JSON and Avro data.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod avro;
 mod chaos;
+mod cloudevents;
 mod corpus;
 mod tansu;
