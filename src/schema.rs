@@ -1,5 +1,5 @@
 //! Where the schemas of Confluent-framed records come from (`[schemas]`): a directory of schema
-//! files named by id, and a Confluent Schema Registry's REST API (`GET /schemas/ids/{id}`, with
+//! files named by id (`.avsc`, `.proto`), and a Confluent Schema Registry's REST API (`GET /schemas/ids/{id}`, with
 //! basic auth and TLS). Both fill the cache that decoding reads
 //! ([`Schemas`](crate::projection::schemas::Schemas)).
 
@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::projection::avro::AvroSchema;
+use crate::projection::protobuf::ProtoSchema;
 use crate::projection::schemas::{Fetch, FetchError, Found, Schema, Schemas};
 use crate::projection::Projection;
 use crate::settings::{redact_url, SchemaSettings};
@@ -58,19 +59,23 @@ impl Fetch for Sources {
     }
 }
 
-/// A directory of schema files named by id: `42.avsc` holds the Avro schema with id 42.
+/// A directory of schema files named by id: `42.avsc` holds the Avro schema with id 42,
+/// `43.proto` the Protobuf schema with id 43.
 struct Directory(PathBuf);
 
 impl Directory {
     fn read(&self, id: u32) -> Result<Found, FetchError> {
-        let path = self.0.join(format!("{id}.avsc"));
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(avro(&text, &path.display().to_string())),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                Ok(Found::Unknown(format!("no file {} in the schema directory", path.display())))
+        for (extension, parse) in [("avsc", avro as fn(&str, &str) -> Found), ("proto", protobuf)] {
+            let path = self.0.join(format!("{id}.{extension}"));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => return Ok(parse(&text, &path.display().to_string())),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    return Err(FetchError { id, reason: format!("cannot read {}: {error}", path.display()) })
+                }
             }
-            Err(error) => Err(FetchError { id, reason: format!("cannot read {}: {error}", path.display()) }),
         }
+        Ok(Found::Unknown(format!("no file {id}.avsc or {id}.proto in the schema directory {}", self.0.display())))
     }
 }
 
@@ -78,6 +83,13 @@ fn avro(text: &str, from: &str) -> Found {
     match AvroSchema::parse(text) {
         Ok(schema) => Found::Schema(Schema::Avro(schema)),
         Err(error) => Found::Unknown(format!("the Avro schema in {from} does not parse: {error}")),
+    }
+}
+
+fn protobuf(text: &str, from: &str) -> Found {
+    match ProtoSchema::parse(text) {
+        Ok(schema) => Found::Schema(Schema::Protobuf(schema)),
+        Err(error) => Found::Unknown(format!("the Protobuf schema in {from} does not compile: {error}")),
     }
 }
 
@@ -135,11 +147,18 @@ impl Registry {
         }
         let answer: SchemaById =
             serde_json::from_str(&text).map_err(|error| failed(format!("unreadable answer: {error}")))?;
+        // Imports of the well-known types are references too, and compiled from protox's copy.
+        let foreign = answer
+            .references
+            .iter()
+            .any(|reference| !reference["name"].as_str().is_some_and(|name| name.starts_with("google/protobuf/")));
+        let from = format!("the registry's schema {id}");
         Ok(match answer.schema_type.as_deref().unwrap_or("AVRO") {
-            "AVRO" if !answer.references.is_empty() => {
+            "AVRO" | "PROTOBUF" if foreign => {
                 Found::Unknown("its schema references other subjects, which projector does not follow yet".into())
             }
-            "AVRO" => avro(&answer.schema, &format!("the registry's schema {id}")),
+            "AVRO" => avro(&answer.schema, &from),
+            "PROTOBUF" => protobuf(&answer.schema, &from),
             kind => Found::Schema(Schema::Unsupported { kind: kind.to_string() }),
         })
     }

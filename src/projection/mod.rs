@@ -32,6 +32,7 @@ pub mod hash;
 pub mod identifier;
 pub mod migrations;
 pub mod params;
+pub mod protobuf;
 pub mod schemas;
 pub mod set_based;
 pub mod value;

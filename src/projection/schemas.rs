@@ -1,5 +1,5 @@
 //! Records in the Confluent wire format (a zero byte, the schema's id in 4 bytes, big-endian, then
-//! the body) and the schemas that read them, by id.
+//! the body: Avro, or Protobuf after its message indexes) and the schemas that read them, by id.
 //!
 //! [`Schemas`] is a cache that a [`Fetch`] (the schema registry's client or a directory of
 //! schema files, in `crate::schema`) fills ahead of decoding: [`Schemas::ensure`] is awaited for
@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 
 use super::avro::AvroSchema;
 use super::event::Record;
+use super::protobuf::ProtoSchema;
 
 /// How long an id the source did not know is taken as unknown before it is asked again.
 pub const UNKNOWN_FOR: Duration = Duration::from_secs(60);
@@ -23,8 +24,9 @@ pub const UNKNOWN_FOR: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub enum Schema {
     Avro(AvroSchema),
-    /// A kind this version does not read (a registry's `PROTOBUF` or `JSON`): its records are
-    /// parked, saying so.
+    Protobuf(ProtoSchema),
+    /// A kind this version does not read (a registry's `JSON`): its records are parked, saying
+    /// so.
     Unsupported {
         kind: String,
     },
@@ -65,8 +67,8 @@ pub enum FrameError {
     NotLoaded { id: u32 },
     #[error("schema id {id} is a {kind} schema, which projector does not read yet")]
     Unsupported { id: u32, kind: String },
-    #[error("body does not decode with Avro schema {id}: {reason}")]
-    Body { id: u32, reason: String },
+    #[error("body does not decode with {kind} schema {id}: {reason}")]
+    Body { id: u32, kind: &'static str, reason: String },
 }
 
 /// `None` when `value` is not Confluent-framed (its first byte is not zero: JSON never starts so);
@@ -157,7 +159,10 @@ impl Schemas {
             None => return Err(FrameError::NotLoaded { id }),
         };
         match &*schema {
-            Schema::Avro(avro) => avro.to_json(body).map_err(|reason| FrameError::Body { id, reason }),
+            Schema::Avro(avro) => avro.to_json(body).map_err(|reason| FrameError::Body { id, kind: "Avro", reason }),
+            Schema::Protobuf(proto) => {
+                proto.to_json(body).map_err(|reason| FrameError::Body { id, kind: "Protobuf", reason })
+            }
             Schema::Unsupported { kind } => Err(FrameError::Unsupported { id, kind: kind.clone() }),
         }
     }

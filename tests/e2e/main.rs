@@ -11,15 +11,15 @@
 //!   broker killed and restarted, a record too large (was `tests/e2e_tansu.rs`).
 //! - `chaos`: SIGKILL at random moments, instances joining and leaving the group under load.
 //! - `corpus`: a hostile corpus at the record level, then shadow and in-place rebuilds.
-//! - `avro`: Avro in the Confluent wire format, mixed with JSON and broken frames, its schemas
-//!   from a stand-in registry or a directory.
+//! - `formats`: Avro and Protobuf in the Confluent wire format, mixed with JSON and broken
+//!   frames, their schemas from a stand-in registry or a directory.
 //! - `cloudevents`: CloudEvents from the SDK in both binding modes, JSON and Avro data.
 
 #[path = "../common/mod.rs"]
 mod common;
 
-mod avro;
 mod chaos;
 mod cloudevents;
 mod corpus;
+mod formats;
 mod tansu;

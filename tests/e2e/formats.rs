@@ -1,6 +1,7 @@
-//! Avro in the Confluent wire format, end to end: records written by `apache-avro` (two writer
-//! schemas), framed (a zero byte, the schema id, the body) and mixed with JSON records and broken
-//! frames in one Tansu topic, read by `projector run` with its schemas from a stand-in schema
+//! Avro and Protobuf in the Confluent wire format, end to end: records written by `apache-avro`
+//! (two writer schemas) and by prost (through prost-reflect, the `.proto` compiled by protox),
+//! framed (a zero byte, the schema id, Protobuf's message indexes, the body) and mixed with JSON
+//! records and broken frames in one Tansu topic, read by `projector run` with its schemas from a stand-in schema
 //! registry (served here: `GET /schemas/ids/{id}`, basic auth, failing at first) or from a
 //! directory of `.avsc` files. Duplicates and a SIGKILL are mixed in. The read model must hold
 //! every payment's last version exactly (decimals to the last digit, timestamps to the
@@ -76,6 +77,38 @@ fn schema_text(version: u32) -> String {
     )
 }
 
+/// Schema 3: the same event in Protobuf. `Payment` comes first, so the frame names
+/// `PaymentEvent` by a non-zero message index; the decimal travels as a string, the date as text.
+const PROTO: &str = r#"
+syntax = "proto3";
+package pay;
+import "google/protobuf/timestamp.proto";
+import "google/protobuf/wrappers.proto";
+message Payment {
+  string amount = 1;
+  google.protobuf.Timestamp paid_at = 2;
+  string paid_on = 3;
+  string reference = 4;
+  google.protobuf.StringValue note = 5;
+}
+message PaymentEvent {
+  string type = 1;
+  string id = 2;
+  string stream_id = 3;
+  int64 stream_version = 4;
+  google.protobuf.Timestamp occurred_at = 5;
+  Payment data = 6;
+}
+"#;
+
+/// [`PROTO`] compiled by protox, as a producer's build would.
+fn proto_pool() -> prost_reflect::DescriptorPool {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("payments.proto"), PROTO).expect("proto file");
+    let set = protox::compile([dir.path().join("payments.proto")], [dir.path()]).expect("compiling the .proto");
+    prost_reflect::DescriptorPool::from_file_descriptor_set(set).expect("descriptor pool")
+}
+
 /// One payment event, as the test knows it.
 #[derive(Debug, Clone)]
 struct Payment {
@@ -126,6 +159,41 @@ impl Payment {
         let mut value = vec![0];
         value.extend_from_slice(&id.to_be_bytes());
         value.extend_from_slice(&body);
+        Raw::bytes(Some(&self.key), &value)
+    }
+
+    /// Framed Protobuf with schema 3, written by prost through prost-reflect's dynamic messages.
+    fn protobuf(&self, pool: &prost_reflect::DescriptorPool) -> Raw {
+        use prost::Message;
+        use prost_reflect::{DynamicMessage, Value};
+        let timestamp = |millis: i64| {
+            let mut at = DynamicMessage::new(pool.get_message_by_name("google.protobuf.Timestamp").expect("Timestamp"));
+            at.set_field_by_name("seconds", Value::I64(millis.div_euclid(1000)));
+            at.set_field_by_name("nanos", Value::I32((millis.rem_euclid(1000) * 1_000_000) as i32));
+            Value::Message(at)
+        };
+        let paid_on = chrono::NaiveDate::from_num_days_from_ce_opt(719_163 + self.paid_on_days).expect("date");
+        let mut data = DynamicMessage::new(pool.get_message_by_name("pay.Payment").expect("Payment"));
+        data.set_field_by_name("amount", Value::String(self.amount_text()));
+        data.set_field_by_name("paid_at", timestamp(self.paid_at_ms));
+        data.set_field_by_name("paid_on", Value::String(paid_on.to_string()));
+        data.set_field_by_name("reference", Value::String(self.reference.to_string()));
+        if let Some(note) = &self.note {
+            let mut wrapped =
+                DynamicMessage::new(pool.get_message_by_name("google.protobuf.StringValue").expect("wrapper"));
+            wrapped.set_field_by_name("value", Value::String(note.clone()));
+            data.set_field_by_name("note", Value::Message(wrapped));
+        }
+        let mut event = DynamicMessage::new(pool.get_message_by_name("pay.PaymentEvent").expect("PaymentEvent"));
+        event.set_field_by_name("type", Value::String(self.event_type().into()));
+        event.set_field_by_name("id", Value::String(uuid::Uuid::new_v4().to_string()));
+        event.set_field_by_name("stream_id", Value::String(self.key.clone()));
+        event.set_field_by_name("stream_version", Value::I64(self.version));
+        event.set_field_by_name("occurred_at", timestamp(self.paid_at_ms));
+        event.set_field_by_name("data", Value::Message(data));
+        // Schema 3, then the message indexes [1] (count 1, index 1, zig-zag), then the body.
+        let mut value = vec![0, 0, 0, 0, 3, 2, 2];
+        value.extend(event.encode_to_vec());
         Raw::bytes(Some(&self.key), &value)
     }
 
@@ -265,7 +333,8 @@ enum Schemas {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn avro_from_a_registry_with_json_duplicates_broken_frames_and_a_sigkill_gives_the_exact_read_model() {
+async fn avro_and_protobuf_from_a_registry_with_json_duplicates_broken_frames_and_a_sigkill_give_the_exact_read_model()
+{
     let registry: Shared = Arc::default();
     let outcome = run(Schemas::Registry, Some(registry.clone())).await;
     let requests = registry.lock().expect("registry").requests.clone();
@@ -277,13 +346,14 @@ async fn avro_from_a_registry_with_json_duplicates_broken_frames_and_a_sigkill_g
         (1..=2).contains(&served(1)) && (1..=2).contains(&served(2)),
         "schemas fetched more than once per process: {requests:?}"
     );
+    assert!((1..=2).contains(&served(3)), "{requests:?}");
     assert!(requests.iter().filter(|(_, status)| *status == 503).count() == 3, "{requests:?}");
     assert!((1..=2).contains(&asked(99)), "the unknown id was asked {} times", asked(99));
     assert!(outcome.retried_log, "no log line says the registry could not be reached");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn avro_from_a_schema_directory_gives_the_exact_read_model() {
+async fn avro_and_protobuf_from_a_schema_directory_give_the_exact_read_model() {
     run(Schemas::Directory, None).await;
 }
 
@@ -302,14 +372,14 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
     tansu.create_topic(TOPIC, PARTITIONS).await.expect("creating the topic");
     let db = TestDb::create().await;
     let client = db.connect().await;
-    let log_dir = LogDir::new("avro");
+    let log_dir = LogDir::new("formats");
     let log = log_dir.path.join("projector.log");
     let projections = log_dir.path.join("projections");
     std::fs::create_dir_all(projections.join("payments/migrations")).expect("projections folder");
     std::fs::write(projections.join("payments.toml"), DEFINITION).expect("definition");
     std::fs::write(projections.join("payments/migrations/V1__create_payments.sql"), MIGRATION).expect("migration");
 
-    // Schemas 1 and 2 are Avro; 3 is Protobuf (not read yet); 99 is unknown.
+    // Schemas 1 and 2 are Avro, 3 Protobuf; 4 is JSON Schema (not read yet), or broken; 99 is unknown.
     let mut config = String::from(
         "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[schemas]\n",
     );
@@ -322,10 +392,10 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
                 for id in [1, 2] {
                     state.schemas.insert(id, json!({"schema": schema_text(id)}));
                 }
-                state.schemas.insert(
-                    3,
-                    json!({"schema": "syntax = \"proto3\"; message P { string id = 1; }", "schemaType": "PROTOBUF"}),
-                );
+                let wkt = |name: &str| json!({"name": name, "subject": name, "version": 1});
+                let references = [wkt("google/protobuf/timestamp.proto"), wkt("google/protobuf/wrappers.proto")];
+                state.schemas.insert(3, json!({"schema": PROTO, "schemaType": "PROTOBUF", "references": references}));
+                state.schemas.insert(4, json!({"schema": "{\"type\": \"object\"}", "schemaType": "JSON"}));
             }
             let url = serve_registry(registry).await;
             config.push_str(&format!(
@@ -338,14 +408,16 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
             for id in [1, 2] {
                 std::fs::write(dir.join(format!("{id}.avsc")), schema_text(id)).expect("schema file");
             }
-            std::fs::write(dir.join("3.avsc"), "syntax = \"proto3\";").expect("schema file");
+            std::fs::write(dir.join("3.proto"), PROTO).expect("schema file");
+            std::fs::write(dir.join("4.avsc"), "syntax = \"proto3\";").expect("schema file");
             config.push_str(&format!("dir = \"{}\"\n", dir.display()));
         }
     }
     let settings = log_dir.path.join("projector.toml");
     std::fs::write(&settings, config).expect("projector.toml");
 
-    // The history: Avro with schema 1 or 2, some as JSON, duplicates, in order per key.
+    // The history: Avro with schema 1 or 2, Protobuf, some as JSON, duplicates, in order per key.
+    let pool = proto_pool();
     let history = history(&mut rng, 40);
     let mut queues: Vec<Vec<Raw>> = history
         .iter()
@@ -354,8 +426,9 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
             for payment in versions {
                 let raw = match rng.random_range(0..10) {
                     0..=1 => payment.json(),
-                    2..=5 => payment.avro(1),
-                    _ => payment.avro(2),
+                    2..=4 => payment.avro(1),
+                    5..=6 => payment.avro(2),
+                    _ => payment.protobuf(&pool),
                 };
                 raws.push(raw.clone());
                 if rng.random_bool(0.25) {
@@ -381,11 +454,15 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
         (Raw::bytes(Some("bad-truncated"), &[0, 0, 1]), "truncated"),
         (Raw::bytes(Some("bad-body"), &garbage), "body does not decode with Avro schema 1"),
         (
-            Raw::bytes(Some("bad-kind"), &[0, 0, 0, 0, 3, 2, b'x']),
+            Raw::bytes(Some("bad-kind"), &[0, 0, 0, 0, 4, 2, b'x']),
             match schemas {
-                Schemas::Registry => "PROTOBUF schema, which projector does not read yet",
-                Schemas::Directory => "schema id 3 is unknown: the Avro schema in",
+                Schemas::Registry => "JSON schema, which projector does not read yet",
+                Schemas::Directory => "schema id 4 is unknown: the Avro schema in",
             },
+        ),
+        (
+            Raw::bytes(Some("bad-proto-index"), &[0, 0, 0, 0, 3, 2, 8, 10, 0]),
+            "body does not decode with Protobuf schema 3: no message type at indexes [4]",
         ),
     ];
     for (i, (raw, _)) in broken.iter().enumerate() {
@@ -396,7 +473,7 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
     eprintln!("{} records, {} payments, {} broken", records.len(), history.len(), broken.len());
 
     let command = || {
-        let mut command = projector_command(&db.url, &tansu.bootstrap, "avro", &log);
+        let mut command = projector_command(&db.url, &tansu.bootstrap, "formats", &log);
         command
             .env("PROJECTOR_CONFIG", &settings)
             .env("PROJECTOR_PROJECTIONS_DIR", &projections)
