@@ -10,6 +10,7 @@
 //! cannot hold (NaN, ±infinity) the text Postgres reads for it.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::{DecimalSchema, Name, ResolvedSchema, Schema};
@@ -70,13 +71,17 @@ impl AvroSchema {
             Avro::Null if !matches!(schema, Schema::Null) => return Err("a null where the schema has none".into()),
             Avro::Null => out.push_str("null"),
             Avro::Boolean(value) => out.push_str(if value { "true" } else { "false" }),
-            Avro::Int(value) => out.push_str(&value.to_string()),
-            Avro::Long(value) => out.push_str(&value.to_string()),
+            Avro::Int(value) => write!(out, "{value}").expect("writing to a string"),
+            Avro::Long(value) => write!(out, "{value}").expect("writing to a string"),
             Avro::Float(value) => float(f64::from(value), out),
             Avro::Double(value) => float(value, out),
             Avro::Bytes(bytes) | Avro::Fixed(_, bytes) => string(&hex(&bytes), out),
             Avro::String(text) | Avro::Enum(_, text) => string(&text, out),
-            Avro::Uuid(uuid) => string(&uuid.to_string(), out),
+            Avro::Uuid(uuid) => {
+                out.push('"');
+                out.push_str(uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+                out.push('"');
+            }
             Avro::Union(branch, value) => {
                 let Schema::Union(union) = schema else { return Err("a union value without a union schema".into()) };
                 let branch = union.variants().get(branch as usize).ok_or("a union branch out of range")?;
@@ -109,7 +114,12 @@ impl AvroSchema {
                 let Schema::Decimal(DecimalSchema { scale, .. }) = schema else {
                     return Err("a decimal without a decimal schema".into());
                 };
-                out.push_str(&scaled(&BigInt::from(decimal).to_string(), *scale));
+                let unscaled = BigInt::from(decimal);
+                let digits = match i128::try_from(&unscaled) {
+                    Ok(small) => small.to_string(),
+                    Err(_) => unscaled.to_string(),
+                };
+                out.push_str(&scaled(&digits, *scale));
             }
             Avro::BigDecimal(decimal) => out.push_str(&decimal.to_plain_string()),
             Avro::Date(days) => {
@@ -188,9 +198,15 @@ fn scaled(digits: &str, scale: usize) -> String {
     format!("{sign}{whole}.{fraction}")
 }
 
-/// A JSON string, escaped as JSON escapes it.
+/// A JSON string, escaped as JSON escapes it (most need no escape, and are copied as they are).
 fn string(text: &str, out: &mut String) {
-    out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+    if text.bytes().any(|byte| byte < 0x20 || byte == b'"' || byte == b'\\') {
+        out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+    } else {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    }
 }
 
 fn float(value: f64, out: &mut String) {

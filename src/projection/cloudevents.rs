@@ -201,6 +201,12 @@ mod tests {
             );
             assert_eq!(event.occurred_at.map(|at| at.timestamp()), Some(1_767_323_045));
         }
+        // One without a version is parked under its subject, as the key's later events are.
+        let mut unversioned = binary.clone();
+        unversioned.headers.retain(|(name, _)| name != b"ce_sequence");
+        let decoded = preset.decode(&unversioned);
+        assert!(matches!(decoded, Decoded::Poison { .. }), "{decoded:?}");
+        assert_eq!(preset.parking_key(&unversioned, &decoded).as_deref(), Some("acc-1"));
         let plain = compile_file(std::path::Path::new("s.toml"), &text("")).unwrap();
         assert!(
             matches!(plain.decode(&binary), Decoded::Poison { .. }),

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::fields::{Json, Span};
-use super::schemas::FrameError;
+use super::schemas::{frame, FrameError, Schemas};
 use super::{Dedupe, Handler, Projection, Source};
 
 /// A Kafka record as the consumer hands it over.
@@ -144,7 +144,7 @@ impl Projection {
         };
         let envelope = &self.envelope;
         let [type_slot, id_slot, key_slot, version_slot, time_slot] = self.envelope_slots;
-        let field = |source, slot, name| read(source, slot, name, record, text, &spans);
+        let field = |source, slot, name| read(source, slot, name, record, text, &spans, &self.schemas);
         let event_type =
             match field(&envelope.event_type, type_slot, "type").and_then(|raw| text_of(raw, "type", false)) {
                 Ok(Some(event_type)) => event_type,
@@ -185,9 +185,13 @@ impl Projection {
             Decoded::Handled { event, .. } => event.key.clone(),
             Decoded::Tombstone | Decoded::Ignored { .. } => None,
             Decoded::Poison { .. } => {
-                let text = record.value.as_deref().and_then(|bytes| std::str::from_utf8(bytes).ok()).unwrap_or("null");
+                // The JSON the record was read as: a framed body, a binary-mode CloudEvent's
+                // attributes and data, or the value itself.
+                let bytes = record.value.as_deref().unwrap_or(b"null");
+                let body = self.body(record, bytes).ok().flatten();
+                let text = body.as_deref().or_else(|| std::str::from_utf8(bytes).ok()).unwrap_or("null");
                 let spans = self.fields.find(text).unwrap_or_else(|_| vec![None; self.fields.len()]);
-                read(&self.envelope.key, self.envelope_slots[2], "key", record, text, &spans)
+                read(&self.envelope.key, self.envelope_slots[2], "key", record, text, &spans, &self.schemas)
                     .and_then(|raw| text_of(raw, "key", true))
                     .ok()
                     .flatten()
@@ -232,6 +236,7 @@ fn read<'v>(
     record: &'v Record,
     text: &'v str,
     spans: &[Option<Span>],
+    schemas: &Schemas,
 ) -> Result<Option<Read<'v>>, DecodeError> {
     let utf8 = |bytes: &[u8]| {
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::FieldNotUtf8 { field, from: source.to_string() })
@@ -246,10 +251,21 @@ fn read<'v>(
             None => None,
         },
         Source::Header(name) => record.header(name).map(utf8).transpose()?.map(Raw::Text),
-        Source::KafkaKey => record.key.as_deref().map(utf8).transpose()?.map(Raw::Text),
+        Source::KafkaKey => match record.key.as_deref() {
+            Some(key) => Some(Raw::Text(match frame(key) {
+                Some(framed) => key_of(&framed.and_then(|(id, body)| schemas.to_json(id, body))?),
+                None => utf8(key)?,
+            })),
+            None => None,
+        },
         Source::KafkaTimestamp => record.timestamp_ms.map(Raw::Millis),
     };
     Ok(raw.map(|raw| Read { raw, source }))
+}
+
+/// A Confluent-framed key read as JSON: a string is its text, anything else its JSON text.
+fn key_of(json: &str) -> String {
+    serde_json::from_str::<String>(json).unwrap_or_else(|_| json.to_string())
 }
 
 /// A JSON value shown in an error: its JSON text, shortened.

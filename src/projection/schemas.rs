@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use super::avro::AvroSchema;
 use super::event::Record;
 use super::protobuf::ProtoSchema;
+use super::{Projection, Source};
 
 /// How long an id the source did not know is taken as unknown before it is asked again.
 pub const UNKNOWN_FOR: Duration = Duration::from_secs(60);
@@ -52,6 +53,18 @@ pub struct FetchError {
 /// Where schemas come from.
 pub trait Fetch: Send + Sync {
     fn fetch(&self, id: u32) -> BoxFuture<'_, Result<Found, FetchError>>;
+}
+
+impl Projection {
+    /// [`Schemas::ensure`] for what this projection reads of `records`: their values, and their
+    /// keys when its envelope reads `kafka:key` (a binary key of any other projection is never
+    /// taken for a schema id).
+    pub async fn ensure_schemas<'r>(&self, records: impl IntoIterator<Item = &'r Record>) -> Result<(), FetchError> {
+        let envelope = &self.envelope;
+        let keys = [&envelope.event_type, &envelope.event_id, &envelope.key, &envelope.version, &envelope.occurred_at]
+            .contains(&&Source::KafkaKey);
+        self.schemas.ensure(records, keys).await
+    }
 }
 
 /// Why a framed record's body could not be read as JSON.
@@ -108,14 +121,21 @@ impl Schemas {
 
     /// Fetches the schema of every framed record in `records` not known yet (or unknown for
     /// longer than [`UNKNOWN_FOR`]). Records that are not framed cost a look at their first byte.
-    pub async fn ensure<'r>(&self, records: impl IntoIterator<Item = &'r Record>) -> Result<(), FetchError> {
+    /// With `keys`, framed keys' schemas too.
+    pub async fn ensure<'r>(
+        &self,
+        records: impl IntoIterator<Item = &'r Record>,
+        keys: bool,
+    ) -> Result<(), FetchError> {
         let Some(source) = &self.source else { return Ok(()) };
+        let id = |bytes: Option<&[u8]>| match frame(bytes?)? {
+            Ok((id, _)) => Some(id),
+            Err(_) => None,
+        };
         let wanted: HashSet<u32> = records
             .into_iter()
-            .filter_map(|record| match frame(record.value.as_deref()?)? {
-                Ok((id, _)) => Some(id),
-                Err(_) => None,
-            })
+            .flat_map(|record| [id(record.value.as_deref()), id(record.key.as_deref().filter(|_| keys))])
+            .flatten()
             .collect();
         if self.missing(&wanted).is_empty() {
             return Ok(());
@@ -226,17 +246,43 @@ mod tests {
         let hello = [&[0, 0, 0, 0, 1, 10][..], b"hello"].concat();
         let records = [record(&hello), record(&hello), record(&[0, 0, 0, 0, 2]), record(b"{}"), record(&[0])];
         assert_eq!(schemas.to_json(1, b"\x02a"), Err(FrameError::NotLoaded { id: 1 }));
-        let (first, second) =
-            futures::executor::block_on(futures::future::join(schemas.ensure(&records), schemas.ensure(&records[..2])));
+        let (first, second) = futures::executor::block_on(futures::future::join(
+            schemas.ensure(&records, false),
+            schemas.ensure(&records[..2], false),
+        ));
         (first.unwrap(), second.unwrap());
-        futures::executor::block_on(schemas.ensure(&records)).unwrap();
+        futures::executor::block_on(schemas.ensure(&records, false)).unwrap();
         assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(schemas.to_json(1, &hello[5..]).unwrap(), r#""hello""#);
         assert!(matches!(schemas.to_json(2, b""), Err(FrameError::Unknown { id: 2, .. })));
         let short = schemas.to_json(1, b"\x02");
         assert!(matches!(short, Err(FrameError::Body { id: 1, .. })), "{short:?}");
-        let error = futures::executor::block_on(schemas.ensure(&[record(&[0, 0, 0, 0, 3])])).unwrap_err();
+        let error = futures::executor::block_on(schemas.ensure(&[record(&[0, 0, 0, 0, 3])], false)).unwrap_err();
         assert_eq!(error.id, 3);
         assert_eq!(Schemas::default().to_json(1, b""), Err(FrameError::NoSource { id: 1 }));
+    }
+
+    /// A projection whose envelope reads `kafka:key` reads a framed key by its schema: a string
+    /// key is its text. Only such a projection fetches keys' schemas.
+    #[test]
+    fn a_framed_key_reads_by_its_schema() {
+        let text = "topics = [\"t\"]\n[envelope]\nkey = \"kafka:key\"\n[table]\nname = \"s\"\nkey = \"id\"\n[on.A]\nupdate = { n = \"1\" }\n";
+        let mut keyed = crate::projection::compile_file(std::path::Path::new("s.toml"), text).unwrap();
+        let counting = Arc::new(Counting(0.into()));
+        keyed.schemas = Schemas::new(counting.clone());
+        let mut plain =
+            crate::projection::compile_file(std::path::Path::new("s.toml"), &text.replace("kafka:key", "stream_id"))
+                .unwrap();
+        plain.schemas = keyed.schemas.clone();
+        let mut framed = record(br#"{"type": "A", "stream_version": 2}"#);
+        framed.key = Some([&[0, 0, 0, 0, 1, 10][..], b"acc-1"].concat());
+        futures::executor::block_on(plain.ensure_schemas([&framed])).unwrap();
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 0, "a key the projection does not read");
+        futures::executor::block_on(keyed.ensure_schemas([&framed])).unwrap();
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        match keyed.decode(&framed) {
+            crate::projection::Decoded::Handled { event, .. } => assert_eq!(event.key.as_deref(), Some("acc-1")),
+            other => panic!("{other:?}"),
+        }
     }
 }

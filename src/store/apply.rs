@@ -40,7 +40,7 @@ pub async fn apply_batch<'p>(
     let decoded: Vec<Decoded<'_>> = match decoded {
         Some(decoded) if decoded.len() == batch.records.len() => decoded,
         _ => {
-            projection.schemas.ensure(batch.records).await?;
+            projection.ensure_schemas(batch.records).await?;
             batch.records.iter().map(|record| projection.decode(record)).collect()
         }
     };

@@ -45,7 +45,7 @@ pub(super) async fn release_key(
         .map_err(ApplyError::during("reading held events"))?;
     let mut result = Released::All;
     let held: Vec<(i64, Record)> = rows.iter().map(|row| (row.get(0), record_at(row, 1))).collect();
-    projection.schemas.ensure(held.iter().map(|(_, record)| record)).await?;
+    projection.ensure_schemas(held.iter().map(|(_, record)| record)).await?;
     for (version, record) in held {
         let decoded = projection.decode(&record);
         match run_isolated(tx, projection, &record, &decoded, Source::Held, Some(key), isolate).await? {
@@ -129,7 +129,7 @@ pub async fn park_expired_gaps(
     let mut expired: Vec<(String, i64, Option<i64>, String, Record)> =
         rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(11), record_at(&row, 3))).collect();
     expired.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-    projection.schemas.ensure(expired.iter().map(|expired| &expired.4)).await?;
+    projection.ensure_schemas(expired.iter().map(|expired| &expired.4)).await?;
     for (key, version, found, held_at, record) in &expired {
         let row = found.map_or("no row".to_string(), |found| format!("the row at version {found}"));
         let message = format!(

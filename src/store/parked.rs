@@ -307,7 +307,7 @@ pub async fn retry(
         }
         let mut report = BatchReport::default();
         let parked_events = parked_of_unit(&tx, &projection.name, &unit).await?;
-        projection.schemas.ensure(parked_events.iter().map(|parked| &parked.record)).await.map_err(ApplyError::from)?;
+        projection.ensure_schemas(parked_events.iter().map(|parked| &parked.record)).await.map_err(ApplyError::from)?;
         for parked in parked_events {
             let decoded = projection.decode(&parked.record);
             match try_event(&tx, projection, &parked.record, &decoded, Source::Kafka, true).await? {

@@ -125,7 +125,7 @@ impl LaneJob {
         } = self;
         // Decoded now, while the lane's previous batch may still be in its transaction; when a
         // schema cannot be had, the first attempt to apply fetches it again (and is retried).
-        let decoded = match projection.schemas.ensure(&records).await {
+        let decoded = match projection.ensure_schemas(&records).await {
             Ok(()) => Some(records.iter().map(|record| projection.decode(record)).collect()),
             Err(_) => None,
         };
