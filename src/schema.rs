@@ -1,5 +1,5 @@
 //! Where the schemas of Confluent-framed records come from (`[schemas]`): a directory of schema
-//! files named by id (`.avsc`, `.proto`), and a Confluent Schema Registry's REST API (`GET /schemas/ids/{id}`, with
+//! files named by id (`.avsc`, `.proto`, `.json`), and a Confluent Schema Registry's REST API (`GET /schemas/ids/{id}`, with
 //! basic auth and TLS). Both fill the cache that decoding reads
 //! ([`Schemas`](crate::projection::schemas::Schemas)).
 
@@ -60,12 +60,14 @@ impl Fetch for Sources {
 }
 
 /// A directory of schema files named by id: `42.avsc` holds the Avro schema with id 42,
-/// `43.proto` the Protobuf schema with id 43.
+/// `43.proto` the Protobuf schema with id 43, `44.json` the JSON Schema with id 44.
 struct Directory(PathBuf);
 
 impl Directory {
     fn read(&self, id: u32) -> Result<Found, FetchError> {
-        for (extension, parse) in [("avsc", avro as fn(&str, &str) -> Found), ("proto", protobuf)] {
+        for (extension, parse) in
+            [("avsc", avro as fn(&str, &str) -> Found), ("proto", protobuf), ("json", json_schema)]
+        {
             let path = self.0.join(format!("{id}.{extension}"));
             match std::fs::read_to_string(&path) {
                 Ok(text) => return Ok(parse(&text, &path.display().to_string())),
@@ -75,7 +77,10 @@ impl Directory {
                 }
             }
         }
-        Ok(Found::Unknown(format!("no file {id}.avsc or {id}.proto in the schema directory {}", self.0.display())))
+        Ok(Found::Unknown(format!(
+            "no file {id}.avsc, {id}.proto or {id}.json in the schema directory {}",
+            self.0.display()
+        )))
     }
 }
 
@@ -83,6 +88,15 @@ fn avro(text: &str, from: &str) -> Found {
     match AvroSchema::parse(text) {
         Ok(schema) => Found::Schema(Schema::Avro(schema)),
         Err(error) => Found::Unknown(format!("the Avro schema in {from} does not parse: {error}")),
+    }
+}
+
+/// A JSON Schema: records framed with its id are JSON text, read as they are; the schema must be
+/// JSON, and is not otherwise used.
+fn json_schema(text: &str, from: &str) -> Found {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(_) => Found::Schema(Schema::JsonSchema),
+        Err(error) => Found::Unknown(format!("the JSON Schema in {from} is not JSON: {error}")),
     }
 }
 
@@ -154,11 +168,12 @@ impl Registry {
             .any(|reference| !reference["name"].as_str().is_some_and(|name| name.starts_with("google/protobuf/")));
         let from = format!("the registry's schema {id}");
         Ok(match answer.schema_type.as_deref().unwrap_or("AVRO") {
-            "AVRO" | "PROTOBUF" if foreign => {
+            "AVRO" | "PROTOBUF" | "JSON" if foreign => {
                 Found::Unknown("its schema references other subjects, which projector does not follow yet".into())
             }
             "AVRO" => avro(&answer.schema, &from),
             "PROTOBUF" => protobuf(&answer.schema, &from),
+            "JSON" => json_schema(&answer.schema, &from),
             kind => Found::Schema(Schema::Unsupported { kind: kind.to_string() }),
         })
     }

@@ -1,5 +1,5 @@
 //! Records in the Confluent wire format (a zero byte, the schema's id in 4 bytes, big-endian, then
-//! the body: Avro, or Protobuf after its message indexes) and the schemas that read them, by id.
+//! the body: Avro, Protobuf after its message indexes, or JSON text for JSON Schema) and the schemas that read them, by id.
 //!
 //! [`Schemas`] is a cache that a [`Fetch`] (the schema registry's client or a directory of
 //! schema files, in `crate::schema`) fills ahead of decoding: [`Schemas::ensure`] is awaited for
@@ -26,8 +26,9 @@ pub const UNKNOWN_FOR: Duration = Duration::from_secs(60);
 pub enum Schema {
     Avro(AvroSchema),
     Protobuf(ProtoSchema),
-    /// A kind this version does not read (a registry's `JSON`): its records are parked, saying
-    /// so.
+    /// JSON Schema: the body is JSON text, read as it is (not validated against the schema).
+    JsonSchema,
+    /// A kind this version does not know: its records are parked, saying so.
     Unsupported {
         kind: String,
     },
@@ -183,6 +184,11 @@ impl Schemas {
             Schema::Protobuf(proto) => {
                 proto.to_json(body).map_err(|reason| FrameError::Body { id, kind: "Protobuf", reason })
             }
+            Schema::JsonSchema => std::str::from_utf8(body).map(str::to_string).map_err(|error| FrameError::Body {
+                id,
+                kind: "JSON",
+                reason: format!("not UTF-8: {error}"),
+            }),
             Schema::Unsupported { kind } => Err(FrameError::Unsupported { id, kind: kind.clone() }),
         }
     }

@@ -1,5 +1,6 @@
-//! Avro and Protobuf in the Confluent wire format, end to end: records written by `apache-avro`
-//! (two writer schemas) and by prost (through prost-reflect, the `.proto` compiled by protox),
+//! Avro, Protobuf and JSON Schema in the Confluent wire format, end to end: records written by
+//! `apache-avro` (two writer schemas), by prost (through prost-reflect, the `.proto` compiled by
+//! protox) and as JSON,
 //! framed (a zero byte, the schema id, Protobuf's message indexes, the body) and mixed with JSON
 //! records and broken frames in one Tansu topic, read by `projector run` with its schemas from a stand-in schema
 //! registry (served here: `GET /schemas/ids/{id}`, basic auth, failing at first) or from a
@@ -197,6 +198,14 @@ impl Payment {
         Raw::bytes(Some(&self.key), &value)
     }
 
+    /// The same event as JSON framed with schema 4, a JSON Schema.
+    fn json_framed(&self) -> Raw {
+        let json = self.json();
+        let mut value = vec![0, 0, 0, 0, 4];
+        value.extend(json.value.expect("a value"));
+        Raw { value: Some(value), ..json }
+    }
+
     /// The same event as JSON, as a producer that has not moved to Avro writes it.
     fn json(&self) -> Raw {
         let paid_at = chrono::DateTime::from_timestamp_millis(self.paid_at_ms).expect("time");
@@ -346,7 +355,7 @@ async fn avro_and_protobuf_from_a_registry_with_json_duplicates_broken_frames_an
         (1..=2).contains(&served(1)) && (1..=2).contains(&served(2)),
         "schemas fetched more than once per process: {requests:?}"
     );
-    assert!((1..=2).contains(&served(3)), "{requests:?}");
+    assert!((1..=2).contains(&served(3)) && (1..=2).contains(&served(4)), "{requests:?}");
     assert!(requests.iter().filter(|(_, status)| *status == 503).count() == 3, "{requests:?}");
     assert!((1..=2).contains(&asked(99)), "the unknown id was asked {} times", asked(99));
     assert!(outcome.retried_log, "no log line says the registry could not be reached");
@@ -379,7 +388,7 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
     std::fs::write(projections.join("payments.toml"), DEFINITION).expect("definition");
     std::fs::write(projections.join("payments/migrations/V1__create_payments.sql"), MIGRATION).expect("migration");
 
-    // Schemas 1 and 2 are Avro, 3 Protobuf; 4 is JSON Schema (not read yet), or broken; 99 is unknown.
+    // Schemas 1 and 2 are Avro, 3 Protobuf, 4 JSON Schema; 5 a kind not read, or broken; 99 unknown.
     let mut config = String::from(
         "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[schemas]\n",
     );
@@ -396,6 +405,7 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
                 let references = [wkt("google/protobuf/timestamp.proto"), wkt("google/protobuf/wrappers.proto")];
                 state.schemas.insert(3, json!({"schema": PROTO, "schemaType": "PROTOBUF", "references": references}));
                 state.schemas.insert(4, json!({"schema": "{\"type\": \"object\"}", "schemaType": "JSON"}));
+                state.schemas.insert(5, json!({"schema": "struct P { 1: string id }", "schemaType": "THRIFT"}));
             }
             let url = serve_registry(registry).await;
             config.push_str(&format!(
@@ -409,7 +419,8 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
                 std::fs::write(dir.join(format!("{id}.avsc")), schema_text(id)).expect("schema file");
             }
             std::fs::write(dir.join("3.proto"), PROTO).expect("schema file");
-            std::fs::write(dir.join("4.avsc"), "syntax = \"proto3\";").expect("schema file");
+            std::fs::write(dir.join("4.json"), r#"{"type": "object"}"#).expect("schema file");
+            std::fs::write(dir.join("5.avsc"), "syntax = \"proto3\";").expect("schema file");
             config.push_str(&format!("dir = \"{}\"\n", dir.display()));
         }
     }
@@ -425,7 +436,8 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
             let mut raws = Vec::new();
             for payment in versions {
                 let raw = match rng.random_range(0..10) {
-                    0..=1 => payment.json(),
+                    0 => payment.json(),
+                    1 => payment.json_framed(),
                     2..=4 => payment.avro(1),
                     5..=6 => payment.avro(2),
                     _ => payment.protobuf(&pool),
@@ -454,10 +466,10 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
         (Raw::bytes(Some("bad-truncated"), &[0, 0, 1]), "truncated"),
         (Raw::bytes(Some("bad-body"), &garbage), "body does not decode with Avro schema 1"),
         (
-            Raw::bytes(Some("bad-kind"), &[0, 0, 0, 0, 4, 2, b'x']),
+            Raw::bytes(Some("bad-kind"), &[0, 0, 0, 0, 5, 2, b'x']),
             match schemas {
-                Schemas::Registry => "JSON schema, which projector does not read yet",
-                Schemas::Directory => "schema id 4 is unknown: the Avro schema in",
+                Schemas::Registry => "THRIFT schema, which projector does not read yet",
+                Schemas::Directory => "schema id 5 is unknown: the Avro schema in",
             },
         ),
         (
