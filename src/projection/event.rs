@@ -253,7 +253,7 @@ fn read<'v>(
         Source::Header(name) => record.header(name).map(utf8).transpose()?.map(Raw::Text),
         Source::KafkaKey => match record.key.as_deref() {
             Some(key) => Some(Raw::Text(match frame(key) {
-                Some(framed) => key_of(&framed.and_then(|(id, body)| schemas.to_json(id, body))?),
+                Some(framed) => schemas.key(framed)?,
                 None => utf8(key)?,
             })),
             None => None,
@@ -261,11 +261,6 @@ fn read<'v>(
         Source::KafkaTimestamp => record.timestamp_ms.map(Raw::Millis),
     };
     Ok(raw.map(|raw| Read { raw, source }))
-}
-
-/// A Confluent-framed key read as JSON: a string is its text, anything else its JSON text.
-fn key_of(json: &str) -> String {
-    serde_json::from_str::<String>(json).unwrap_or_else(|_| json.to_string())
 }
 
 /// A JSON value shown in an error: its JSON text, shortened.

@@ -169,6 +169,12 @@ impl Schemas {
             .collect()
     }
 
+    /// A framed key as text: a string is its text, anything else its JSON text.
+    pub fn key(&self, framed: Result<(u32, &[u8]), FrameError>) -> Result<String, FrameError> {
+        let json = framed.and_then(|(id, body)| self.to_json(id, body))?;
+        Ok(serde_json::from_str::<String>(&json).unwrap_or(json))
+    }
+
     /// A framed body as JSON text.
     pub fn to_json(&self, id: u32, body: &[u8]) -> Result<String, FrameError> {
         if self.source.is_none() {
