@@ -1,6 +1,6 @@
 //! Where the schemas of Confluent-framed records come from (`[schemas]`): a directory of schema
-//! files named by id (`.avsc`, `.proto`, `.json`), and a Confluent Schema Registry's REST API (`GET /schemas/ids/{id}`, with
-//! basic auth and TLS). Both fill the cache that decoding reads
+//! files named by id (`.avsc`, `.proto`, `.json`), and a Confluent Schema Registry's REST API
+//! (`GET /schemas/ids/{id}`, with basic auth and TLS). Both fill the cache that decoding reads
 //! ([`Schemas`](crate::projection::schemas::Schemas)).
 
 use std::path::{Path, PathBuf};

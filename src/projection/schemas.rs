@@ -1,5 +1,6 @@
 //! Records in the Confluent wire format (a zero byte, the schema's id in 4 bytes, big-endian, then
-//! the body: Avro, Protobuf after its message indexes, or JSON text for JSON Schema) and the schemas that read them, by id.
+//! the body: Avro, Protobuf after its message indexes, or JSON text for JSON Schema) and the
+//! schemas that read them, by id.
 //!
 //! [`Schemas`] is a cache that a [`Fetch`] (the schema registry's client or a directory of
 //! schema files, in `crate::schema`) fills ahead of decoding: [`Schemas::ensure`] is awaited for
@@ -20,6 +21,11 @@ use super::{Projection, Source};
 
 /// How long an id the source did not know is taken as unknown before it is asked again.
 pub const UNKNOWN_FOR: Duration = Duration::from_secs(60);
+
+/// Past this many ids remembered as unknown, those remembered for longer than [`UNKNOWN_FOR`] are
+/// forgotten: records with made-up ids (any value starting with a zero byte) do not grow the
+/// cache without end.
+const UNKNOWN_KEPT: usize = 10_000;
 
 /// A schema, as a registry or a file holds it.
 #[derive(Debug)]
@@ -151,7 +157,13 @@ impl Schemas {
                 Found::Schema(schema) => Entry::Schema(Arc::new(schema)),
                 Found::Unknown(reason) => Entry::Unknown { reason, since: Instant::now() },
             };
-            self.known.write().expect("schemas lock").insert(id, entry);
+            let mut known = self.known.write().expect("schemas lock");
+            if matches!(entry, Entry::Unknown { .. }) && known.len() >= UNKNOWN_KEPT {
+                known.retain(
+                    |_, entry| !matches!(entry, Entry::Unknown { since, .. } if since.elapsed() >= UNKNOWN_FOR),
+                );
+            }
+            known.insert(id, entry);
         }
         Ok(())
     }

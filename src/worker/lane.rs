@@ -177,10 +177,9 @@ impl<'a> LaneRun<'a> {
     /// poison (one event's data) isolates the events so that the one responsible is parked;
     /// transient (and poison that no event can be blamed for) is retried with backoff, the
     /// projection reported `failed` after `max_attempts` in a row; fatal stops.
-    async fn apply(&self, records: &[Record], moves: &[Move], decoded: Option<Vec<Decoded<'a>>>) -> Lane {
+    async fn apply(&self, records: &[Record], moves: &[Move], mut decoded: Option<Vec<Decoded<'a>>>) -> Lane {
         let projection = self.projection;
         let started = Instant::now();
-        let mut decoded = decoded;
         let mut isolate = false;
         let mut attempt: u32 = 0;
         loop {
