@@ -24,7 +24,7 @@ use crate::projections::{
 use crate::rebuild::rebuild;
 use crate::report::round;
 use crate::running::{engine_settings, Engine};
-use crate::workload::{Format, Workload, AVRO_SCHEMA, AVRO_SCHEMA_ID};
+use crate::workload::{schema_file, Format, Workload};
 use crate::Args;
 
 /// What to do in one broker mode.
@@ -106,11 +106,11 @@ pub async fn broker_mode(
     }
     let dir = tempfile::tempdir()?;
     let mut settings = engine_settings(&url, &bootstrap, kind, args);
-    if workload.format == Format::Avro {
+    if let Some((file, schema)) = schema_file(workload.format) {
         // The writer's schema, where the engine finds it by its id.
         let schemas = dir.path().join("schemas");
         std::fs::create_dir_all(&schemas)?;
-        std::fs::write(schemas.join(format!("{AVRO_SCHEMA_ID}.avsc")), AVRO_SCHEMA)?;
+        std::fs::write(schemas.join(file), schema)?;
         settings.schemas.dir = Some(schemas);
     }
     if !settings.kafka.properties.is_empty() {

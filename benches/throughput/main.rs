@@ -71,8 +71,8 @@ struct Args {
     /// which the projection does not read); 0: no padding (about 280 bytes).
     #[arg(long, default_value_t = 0)]
     value_bytes: usize,
-    /// How the values are written: `json`, or `avro` (Confluent-framed, the engine reading the
-    /// writer's schema from a schema directory). The naive consumer and the latency phases read
+    /// How the values are written: `json`, or `avro` or `protobuf` (Confluent-framed, the engine
+    /// reading the writer's schema from a schema directory). The naive consumer and the latency phases read
     /// and write JSON only.
     #[arg(long, value_enum, default_value_t = workload::Format::Json)]
     format: workload::Format,

@@ -38,16 +38,48 @@ pub struct Workload {
     pub format: Format,
 }
 
-/// How the workload's values are written (`--format`): JSON, or Avro in the Confluent wire
-/// format with the writer's schema [`AVRO_SCHEMA`] under id [`AVRO_SCHEMA_ID`], which the engine
-/// reads from a schema directory.
+/// How the workload's values are written (`--format`): JSON, or Avro or Protobuf in the Confluent
+/// wire format with the writer's schema ([`AVRO_SCHEMA`], [`PROTO_SCHEMA`]) under id
+/// [`SCHEMA_ID`], which the engine reads from a schema directory.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Json,
     Avro,
+    Protobuf,
 }
 
-pub const AVRO_SCHEMA_ID: u32 = 1;
+pub const SCHEMA_ID: u32 = 1;
+
+/// The events' Protobuf schema: the JSON events' fields, the totals as decimal strings (Protobuf
+/// has no decimal type). `OrderEvent` comes second: the frame names it by the indexes `[1]`.
+pub const PROTO_SCHEMA: &str = r#"syntax = "proto3";
+package bench;
+import "google/protobuf/timestamp.proto";
+message Data {
+  optional string customer_id = 1;
+  optional string total = 2;
+  optional string amount = 3;
+  optional string note = 4;
+  optional string padding = 5;
+}
+message OrderEvent {
+  string id = 1;
+  string type = 2;
+  string stream_id = 3;
+  int64 stream_version = 4;
+  google.protobuf.Timestamp occurred_at = 5;
+  Data data = 6;
+}
+"#;
+
+/// The schema file the engine reads for `format` (`None`: JSON needs none).
+pub fn schema_file(format: Format) -> Option<(String, &'static str)> {
+    match format {
+        Format::Json => None,
+        Format::Avro => Some((format!("{SCHEMA_ID}.avsc"), AVRO_SCHEMA)),
+        Format::Protobuf => Some((format!("{SCHEMA_ID}.proto"), PROTO_SCHEMA)),
+    }
+}
 
 /// The events' Avro schema: the JSON events' fields, the totals as decimals.
 pub const AVRO_SCHEMA: &str = r#"{"type": "record", "name": "OrderEvent", "namespace": "bench", "fields": [
@@ -163,7 +195,61 @@ pub fn event_value(format: Format, entity: u32, version: u32, value_bytes: usize
     match format {
         Format::Json => event_json(entity, version, None, value_bytes),
         Format::Avro => event_avro(entity, version, value_bytes),
+        Format::Protobuf => event_protobuf(entity, version, value_bytes),
     }
+}
+
+/// [`event_json`]'s event in Protobuf ([`PROTO_SCHEMA`], compiled by protox, encoded by prost),
+/// Confluent-framed with the message indexes `[1]`, padded like the others.
+pub fn event_protobuf(entity: u32, version: u32, value_bytes: usize) -> Vec<u8> {
+    use prost::Message;
+    use prost_reflect::{DescriptorPool, DynamicMessage, Value};
+    thread_local! {
+        static POOL: DescriptorPool = {
+            let dir = tempfile::tempdir().expect("a temporary folder");
+            let path = dir.path().join("bench.proto");
+            std::fs::write(&path, PROTO_SCHEMA).expect("writing the .proto");
+            let set = protox::compile([&path], [dir.path()]).expect("the bench's Protobuf schema");
+            DescriptorPool::from_file_descriptor_set(set).expect("its descriptors")
+        };
+    }
+    POOL.with(|pool| {
+        let message = |name: &str| DynamicMessage::new(pool.get_message_by_name(name).expect("a message type"));
+        let event = |padding: Option<String>| {
+            let mut data = message("bench.Data");
+            let mut set = |field: &str, value: Option<String>| {
+                if let Some(value) = value {
+                    data.set_field_by_name(field, Value::String(value));
+                }
+            };
+            set("customer_id", (version <= 2).then(|| customer_of(entity)));
+            set("total", (version == 1).then(|| total_of(entity).to_string()));
+            set("amount", (version == 2).then(|| total_of(entity).to_string()));
+            set("note", (version >= 3).then(|| note_of(version)));
+            set("padding", padding);
+            let mut at = message("google.protobuf.Timestamp");
+            at.set_field_by_name("seconds", Value::I64(occurred_at(version).timestamp()));
+            let mut event = message("bench.OrderEvent");
+            let id = Uuid::from_u64_pair(u64::from(entity), u64::from(version)).to_string();
+            event.set_field_by_name("id", Value::String(id));
+            event.set_field_by_name("type", Value::String(event_type(version).into()));
+            event.set_field_by_name("stream_id", Value::String(entity_id(entity).to_string()));
+            event.set_field_by_name("stream_version", Value::I64(i64::from(version)));
+            event.set_field_by_name("occurred_at", Value::Message(at));
+            event.set_field_by_name("data", Value::Message(data));
+            let mut framed = vec![0];
+            framed.extend_from_slice(&SCHEMA_ID.to_be_bytes());
+            framed.extend_from_slice(&[2, 2]);
+            framed.extend(event.encode_to_vec());
+            framed
+        };
+        let value = event(None);
+        // A string of n bytes takes about n + 3 (its tag and length).
+        match value_bytes.checked_sub(value.len() + 4) {
+            Some(padding) if value_bytes > 0 => event(Some("x".repeat(padding))),
+            _ => value,
+        }
+    })
 }
 
 /// [`event_json`]'s event in Avro ([`AVRO_SCHEMA`]), Confluent-framed: the same fields and
@@ -199,7 +285,7 @@ pub fn event_avro(entity: u32, version: u32, value_bytes: usize) -> Vec<u8> {
             ("data".into(), data),
         ]);
         let mut framed = vec![0];
-        framed.extend_from_slice(&AVRO_SCHEMA_ID.to_be_bytes());
+        framed.extend_from_slice(&SCHEMA_ID.to_be_bytes());
         SCHEMA.with(|schema| {
             let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema).build().expect("writer");
             framed.extend(writer.write_value_to_vec(event).expect("the event as Avro"));
