@@ -17,6 +17,7 @@
 //! - `outage`: Postgres unreachable mid-stream and back: nothing lost, nothing applied twice.
 //! - `retention`: records the broker deleted before they were read: counted, held or skipped.
 //! - `security`: Postgres TLS by `sslmode`; no password in errors.
+//! - `registry`: the schema registry's client over TLS, with and without its CA.
 //! - `transactions`: committed transactions applied, aborted ones never; checkpoints, lag and
 //!   rebuilds past their markers.
 //! - `wire`: record batches and transaction markers written to the mock broker byte for byte; a
@@ -32,6 +33,7 @@ mod hostile;
 mod outage;
 mod parking;
 mod raw;
+mod registry;
 mod retention;
 mod security;
 mod transactions;
