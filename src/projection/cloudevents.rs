@@ -30,9 +30,16 @@ impl Projection {
         }
         let data = match data {
             Some(data) => data,
+            None if bytes.is_empty() => "null".to_string(),
             None => std::str::from_utf8(bytes).map_err(|error| DecodeError::NotUtf8(error.to_string()))?.to_string(),
         };
         structured(record, &data).map(Some)
+    }
+
+    /// A binary-mode CloudEvent without data (no value, or an empty one) is an event all the
+    /// same, its `data` null; any other record without a value is a tombstone (`None`).
+    pub(super) fn no_data(&self, record: &Record) -> Option<&'static [u8]> {
+        (self.envelope.cloudevents && is_binary(record)).then_some(b"")
     }
 }
 
@@ -207,6 +214,12 @@ mod tests {
         let decoded = preset.decode(&unversioned);
         assert!(matches!(decoded, Decoded::Poison { .. }), "{decoded:?}");
         assert_eq!(preset.parking_key(&unversioned, &decoded).as_deref(), Some("acc-1"));
+        // An event without data (no value, or an empty one) is handled, its data null.
+        for value in [None, Some(Vec::new())] {
+            let mut without = binary.clone();
+            without.value = value;
+            assert!(matches!(preset.decode(&without), Decoded::Handled { .. }), "{without:?}");
+        }
         let plain = compile_file(std::path::Path::new("s.toml"), &text("")).unwrap();
         assert!(
             matches!(plain.decode(&binary), Decoded::Poison { .. }),

@@ -104,7 +104,7 @@ impl Projection {
     /// Decodes `record` through this projection's envelope. Only the fields the projection reads
     /// are looked at; the rest of the value is checked to be JSON and skipped.
     pub fn decode(&self, record: &Record) -> Decoded<'_> {
-        let Some(bytes) = &record.value else {
+        let Some(bytes) = record.value.as_deref().or_else(|| self.no_data(record)) else {
             return Decoded::Tombstone;
         };
         let body = match self.body(record, bytes) {
