@@ -17,7 +17,8 @@
 //! - `engine`: the engine in process on librdkafka's mock cluster ([`Engine`]), its settings,
 //!   topics and projections.
 //! - `scrape`: `/metrics` over plain HTTP and the text exposition parsed.
-//! - `records`: records published byte for byte, and the bank-account events.
+//! - `records`: records published byte for byte, the bank-account events, a seeded generator
+//!   ([`records::seeded_rng`]) and streams interleaved at random ([`records::interleave`]).
 //! - `model`: the shop's events as typed facts, the read models they fold to, random histories
 //!   (the in-process tests).
 //! - `shop`: the example shop as the process-level tests see it: JSON histories with duplicates,

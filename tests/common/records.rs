@@ -132,3 +132,28 @@ fn add_header(headers: &OwnedHeaders, name: &[u8], value: &[u8]) {
     };
     assert_eq!(error, rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR, "adding a header");
 }
+
+/// A random generator for a test's records, seeded from `PROJECTOR_E2E_SEED` when it is set, else
+/// at random; the seed is printed, so a failing run can be repeated.
+pub fn seeded_rng() -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed: u64 =
+        std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// The streams' records interleaved at random, each stream's kept in its order.
+pub fn interleave<T>(rng: &mut impl rand::Rng, mut streams: Vec<Vec<T>>) -> Vec<T> {
+    for stream in &mut streams {
+        stream.reverse();
+    }
+    let mut all = Vec::new();
+    while streams.iter().any(|stream| !stream.is_empty()) {
+        let i = rng.random_range(0..streams.len());
+        if let Some(item) = streams[i].pop() {
+            all.push(item);
+        }
+    }
+    all
+}

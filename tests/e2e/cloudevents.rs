@@ -17,11 +17,11 @@ use cloudevents::message::{
 };
 use cloudevents::{EventBuilder, EventBuilderV10};
 use num_bigint::BigInt;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::json;
 
-use crate::common::records::{publish_to, Raw};
+use crate::common::records::{interleave, publish_to, seeded_rng, Raw};
+use crate::common::shop::records_per_partition;
 use crate::common::{checkpoints, projector_command, wait_for, LogDir, Projector, Tansu, TestDb};
 
 const TOPIC: &str = "accounts";
@@ -162,10 +162,7 @@ fn record(fact: &Fact, mode: &Mode) -> Raw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_in_binary_and_structured_mode_with_json_and_avro_data_fold_exactly() {
-    let seed: u64 =
-        std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
 
     let tansu = Tansu::start().await.expect("starting tansu");
     tansu.create_topic(TOPIC, 2).await.expect("creating the topic");
@@ -219,27 +216,16 @@ async fn cloudevents_in_binary_and_structured_mode_with_json_and_avro_data_fold_
         }
         let opened = (opened_at + chrono::Duration::seconds(1)).timestamp_millis();
         expected.insert(account, (versions, owner, cents(balance), opened, last_source));
-        raws.reverse();
         queues.push(raws);
     }
-    let mut records = Vec::new();
-    while queues.iter().any(|queue| !queue.is_empty()) {
-        let i = rng.random_range(0..queues.len());
-        if let Some(raw) = queues[i].pop() {
-            records.push(raw);
-        }
-    }
+    let mut records = interleave(&mut rng, queues);
     // A binary-mode event whose attribute is not text: parked, the others applied.
     let mut broken = Raw::bytes(Some("acc-broken"), br#"{"amount": 1}"#);
     broken.headers = vec![(b"ce_specversion".to_vec(), b"1.0".to_vec()), (b"ce_type".to_vec(), vec![0xff, 0xfe])];
     records.insert(records.len() / 2, broken);
 
     let positions = publish_to(&tansu.bootstrap, TOPIC, None, &records).await;
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-    for (partition, offset) in &positions {
-        let end = ends.entry(*partition).or_default();
-        *end = (*end).max(offset + 1);
-    }
+    let ends = records_per_partition(&positions);
     let mut command = projector_command(&db.url, &tansu.bootstrap, "cloudevents", &log);
     command.env("PROJECTOR_CONFIG", &settings).env("PROJECTOR_PROJECTIONS_DIR", &projections);
     let projector = Projector::spawn(command, &log, "cloudevents");

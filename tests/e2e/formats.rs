@@ -19,11 +19,12 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use num_bigint::BigInt;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::json;
 use tokio_postgres::Client;
 
-use crate::common::records::{publish_to, Raw};
+use crate::common::records::{interleave, publish_to, seeded_rng, Raw};
+use crate::common::shop::records_per_partition;
 use crate::common::{checkpoints, free_port, projector_command, wait_for, LogDir, Projector, Tansu, TestDb};
 
 const TOPIC: &str = "payments";
@@ -372,10 +373,7 @@ struct Outcome {
 
 async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
     let started = Instant::now();
-    let seed: u64 =
-        std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
 
     let tansu = Tansu::start().await.expect("starting tansu");
     tansu.create_topic(TOPIC, PARTITIONS).await.expect("creating the topic");
@@ -430,7 +428,7 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
     // The history: Avro with schema 1 or 2, Protobuf, some as JSON, duplicates, in order per key.
     let pool = proto_pool();
     let history = history(&mut rng, 40);
-    let mut queues: Vec<Vec<Raw>> = history
+    let queues: Vec<Vec<Raw>> = history
         .iter()
         .map(|versions| {
             let mut raws = Vec::new();
@@ -447,17 +445,10 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
                     raws.push(raw);
                 }
             }
-            raws.reverse();
             raws
         })
         .collect();
-    let mut records = Vec::new();
-    while queues.iter().any(|queue| !queue.is_empty()) {
-        let i = rng.random_range(0..queues.len());
-        if let Some(raw) = queues[i].pop() {
-            records.push(raw);
-        }
-    }
+    let mut records = interleave(&mut rng, queues);
     // The broken ones, each its own Kafka key, spread through the history.
     let mut garbage = vec![0, 0, 0, 0, 1];
     garbage.extend_from_slice(&[0x08, 0xff, 0xff, 0xff]);
@@ -509,11 +500,7 @@ async fn run(schemas: Schemas, registry: Option<Shared>) -> Outcome {
     positions.extend(publish_to(&tansu.bootstrap, TOPIC, None, second).await);
     let projector = Projector::spawn(command(), &log, "after SIGKILL");
 
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-    for (partition, offset) in &positions {
-        let end = ends.entry(*partition).or_default();
-        *end = (*end).max(offset + 1);
-    }
+    let ends = records_per_partition(&positions);
     let expected = expected(&history);
     wait_for("the read model and the checkpoints to catch up", CATCH_UP, || async {
         projector.assert_running();

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::records::seeded_rng;
 use crate::common::shop::{
     caught_up, converges_then_stops, expected_fold, read_models, records_per_partition,
     shuffled_history_with_duplicates,
@@ -14,8 +15,6 @@ use crate::common::shop::{
 use crate::common::{produce_one_per_batch, projector_command, query_i64, wait_for, LogDir, Projector, Tansu, TestDb};
 use nix::sys::signal::Signal;
 use projector::demo::TOPIC;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 const ORDERS: usize = 60;
 const PARTITIONS: i32 = 4;
@@ -24,10 +23,7 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_events() {
     let started = Instant::now();
-    let seed: u64 =
-        std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
 
     // 1. Broker, topic, database, group prefix.
     let tansu = Tansu::start().await.expect("starting tansu");
@@ -138,10 +134,7 @@ async fn crash_and_restart_against_tansu_converges_to_the_fold_of_distinct_event
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tansu_killed_and_restarted_mid_stream_loses_nothing() {
     let started = Instant::now();
-    let seed: u64 =
-        std::env::var("PROJECTOR_E2E_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with PROJECTOR_E2E_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
     let mut tansu = Tansu::start_persistent().await.expect("starting tansu");
     tansu.create_topic(TOPIC, PARTITIONS).await.expect("creating the topic");
     let db = TestDb::create().await;
