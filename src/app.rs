@@ -87,8 +87,9 @@ pub async fn run_reloading(
     let schemas = projections[0].schemas.clone();
     let mut workers = Workers::default();
     let mut all: Vec<String> = projections.iter().map(|projection| projection.name.clone()).collect();
+    let count = projections.len();
     for projection in projections {
-        workers.start(projection, &pool, settings, &metrics);
+        workers.start(projection, &pool, settings, &metrics, count);
     }
 
     // A projection that fails for good stops the engine: the others commit their batches in
@@ -206,18 +207,21 @@ struct Workers {
 }
 
 impl Workers {
+    /// Starts `projection`'s worker, one of `running` projections sharing the pool.
     fn start(
         &mut self,
         projection: Projection,
         pool: &deadpool_postgres::Pool,
         settings: &Settings,
         metrics: &Metrics,
+        running: usize,
     ) {
-        tracing::info!(projection = %projection.name, topics = ?projection.topics, "projection starting");
+        let mut settings = settings.clone();
+        settings.batch.lanes = shared_lanes(&settings, running);
+        tracing::info!(projection = %projection.name, topics = ?projection.topics, lanes = settings.batch.lanes, "projection starting");
         let (stop, stopped) = watch::channel(false);
         let definition = projection.clone();
-        let (projection, pool, settings, metrics) =
-            (Arc::new(projection), pool.clone(), settings.clone(), metrics.clone());
+        let (projection, pool, metrics) = (Arc::new(projection), pool.clone(), metrics.clone());
         let task = self.set.spawn(async move { worker::run(projection, pool, &settings, metrics, stopped).await });
         self.names.insert(task.id(), definition.name.clone());
         self.running.insert(definition.name.clone(), (definition, stop, task.id()));
@@ -236,6 +240,16 @@ impl Workers {
             let _ = stop.send(true);
         }
     }
+}
+
+/// Each projection's lanes when `running` projections share the pool: `batch.lanes`, but no more
+/// than its share of `database.pool_size` (at least one). A lane holds a connection while it
+/// applies a batch: lanes beyond the connections would only wait for one, each holding its decoded
+/// batch, and more concurrent transactions cost Postgres more per event (BENCHMARKS.md, "Many
+/// projections").
+pub fn shared_lanes(settings: &Settings, running: usize) -> usize {
+    let share = settings.database.pool_size / running.max(1);
+    settings.batch.lanes.clamp(1, share.max(1))
 }
 
 /// Reloads the projections folder: starts, stops and restarts workers to match it. Returns the
@@ -316,6 +330,9 @@ async fn reload(
                 return Some(running_projections(&loaded, workers));
             }
         };
+        // Lanes are dealt out over the projections that will be running (those kept as they
+        // were keep theirs).
+        let running = loaded.len() + kept.len();
         for projection in fresh {
             if let Some(problems) = problems.remove(&projection.name).filter(|problems| !problems.is_empty()) {
                 for problem in problems {
@@ -328,7 +345,7 @@ async fn reload(
                 tracing::info!(projection = %projection.name, "reload: its definition changed: restarting it");
                 workers.retire(&projection.name);
             }
-            workers.start(projection, pool, settings, metrics);
+            workers.start(projection, pool, settings, metrics, running);
         }
     }
     let mut running = running_projections(&loaded, workers);
@@ -362,4 +379,24 @@ async fn migrate_and_check(
         problems.insert(projection.name.clone(), found);
     }
     Ok((waiting, problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lanes are dealt out over the projections sharing the pool: `batch.lanes` while the pool
+    /// has room for them all, fewer as projections are added, never none.
+    #[test]
+    fn lanes_are_a_share_of_the_pool() {
+        let mut settings = Settings::default();
+        settings.database.pool_size = 8;
+        settings.batch.lanes = 4;
+        let lanes: Vec<usize> = [0, 1, 2, 3, 4, 8, 9, 16, 64].iter().map(|&n| shared_lanes(&settings, n)).collect();
+        assert_eq!(lanes, [4, 4, 4, 2, 2, 1, 1, 1, 1]);
+        settings.database.pool_size = 64;
+        assert_eq!(shared_lanes(&settings, 16), 4, "a pool with room for every lane changes nothing");
+        settings.batch.lanes = 0;
+        assert_eq!(shared_lanes(&settings, 1), 1);
+    }
 }

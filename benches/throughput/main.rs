@@ -132,8 +132,8 @@ struct Args {
     /// The engine's `batch.lanes` (parts of a batch applied concurrently).
     #[arg(long, default_value_t = Settings::default().batch.lanes)]
     lanes: usize,
-    /// The engine's `database.pool_size`. Default: the engine's default for one projection,
-    /// projections × lanes for several, so that all of them can apply batches at once.
+    /// The engine's `database.pool_size`. Default: the engine's default (8); with several
+    /// projections each gets `--lanes` or its share of the pool, whichever is fewer.
     #[arg(long)]
     pool_size: Option<usize>,
     /// The engine's `batch.set_based` (false: one statement per event, pipelined).

@@ -44,13 +44,11 @@ pub fn engine_settings(url: &str, bootstrap: &str, kind: Kind, args: &Args) -> S
     settings.batch.max_bytes = args.batch_max_bytes;
     settings.batch.set_based = args.set_based;
     settings.batch.lanes = args.lanes;
-    // Every projection's lanes each hold a connection while a batch is applied: with several
-    // projections the pool must hold them all for them to run at once.
-    settings.database.pool_size = match (args.pool_size, args.projections) {
-        (Some(size), _) => size,
-        (None, 1) => settings.database.pool_size,
-        (None, n) => n * args.lanes,
-    };
+    // The engine's default pool unless given: with several projections, the engine deals its
+    // connections out as lanes (`projector::app::shared_lanes`).
+    if let Some(size) = args.pool_size {
+        settings.database.pool_size = size;
+    }
     settings.kafka.properties.extend(args.kafka_properties.iter().cloned());
     settings
 }

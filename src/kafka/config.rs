@@ -10,14 +10,19 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaResult;
 
 use crate::checkpoint::TopicPartition;
-use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES};
+use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES, DEFAULT_BATCH_EVENTS};
 
-/// librdkafka's own read-ahead for a consumer whose batches hold `max_bytes` (`batch.max_bytes`),
-/// so that what it holds is bounded by the same setting as the worker's batches:
+/// librdkafka's own read-ahead for a consumer whose batches hold `max_events` and `max_bytes`
+/// (`batch.max_events`, `batch.max_bytes`), so that what it holds is bounded by the same settings
+/// as the worker's batches:
 ///
-/// - `queued.max.messages.kbytes`: its queue of fetched records stops fetching at two batches'
-///   worth (librdkafka's default is 64 MB per consumer; 16 MB for the default 8 MiB batches). A
-///   fetch is asked for only below that, so the queue overshoots it by one fetch at most.
+/// - `queued.min.messages`: its queue of fetched records stops fetching at two batches' worth of
+///   records (librdkafka's default is 100,000; 8,000 for the default 4,000-event batches). Each
+///   queued record costs librdkafka about 400 bytes beside its key and value, so with small
+///   records this is what bounds the queue (BENCHMARKS.md, "Many projections").
+/// - `queued.max.messages.kbytes`: … and at two batches' worth of bytes (librdkafka's default is
+///   64 MB per consumer; 16 MB for the default 8 MiB batches). A fetch is asked for only below
+///   both, so the queue overshoots them by one fetch at most.
 /// - `fetch.max.bytes`: one fetch brings at most one batch's worth (librdkafka's default is 50 MB),
 ///   and no less than `message.max.bytes` (1,000,000 unless set), which librdkafka requires.
 /// - `max.partition.fetch.bytes`: at most 1 MiB of it from one partition (librdkafka's default),
@@ -26,9 +31,10 @@ use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES};
 /// A record batch larger than these is still fetched whole, one at a time. Properties set in
 /// `kafka.properties` win over these.
 pub fn read_ahead(
+    max_events: usize,
     max_bytes: usize,
     properties: &std::collections::BTreeMap<String, String>,
-) -> [(&'static str, String); 3] {
+) -> [(&'static str, String); 4] {
     // librdkafka's limits: `queued.max.messages.kbytes` up to INT_MAX / 1024, `fetch.max.bytes`
     // up to INT_MAX - 512.
     const MOST: usize = i32::MAX as usize - 512;
@@ -36,7 +42,10 @@ pub fn read_ahead(
         properties.get("message.max.bytes").and_then(|value| value.parse::<usize>().ok()).unwrap_or(1_000_000);
     let fetch = max_bytes.max(message_max).clamp(1, MOST);
     let queue_kbytes = max_bytes.saturating_mul(2).div_ceil(1024).clamp(1, i32::MAX as usize / 1024);
+    // librdkafka's range: 1 to 10,000,000.
+    let queue_records = max_events.saturating_mul(2).clamp(1, 10_000_000);
     [
+        ("queued.min.messages", queue_records.to_string()),
         ("queued.max.messages.kbytes", queue_kbytes.to_string()),
         ("fetch.max.bytes", fetch.to_string()),
         ("max.partition.fetch.bytes", fetch.min(1 << 20).to_string()),
@@ -44,8 +53,8 @@ pub fn read_ahead(
 }
 
 /// The librdkafka configuration for a projection's consumer, reading ahead at most what
-/// [`read_ahead`] allows for batches of `max_bytes`.
-pub fn consumer_config(settings: &KafkaSettings, group: &str, max_bytes: usize) -> ClientConfig {
+/// [`read_ahead`] allows for batches of `max_events` and `max_bytes`.
+pub fn consumer_config(settings: &KafkaSettings, group: &str, max_events: usize, max_bytes: usize) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &settings.bootstrap_servers)
@@ -68,7 +77,7 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str, max_bytes: usize) 
         // and then it stalls, clearing a backlog in bursts (BENCHMARKS.md has the measurement).
         .set("fetch.queue.backoff.ms", "10")
         .set_log_level(RDKafkaLogLevel::Warning);
-    for (name, value) in read_ahead(max_bytes, &settings.properties) {
+    for (name, value) in read_ahead(max_events, max_bytes, &settings.properties) {
         config.set(name, value);
     }
     for (name, value) in &settings.properties {
@@ -100,7 +109,8 @@ pub fn watermarks(
     topics: &[String],
     timeout: Duration,
 ) -> KafkaResult<HashMap<TopicPartition, (i64, i64)>> {
-    let consumer: BaseConsumer = consumer_config(settings, "projector-watermarks", DEFAULT_BATCH_BYTES).create()?;
+    let consumer: BaseConsumer =
+        consumer_config(settings, "projector-watermarks", DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_BYTES).create()?;
     let mut result = HashMap::new();
     for topic in topics {
         let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
@@ -121,27 +131,29 @@ mod tests {
     use super::*;
     use crate::settings::Settings;
 
-    /// The consumer's read-ahead follows `batch.max_bytes`, within librdkafka's limits, and
+    /// The consumer's read-ahead follows `batch.max_events` and `batch.max_bytes`, within librdkafka's limits, and
     /// properties set in the settings win.
     #[test]
-    fn read_ahead_follows_the_batch_bytes() {
+    fn read_ahead_follows_the_batch_bounds() {
         let mut settings = Settings::default().kafka;
         let get = |config: &ClientConfig, name: &str| config.get(name).map(str::to_string);
-        let defaults = consumer_config(&settings, "g", DEFAULT_BATCH_BYTES);
+        let defaults = consumer_config(&settings, "g", DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_BYTES);
+        assert_eq!(get(&defaults, "queued.min.messages").as_deref(), Some("8000"));
         assert_eq!(get(&defaults, "queued.max.messages.kbytes").as_deref(), Some("16384"));
         assert_eq!(get(&defaults, "fetch.max.bytes").as_deref(), Some("8388608"));
         assert_eq!(get(&defaults, "max.partition.fetch.bytes").as_deref(), Some("1048576"));
-        let small = consumer_config(&settings, "g", 64 << 10);
+        let small = consumer_config(&settings, "g", 1, 64 << 10);
+        assert_eq!(get(&small, "queued.min.messages").as_deref(), Some("2"));
         assert_eq!(get(&small, "queued.max.messages.kbytes").as_deref(), Some("128"));
         assert_eq!(get(&small, "fetch.max.bytes").as_deref(), Some("1000000"), "at least message.max.bytes");
         assert_eq!(get(&small, "max.partition.fetch.bytes").as_deref(), Some("1000000"));
-        for max_bytes in [1, 64 << 10, 64 << 20, usize::MAX] {
-            let created: Result<BaseConsumer, _> = consumer_config(&settings, "g", max_bytes).create();
-            assert!(created.is_ok(), "{max_bytes}: {:?}", created.err());
+        for (max_events, max_bytes) in [(1, 1), (4000, 64 << 10), (100_000, 64 << 20), (usize::MAX, usize::MAX)] {
+            let created: Result<BaseConsumer, _> = consumer_config(&settings, "g", max_events, max_bytes).create();
+            assert!(created.is_ok(), "{max_events} {max_bytes}: {:?}", created.err());
         }
         settings.properties.insert("message.max.bytes".into(), "20000000".into());
         settings.properties.insert("queued.max.messages.kbytes".into(), "1000".into());
-        let config = consumer_config(&settings, "g", DEFAULT_BATCH_BYTES);
+        let config = consumer_config(&settings, "g", DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_BYTES);
         assert_eq!(get(&config, "queued.max.messages.kbytes").as_deref(), Some("1000"));
         assert_eq!(get(&config, "fetch.max.bytes").as_deref(), Some("20000000"));
         let created: Result<BaseConsumer, _> = config.create();
@@ -166,7 +178,8 @@ mod tests {
                 settings.properties.insert("sasl.username".into(), "projector".into());
                 settings.properties.insert("sasl.password".into(), "secret".into());
             }
-            let created: Result<BaseConsumer, _> = consumer_config(&settings, "g", DEFAULT_BATCH_BYTES).create();
+            let created: Result<BaseConsumer, _> =
+                consumer_config(&settings, "g", DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_BYTES).create();
             assert!(created.is_ok(), "{protocol} {mechanism:?}: {:?}", created.err());
         }
     }

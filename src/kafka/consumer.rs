@@ -28,9 +28,10 @@ pub struct ConsumerThread {
 
 impl ConsumerThread {
     /// Subscribes to `topics` and polls on a new thread, sending everything to `inputs`; it reads
-    /// ahead for batches of `max_bytes` ([`read_ahead`]).
+    /// ahead for batches of `max_events` and `max_bytes` ([`read_ahead`]).
     pub fn start(
         settings: &KafkaSettings,
+        max_events: usize,
         max_bytes: usize,
         projection: &str,
         topics: &[String],
@@ -40,7 +41,7 @@ impl ConsumerThread {
         let start_from = if settings.start_from == "latest" { Offset::End } else { Offset::Beginning };
         let context = ProjectorContext::new(projection, inputs.clone(), start_from);
         let consumer: BaseConsumer<ProjectorContext> =
-            consumer_config(settings, &group, max_bytes).create_with_context(context)?;
+            consumer_config(settings, &group, max_events, max_bytes).create_with_context(context)?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let (commands, command_rx) = std_mpsc::channel();

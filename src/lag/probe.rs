@@ -12,7 +12,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use super::Pending;
 use crate::checkpoint::TopicPartition;
 use crate::kafka::consumer_config;
-use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES};
+use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES, DEFAULT_BATCH_EVENTS};
 
 /// The Kafka side of measuring lag, blocking: one long-lived client for end offsets, one for
 /// reading the oldest pending record of a partition, and what that second one has read, per
@@ -29,11 +29,13 @@ pub struct KafkaProbe {
 impl KafkaProbe {
     pub fn new(settings: &KafkaSettings, timeout: Duration) -> KafkaResult<KafkaProbe> {
         // Neither client joins a group or commits: the group id only satisfies librdkafka.
-        let metadata: BaseConsumer = consumer_config(settings, "projector-lag", DEFAULT_BATCH_BYTES).create()?;
-        let reader: BaseConsumer = consumer_config(settings, "projector-lag", DEFAULT_BATCH_BYTES)
-            .set("enable.partition.eof", "true")
-            .set("queued.min.messages", "1")
-            .create()?;
+        let metadata: BaseConsumer =
+            consumer_config(settings, "projector-lag", DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_BYTES).create()?;
+        let reader: BaseConsumer =
+            consumer_config(settings, "projector-lag", DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_BYTES)
+                .set("enable.partition.eof", "true")
+                .set("queued.min.messages", "1")
+                .create()?;
         Ok(KafkaProbe { metadata, reader, timeout, read: HashMap::new() })
     }
 

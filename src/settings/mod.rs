@@ -188,7 +188,8 @@ pub struct BatchSettings {
     pub max_events: usize,
     /// Most bytes (keys, values, headers) of the records in one batch. With large records it bounds
     /// a projection's memory before `max_events` does: librdkafka's read-ahead (its queue holds
-    /// two batches' worth, plus one fetch of at most one batch's worth: `kafka::read_ahead`), the
+    /// two batches' worth, by count and by bytes, plus one fetch of at most one batch's worth:
+    /// `kafka::read_ahead`), the
     /// records handed over to the worker (about two batches' worth), the batch being gathered and
     /// the batches being applied (under three): about nine batches' worth of records at most, and
     /// less in practice (BENCHMARKS.md, "Memory").
@@ -203,8 +204,9 @@ pub struct BatchSettings {
     #[serde(default = "enabled")]
     pub set_based: bool,
     /// A batch is split by partition into this many parts (lanes), each applied concurrently in a
-    /// transaction (and on a connection) of its own; at most `database.pool_size`. A lane decodes
-    /// its next batch while its previous one commits.
+    /// transaction (and on a connection) of its own; at most a projection's share of
+    /// `database.pool_size` (`app::shared_lanes`). A lane decodes its next batch while its
+    /// previous one commits.
     #[serde(default = "four")]
     pub lanes: usize,
 }
@@ -212,6 +214,9 @@ pub struct BatchSettings {
 fn four() -> usize {
     4
 }
+
+/// `batch.max_events` by default.
+pub const DEFAULT_BATCH_EVENTS: usize = 4000;
 
 /// `batch.max_bytes` by default: 8 MiB.
 pub const DEFAULT_BATCH_BYTES: usize = 8 << 20;
@@ -259,7 +264,7 @@ impl Default for Settings {
             database: DatabaseSettings { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8 },
             projections_dir: PathBuf::from("projections"),
             batch: BatchSettings {
-                max_events: 4000,
+                max_events: DEFAULT_BATCH_EVENTS,
                 max_bytes: eight_mib(),
                 max_wait_ms: 100,
                 set_based: true,

@@ -181,6 +181,7 @@ pub async fn run_with(
         let (inputs_tx, mut inputs) = mpsc::channel(by_count.min(by_bytes).max(2));
         let consumer = ConsumerThread::start(
             &settings.kafka,
+            settings.batch.max_events,
             settings.batch.max_bytes.max(1),
             &projection.name,
             &projection.topics,
