@@ -131,8 +131,8 @@ mod tests {
     use super::*;
     use crate::settings::Settings;
 
-    /// The consumer's read-ahead follows `batch.max_events` and `batch.max_bytes`, within librdkafka's limits, and
-    /// properties set in the settings win.
+    /// The consumer's read-ahead follows `batch.max_events` and `batch.max_bytes`, within
+    /// librdkafka's limits, and properties set in the settings win.
     #[test]
     fn read_ahead_follows_the_batch_bounds() {
         let mut settings = Settings::default().kafka;
