@@ -217,7 +217,7 @@ impl Workers {
         running: usize,
     ) {
         let mut settings = settings.clone();
-        settings.batch.lanes = shared_lanes(&settings, running);
+        settings.batch.lanes = settings.lanes(running);
         tracing::info!(projection = %projection.name, topics = ?projection.topics, lanes = settings.batch.lanes, "projection starting");
         let (stop, stopped) = watch::channel(false);
         let definition = projection.clone();
@@ -240,16 +240,6 @@ impl Workers {
             let _ = stop.send(true);
         }
     }
-}
-
-/// Each projection's lanes when `running` projections share the pool: `batch.lanes`, but no more
-/// than its share of `database.pool_size` (at least one). A lane holds a connection while it
-/// applies a batch: lanes beyond the connections would only wait for one, each holding its decoded
-/// batch, and more concurrent transactions cost Postgres more per event (BENCHMARKS.md, "Many
-/// projections").
-pub fn shared_lanes(settings: &Settings, running: usize) -> usize {
-    let share = settings.database.pool_size / running.max(1);
-    settings.batch.lanes.clamp(1, share.max(1))
 }
 
 /// Reloads the projections folder: starts, stops and restarts workers to match it. Returns the
@@ -379,24 +369,4 @@ async fn migrate_and_check(
         problems.insert(projection.name.clone(), found);
     }
     Ok((waiting, problems))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Lanes are dealt out over the projections sharing the pool: `batch.lanes` while the pool
-    /// has room for them all, fewer as projections are added, never none.
-    #[test]
-    fn lanes_are_a_share_of_the_pool() {
-        let mut settings = Settings::default();
-        settings.database.pool_size = 8;
-        settings.batch.lanes = 4;
-        let lanes: Vec<usize> = [0, 1, 2, 3, 4, 8, 9, 16, 64].iter().map(|&n| shared_lanes(&settings, n)).collect();
-        assert_eq!(lanes, [4, 4, 4, 2, 2, 1, 1, 1, 1]);
-        settings.database.pool_size = 64;
-        assert_eq!(shared_lanes(&settings, 16), 4, "a pool with room for every lane changes nothing");
-        settings.batch.lanes = 0;
-        assert_eq!(shared_lanes(&settings, 1), 1);
-    }
 }

@@ -122,7 +122,7 @@ pub async fn broker_mode(
             names.len(),
             names.join(", "),
             settings.database.pool_size,
-            projector::app::shared_lanes(&settings, names.len())
+            settings.lanes(names.len())
         );
     }
     let setup = Setup { kind, url, client, settings, projections, bootstrap, broker_pid: broker.pid(), dir };
@@ -247,7 +247,7 @@ fn projector_result(
         "events_per_s_per_projection": round(cleared.steady_rate / n as f64, 0),
         "note": "events_per_s_steady, _wall and _each_half_second count the events applied across all projections: records × projections over the time (from the first checkpoint seen to the poll that saw every projection's checkpoints sum to the records, for steady); events_per_s_per_projection is events_per_s_steady over the projections",
         "database_pool_size": setup.settings.database.pool_size,
-        "lanes_per_projection": projector::app::shared_lanes(&setup.settings, setup.projections.len()),
+        "lanes_per_projection": setup.settings.lanes(setup.projections.len()),
         "topic_bytes": fetched.topic_bytes,
         "bytes_fetched": fetched.received,
         "bytes_fetched_note": match fetched.received {

@@ -45,7 +45,7 @@ pub fn engine_settings(url: &str, bootstrap: &str, kind: Kind, args: &Args) -> S
     settings.batch.set_based = args.set_based;
     settings.batch.lanes = args.lanes;
     // The engine's default pool unless given: with several projections, the engine deals its
-    // connections out as lanes (`projector::app::shared_lanes`).
+    // connections out as lanes (`Settings::lanes`).
     if let Some(size) = args.pool_size {
         settings.database.pool_size = size;
     }

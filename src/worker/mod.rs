@@ -189,7 +189,7 @@ pub async fn run_with(
         )
         .map_err(|source| WorkerError::Kafka { projection: projection.name.clone(), source })?;
         condition.publish();
-        let lanes = settings.batch.lanes.clamp(1, settings.database.pool_size.max(1));
+        let lanes = settings.lanes(1);
         let mut worker = Worker {
             projection: projection.clone(),
             applier: applier.clone(),
