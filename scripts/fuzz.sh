@@ -34,9 +34,18 @@ else
     sanitizer=none
     export RUSTC_BOOTSTRAP=1
 fi
-# Build outputs and the growing corpus live outside the clone, like the CI's target folder.
-export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:-target}/../fuzz-target}"
-corpus_root="${FUZZ_CORPUS_DIR:-$CARGO_TARGET_DIR/corpus}"
+# Build outputs and the growing corpus live beside the build's target folder: outside the clone
+# when that is (CI's cache), else in `target/fuzz`. Absolute, as the targets run from fuzz/.
+if [ -n "${FUZZ_TARGET_DIR:-}" ]; then
+    fuzz_target="$FUZZ_TARGET_DIR"
+elif [ -n "${CARGO_TARGET_DIR:-}" ]; then
+    fuzz_target="$CARGO_TARGET_DIR/../fuzz-target"
+else
+    fuzz_target=target/fuzz
+fi
+export CARGO_TARGET_DIR
+CARGO_TARGET_DIR="$(realpath -m "$fuzz_target")"
+corpus_root="$(realpath -m "${FUZZ_CORPUS_DIR:-$CARGO_TARGET_DIR/corpus}")"
 
 # Seeds: every definition in the repository, good and bad.
 seeds="$corpus_root/seeds-definition"
