@@ -16,8 +16,67 @@ use super::event::{parse_time, shown_json, Event, Record};
 use super::fields::Json;
 use super::{ParamRef, ParamSource, Statement};
 
-/// A value ready to bind.
-pub type SqlValue = Box<dyn ToSql + Sync + Send>;
+/// A value ready to bind, of the Rust type its parameter's Postgres type takes (`None`: a typed
+/// NULL). An enum rather than a boxed `ToSql`: one allocation fewer for every value bound.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Bool(Option<bool>),
+    Int2(Option<i16>),
+    Int4(Option<i32>),
+    Int8(Option<i64>),
+    Float4(Option<f32>),
+    Float8(Option<f64>),
+    Numeric(Option<Decimal>),
+    Uuid(Option<uuid::Uuid>),
+    TimestampTz(Option<DateTime<Utc>>),
+    Timestamp(Option<NaiveDateTime>),
+    Date(Option<NaiveDate>),
+    Json(Option<Value>),
+    Text(Option<String>),
+}
+
+impl SqlValue {
+    fn inner(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            SqlValue::Bool(value) => value,
+            SqlValue::Int2(value) => value,
+            SqlValue::Int4(value) => value,
+            SqlValue::Int8(value) => value,
+            SqlValue::Float4(value) => value,
+            SqlValue::Float8(value) => value,
+            SqlValue::Numeric(value) => value,
+            SqlValue::Uuid(value) => value,
+            SqlValue::TimestampTz(value) => value,
+            SqlValue::Timestamp(value) => value,
+            SqlValue::Date(value) => value,
+            SqlValue::Json(value) => value,
+            SqlValue::Text(value) => value,
+        }
+    }
+}
+
+/// Each value encodes as its own Rust type would, type checks included.
+impl ToSql for SqlValue {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.inner().to_sql_checked(ty, out)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.inner().to_sql_checked(ty, out)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BindError {
@@ -118,19 +177,19 @@ fn is_text(ty: &Type) -> bool {
 
 fn null_of(ty: &Type) -> Option<SqlValue> {
     Some(match *ty {
-        Type::BOOL => Box::new(None::<bool>),
-        Type::INT2 => Box::new(None::<i16>),
-        Type::INT4 => Box::new(None::<i32>),
-        Type::INT8 => Box::new(None::<i64>),
-        Type::FLOAT4 => Box::new(None::<f32>),
-        Type::FLOAT8 => Box::new(None::<f64>),
-        Type::NUMERIC => Box::new(None::<Decimal>),
-        Type::UUID => Box::new(None::<uuid::Uuid>),
-        Type::TIMESTAMPTZ => Box::new(None::<DateTime<Utc>>),
-        Type::TIMESTAMP => Box::new(None::<NaiveDateTime>),
-        Type::DATE => Box::new(None::<NaiveDate>),
-        Type::JSON | Type::JSONB => Box::new(None::<Value>),
-        _ if is_text(ty) => Box::new(None::<String>),
+        Type::BOOL => SqlValue::Bool(None),
+        Type::INT2 => SqlValue::Int2(None),
+        Type::INT4 => SqlValue::Int4(None),
+        Type::INT8 => SqlValue::Int8(None),
+        Type::FLOAT4 => SqlValue::Float4(None),
+        Type::FLOAT8 => SqlValue::Float8(None),
+        Type::NUMERIC => SqlValue::Numeric(None),
+        Type::UUID => SqlValue::Uuid(None),
+        Type::TIMESTAMPTZ => SqlValue::TimestampTz(None),
+        Type::TIMESTAMP => SqlValue::Timestamp(None),
+        Type::DATE => SqlValue::Date(None),
+        Type::JSON | Type::JSONB => SqlValue::Json(None),
+        _ if is_text(ty) => SqlValue::Text(None),
         _ => return None,
     })
 }
@@ -176,17 +235,17 @@ fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, Bi
     };
     let json = || value.to_value().map_err(|error| misfit(&error.to_string()));
     Ok(match *ty {
-        Type::BOOL => Box::new(match value {
+        Type::BOOL => SqlValue::Bool(Some(match value {
             Json::Bool(b) => *b,
             Json::String(text) if text == "true" => true,
             Json::String(text) if text == "false" => false,
             _ => return Err(misfit("not a boolean")),
-        }),
-        Type::INT2 => Box::new(in_range(integer()?, i16::MIN.into(), i16::MAX.into())? as i16),
-        Type::INT4 => Box::new(in_range(integer()?, i32::MIN.into(), i32::MAX.into())? as i32),
-        Type::INT8 => Box::new(integer()?),
-        Type::FLOAT4 => Box::new(float()? as f32),
-        Type::FLOAT8 => Box::new(float()?),
+        })),
+        Type::INT2 => SqlValue::Int2(Some(in_range(integer()?, i16::MIN.into(), i16::MAX.into())? as i16)),
+        Type::INT4 => SqlValue::Int4(Some(in_range(integer()?, i32::MIN.into(), i32::MAX.into())? as i32)),
+        Type::INT8 => SqlValue::Int8(Some(integer()?)),
+        Type::FLOAT4 => SqlValue::Float4(Some(float()? as f32)),
+        Type::FLOAT8 => SqlValue::Float8(Some(float()?)),
         Type::NUMERIC => {
             let decimal = match value {
                 Json::Int(n) => Ok(Decimal::from(*n)),
@@ -194,12 +253,12 @@ fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, Bi
                 Json::String(Cow::Owned(text)) => decimal(text.trim()),
                 _ => return Err(misfit("not a number")),
             };
-            Box::new(decimal.map_err(|e| misfit(&e.to_string().to_lowercase()))?)
+            SqlValue::Numeric(Some(decimal.map_err(|e| misfit(&e.to_string().to_lowercase()))?))
         }
-        Type::UUID => Box::new(uuid::Uuid::parse_str(&string()?).map_err(|_| misfit("invalid uuid"))?),
-        Type::TIMESTAMPTZ => {
-            Box::new(parse_time(value).ok_or_else(|| misfit("not an RFC 3339 time or epoch milliseconds"))?)
-        }
+        Type::UUID => SqlValue::Uuid(Some(uuid::Uuid::parse_str(&string()?).map_err(|_| misfit("invalid uuid"))?)),
+        Type::TIMESTAMPTZ => SqlValue::TimestampTz(Some(
+            parse_time(value).ok_or_else(|| misfit("not an RFC 3339 time or epoch milliseconds"))?,
+        )),
         Type::TIMESTAMP => {
             let naive = match value {
                 Json::String(text) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
@@ -208,22 +267,22 @@ fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, Bi
                 _ => None,
             };
             let time = naive.or_else(|| parse_time(value).map(|t| t.naive_utc()));
-            Box::new(time.ok_or_else(|| misfit("not a date and time"))?)
+            SqlValue::Timestamp(Some(time.ok_or_else(|| misfit("not a date and time"))?))
         }
         Type::DATE => {
             let text = string()?;
             let date =
                 NaiveDate::parse_from_str(&text, "%Y-%m-%d").ok().or_else(|| parse_time(value).map(|t| t.date_naive()));
-            Box::new(date.ok_or_else(|| misfit("not a date like `2024-05-01`"))?)
+            SqlValue::Date(Some(date.ok_or_else(|| misfit("not a date like `2024-05-01`"))?))
         }
-        Type::JSON => Box::new(json()?),
+        Type::JSON => SqlValue::Json(Some(json()?)),
         // `jsonb` refuses a NUL in a string or a key (`\u0000`), where `json` keeps it as written.
         Type::JSONB => {
             let value = json()?;
             if holds_nul(&value) {
                 return Err(misfit(NUL));
             }
-            Box::new(value)
+            SqlValue::Json(Some(value))
         }
         _ if is_text(ty) => {
             let text = match value {
@@ -237,7 +296,7 @@ fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, Bi
             if text.contains('\0') {
                 return Err(misfit(NUL));
             }
-            Box::new(text)
+            SqlValue::Text(Some(text))
         }
         _ => return Err(unsupported(param, ty)),
     })

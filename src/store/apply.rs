@@ -1,6 +1,7 @@
 //! Applying one batch: every event's statements, the held-event releases they unlock, and the
 //! checkpoint moves, in ONE transaction. Each event gets exactly one [`Outcome`].
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use deadpool_postgres::Transaction;
@@ -14,7 +15,7 @@ use super::park::{park, ParkClass};
 use super::stored;
 use crate::checkpoint::Move;
 use crate::outcome::{self, BatchReport, Outcome};
-use crate::projection::{Decoded, Dedupe, Projection, Record};
+use crate::projection::{Decoded, Dedupe, Event, Projection, Record};
 
 /// A batch to apply: records in arrival order, and where each partition's checkpoint moves.
 pub struct Batch<'a> {
@@ -65,13 +66,15 @@ async fn apply_decoded<'p>(
     // one of them applies, its successors are released at once, so later events of the key in
     // this same batch find the row where they expect it. Keys with parked events: every later
     // event of the key is parked behind them, to keep the key's order.
-    let keys: Vec<Option<String>> = batch
+    let keys: Vec<Option<Cow<'_, str>>> = batch
         .records
         .iter()
         .zip(decoded)
         .map(|(record, decoded)| match decoded {
             Decoded::Tombstone | Decoded::Ignored { .. } => None,
-            _ => projection.parking_key(record, decoded).map(|key| stored::key(&key).into_owned()),
+            // The envelope's key, as `parking_key` would give it, without copying it.
+            Decoded::Handled { event: Event { key: Some(key), .. }, .. } => Some(stored::key(key)),
+            _ => projection.parking_key(record, decoded).map(|key| Cow::Owned(stored::key(&key).into_owned())),
         })
         .collect();
 
@@ -130,7 +133,7 @@ async fn apply_decoded<'p>(
         let Some(Processed { label, outcome, key: entity_key }) = processed else {
             report.count(&outcome::label(projection, decoded), Outcome::Parked);
             if let Some(key) = key {
-                parked.insert(key);
+                parked.insert(key.into_owned());
             }
             continue;
         };
@@ -171,14 +174,15 @@ struct KeyStates {
 async fn key_states(
     tx: &Transaction<'_>,
     projection: &Projection,
-    keys: &[Option<String>],
+    keys: &[Option<Cow<'_, str>>],
 ) -> Result<KeyStates, ApplyError> {
     let mut states = KeyStates { held: BTreeSet::new(), parked: BTreeSet::new() };
-    let keys: BTreeSet<&str> = keys.iter().flatten().map(String::as_str).collect();
+    let mut keys: Vec<&str> = keys.iter().flatten().map(|key| &**key).collect();
     if keys.is_empty() {
         return Ok(states);
     }
-    let keys: Vec<&str> = keys.into_iter().collect();
+    keys.sort_unstable();
+    keys.dedup();
     let statement = tx
         .prepare_cached(
             "SELECT DISTINCT true, entity_key FROM projector.held_events

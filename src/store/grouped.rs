@@ -203,7 +203,7 @@ pub(super) fn columns<'a>(group: &Group<'a, '_>, width: usize) -> Vec<Column<'a>
                 group
                     .events
                     .iter()
-                    .map(|planned| &*planned.statements[group.statement].values[j] as &(dyn ToSql + Sync))
+                    .map(|planned| &planned.statements[group.statement].values[j] as &(dyn ToSql + Sync))
                     .collect(),
             )
         })

@@ -18,7 +18,7 @@ pub struct Bound {
 impl Bound {
     /// The values as the parameters tokio-postgres takes.
     pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        self.values.iter().map(|value| &**value as &(dyn ToSql + Sync)).collect()
+        self.values.iter().map(|value| value as &(dyn ToSql + Sync)).collect()
     }
 }
 

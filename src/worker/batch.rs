@@ -48,17 +48,13 @@ impl Worker {
     /// pending advances; the other lanes' records stay in `batch`.
     fn dispatch(&mut self, batch: &mut Vec<Record>, pending: &mut Pending, chosen: &[bool]) {
         let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
-        let mut kept = Vec::new();
-        for record in batch.drain(..) {
-            let lane = self.lane_of(&record.topic, record.partition);
-            if chosen[lane] {
-                lanes[lane].push(record);
-            } else {
-                kept.push(record);
-            }
+        // The chosen lanes' records are taken out; the others stay where they are, in order.
+        let (mut looked_up, mut taken) = (Runs::default(), Runs::default());
+        for record in batch.extract_if(.., |record| chosen[looked_up.lane(&self.lane_map, record)]) {
+            let lane = taken.lane(&self.lane_map, &record);
+            self.batch_bytes = self.batch_bytes.saturating_sub(crate::kafka::record_bytes(&record));
+            lanes[lane].push(record);
         }
-        *batch = kept;
-        self.batch_bytes = batch.iter().map(crate::kafka::record_bytes).sum();
         let expected = |partition: &TopicPartition| self.partitions.get(partition).and_then(|state| state.checkpoint);
         let mut lane_moves: Vec<Vec<Move>> = lanes.iter().map(|records| moves_of(records, expected)).collect();
         let lane_map = &self.lane_map;
@@ -133,6 +129,7 @@ impl Worker {
                     batch.retain(|record| {
                         !done.moves.iter().any(|known| is_of(&record.topic, record.partition, &known.partition))
                     });
+                    self.batch_bytes = batch.iter().map(crate::kafka::record_bytes).sum();
                     self.resync(&done.moves).await;
                 }
             }
@@ -180,6 +177,25 @@ impl Worker {
         tracing::debug!(projection = %self.projection.name, events, ?report, "batch committed");
         if self.commit_offsets {
             let _ = self.commands.send(Command::Commit(committed));
+        }
+    }
+}
+
+/// Lanes looked up for records that come in runs of one partition: once per run. (A topic's
+/// records share its name, so the name's address tells the topic.)
+#[derive(Default)]
+struct Runs(Option<(*const u8, i32, usize)>);
+
+impl Runs {
+    fn lane(&mut self, lane_map: &HashMap<i32, Vec<(String, usize)>>, record: &Record) -> usize {
+        let topic = std::sync::Arc::as_ptr(&record.topic) as *const u8;
+        match self.0 {
+            Some((of, partition, lane)) if of == topic && partition == record.partition => lane,
+            _ => {
+                let lane = lane_in(lane_map, &record.topic, record.partition);
+                self.0 = Some((topic, record.partition, lane));
+                lane
+            }
         }
     }
 }
