@@ -406,7 +406,7 @@ fn check_decoded(projection: &Projection, record: &Record) {
                 for param in &statement.params {
                     for ty in &TYPES {
                         match bind(param, &event, record, ty) {
-                            Ok(value) => check_bound(&*value, ty),
+                            Ok(value) => check_bound(&value, ty),
                             Err(error) => check_message(&error.to_string()),
                         }
                     }
