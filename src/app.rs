@@ -216,8 +216,7 @@ impl Workers {
         metrics: &Metrics,
         running: usize,
     ) {
-        let mut settings = settings.clone();
-        settings.batch.lanes = settings.lanes(running);
+        let settings = settings.sharing(running);
         tracing::info!(projection = %projection.name, topics = ?projection.topics, lanes = settings.batch.lanes, "projection starting");
         let (stop, stopped) = watch::channel(false);
         let definition = projection.clone();

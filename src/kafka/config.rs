@@ -17,9 +17,10 @@ use crate::settings::{KafkaSettings, DEFAULT_BATCH_BYTES, DEFAULT_BATCH_EVENTS};
 /// as the worker's batches:
 ///
 /// - `queued.min.messages`: its queue of fetched records stops fetching at two batches' worth of
-///   records (librdkafka's default is 100,000; 8,000 for the default 4,000-event batches). Each
-///   queued record costs librdkafka about 400 bytes beside its key and value, so with small
-///   records this is what bounds the queue (BENCHMARKS.md, "Many projections").
+///   records (librdkafka's default is 100,000; 8,000 for the default 4,000-event batches), for
+///   one projection: several share that (`Settings::sharing`). Each queued record costs
+///   librdkafka about 400 bytes beside its key and value, so with small records this is what
+///   bounds the queue (BENCHMARKS.md, "Many projections").
 /// - `queued.max.messages.kbytes`: … and at two batches' worth of bytes (librdkafka's default is
 ///   64 MB per consumer; 16 MB for the default 8 MiB batches). A fetch is asked for only below
 ///   both, so the queue overshoots them by one fetch at most.

@@ -340,6 +340,20 @@ impl Settings {
         self.batch.lanes.clamp(1, (self.database.pool_size / projections.max(1)).max(1))
     }
 
+    /// The settings of one of `projections` running projections: [`Settings::lanes`], and its
+    /// consumer's read-ahead in records (`queued.min.messages`, see `kafka::read_ahead`) a share
+    /// of two batches' worth, no less than a quarter batch, unless `kafka.properties` sets it. Each
+    /// projection has its own consumer: with 16 projections each queueing two batches, librdkafka
+    /// held about 5 MB per projection (BENCHMARKS.md, "Many projections").
+    pub fn sharing(&self, projections: usize) -> Settings {
+        let mut settings = self.clone();
+        settings.batch.lanes = self.lanes(projections);
+        let events = self.batch.max_events.max(1);
+        let share = (events.saturating_mul(2) / projections.max(1)).max(events / 4).clamp(1, 10_000_000);
+        settings.kafka.properties.entry("queued.min.messages".to_string()).or_insert_with(|| share.to_string());
+        settings
+    }
+
     /// `log.format` alone, as [`Settings::load`] would find it, for the log set up before the
     /// rest is read (and reported): the default when the settings do not load.
     pub fn log_format(file: Option<&Path>) -> LogFormat {

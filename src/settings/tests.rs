@@ -74,3 +74,19 @@ fn the_log_format_comes_from_the_file_then_the_environment() {
         Ok(())
     });
 }
+
+/// A consumer's read-ahead in records is a share of two batches' worth over the projections
+/// running, no less than a quarter batch; `kafka.properties` wins.
+#[test]
+fn read_ahead_is_a_share_over_the_projections() {
+    let mut settings = Settings::default();
+    settings.batch.max_events = 4000;
+    let queued = |settings: &Settings, n: usize| settings.sharing(n).kafka.properties["queued.min.messages"].clone();
+    let shares: Vec<String> = [0, 1, 2, 4, 8, 16, 64].iter().map(|&n| queued(&settings, n)).collect();
+    assert_eq!(shares, ["8000", "8000", "4000", "2000", "1000", "1000", "1000"]);
+    assert_eq!(settings.sharing(4).batch.lanes, settings.lanes(4));
+    settings.batch.max_events = 1;
+    assert_eq!(queued(&settings, 16), "1");
+    settings.kafka.properties.insert("queued.min.messages".into(), "50000".into());
+    assert_eq!(queued(&settings, 16), "50000", "a property set by the user wins");
+}
