@@ -184,7 +184,8 @@ pub struct DatabaseSettings {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSettings {
-    /// Most events applied in one transaction.
+    /// Most events applied in one transaction; with several projections running, each one's
+    /// batches hold at most its share ([`Settings::sharing`]).
     pub max_events: usize,
     /// Most bytes (keys, values, headers) of the records in one batch. With large records it bounds
     /// a projection's memory before `max_events` does: librdkafka's read-ahead (its queue holds
@@ -209,6 +210,11 @@ pub struct BatchSettings {
     /// previous one commits.
     #[serde(default = "four")]
     pub lanes: usize,
+    /// Records a projection's consumer hands its worker ahead of the batch being gathered, at
+    /// most (in whole chunks of `kafka::CHUNK`): two batches' worth for one projection, the
+    /// share [`Settings::sharing`] gives when several run. Set by the engine, not by users.
+    #[serde(skip)]
+    pub handover: Option<usize>,
 }
 
 fn four() -> usize {
@@ -269,6 +275,7 @@ impl Default for Settings {
                 max_wait_ms: 100,
                 set_based: true,
                 lanes: 4,
+                handover: None,
             },
             http: HttpSettings { listen: "127.0.0.1:9464".into(), lag_refresh_ms: 5000 },
             parking: ParkingSettings { gap_timeout_secs: 600 },
@@ -341,16 +348,26 @@ impl Settings {
     }
 
     /// The settings of one of `projections` running projections: [`Settings::lanes`], and its
-    /// consumer's read-ahead in records (`queued.min.messages`, see `kafka::read_ahead`) a share
-    /// of two batches' worth, no less than a quarter batch, unless `kafka.properties` sets it. Each
-    /// projection has its own consumer: with 16 projections each queueing two batches, librdkafka
-    /// held about 5 MB per projection (BENCHMARKS.md, "Many projections").
+    /// share of two batches' worth of records, no less than a quarter batch, for
+    /// - its consumer's queue (`queued.min.messages`, see `kafka::read_ahead`, unless
+    ///   `kafka.properties` sets it),
+    /// - the records handed to its worker (`batch.handover`);
+    ///
+    /// and its batches that share, no less than half of `batch.max_events` (smaller batches
+    /// cost more per event: more statements, each for fewer rows).
+    ///
+    /// Each projection has its own consumer and batches: 16 projections, each with 4,000-event
+    /// batches and queueing two batches, peaked at 349–358 MB; with 1,000 records queued and
+    /// handed over and 2,000-event batches, at 238 MB, at the same rate (BENCHMARKS.md, "Many
+    /// projections: batches and hand-over shared").
     pub fn sharing(&self, projections: usize) -> Settings {
         let mut settings = self.clone();
         settings.batch.lanes = self.lanes(projections);
         let events = self.batch.max_events.max(1);
         let share = (events.saturating_mul(2) / projections.max(1)).max(events / 4).clamp(1, 10_000_000);
         settings.kafka.properties.entry("queued.min.messages".to_string()).or_insert_with(|| share.to_string());
+        settings.batch.handover = Some(share);
+        settings.batch.max_events = events.min(share.max(events / 2));
         settings
     }
 

@@ -75,16 +75,21 @@ fn the_log_format_comes_from_the_file_then_the_environment() {
     });
 }
 
-/// A consumer's read-ahead in records is a share of two batches' worth over the projections
-/// running, no less than a quarter batch; `kafka.properties` wins.
+/// A consumer's read-ahead and its worker's hand-over are shares of two batches' worth over the
+/// projections running, no less than a quarter batch (`kafka.properties` wins); its batches are
+/// that share, no less than half a batch.
 #[test]
-fn read_ahead_is_a_share_over_the_projections() {
+fn read_ahead_and_batches_are_shares_over_the_projections() {
     let mut settings = Settings::default();
     settings.batch.max_events = 4000;
     let queued = |settings: &Settings, n: usize| settings.sharing(n).kafka.properties["queued.min.messages"].clone();
     let shares: Vec<String> = [0, 1, 2, 4, 8, 16, 64].iter().map(|&n| queued(&settings, n)).collect();
     assert_eq!(shares, ["8000", "8000", "4000", "2000", "1000", "1000", "1000"]);
     assert_eq!(settings.sharing(4).batch.lanes, settings.lanes(4));
+    assert_eq!(settings.sharing(16).batch.handover, Some(1000), "the worker's hand-over is the same share");
+    let batches: Vec<usize> = [1, 2, 4, 8, 16].iter().map(|&n| settings.sharing(n).batch.max_events).collect();
+    assert_eq!(batches, [4000, 4000, 2000, 2000, 2000], "batches are the share, at least half, at most max_events");
+    assert_eq!(settings.batch.handover, None);
     settings.batch.max_events = 1;
     assert_eq!(queued(&settings, 16), "1");
     settings.kafka.properties.insert("queued.min.messages".into(), "50000".into());

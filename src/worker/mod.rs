@@ -175,8 +175,10 @@ pub async fn run_with(
             return Ok(());
         }
         // The channel holds a bounded number of chunks, each of at most `kafka::CHUNK` records and
-        // `kafka::CHUNK_BYTES` (or one larger record): about two batches, by count and by bytes.
-        let by_count = (settings.batch.max_events.max(crate::kafka::CHUNK) * 2).div_ceil(crate::kafka::CHUNK);
+        // `kafka::CHUNK_BYTES` (or one larger record): about two batches, by count (or the share
+        // of that `Settings::sharing` gives) and by bytes.
+        let handover = settings.batch.handover.unwrap_or(settings.batch.max_events.saturating_mul(2));
+        let by_count = handover.max(crate::kafka::CHUNK).div_ceil(crate::kafka::CHUNK);
         let by_bytes = (settings.batch.max_bytes.max(1) * 2).div_ceil(crate::kafka::CHUNK_BYTES);
         let (inputs_tx, mut inputs) = mpsc::channel(by_count.min(by_bytes).max(2));
         let consumer = ConsumerThread::start(
