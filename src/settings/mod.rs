@@ -357,8 +357,8 @@ impl Settings {
     /// cost more per event: more statements, each for fewer rows).
     ///
     /// Each projection has its own consumer and batches: 16 projections, each with 4,000-event
-    /// batches and queueing two batches, peaked at 349–358 MB; with 1,000 records queued and
-    /// handed over and 2,000-event batches, at 238 MB, at the same rate (BENCHMARKS.md, "Many
+    /// batches and queueing two batches, peaked at 347–358 MB; with 1,000 records queued and
+    /// handed over and 2,000-event batches, at 233–238 MB, about 3% slower (BENCHMARKS.md, "Many
     /// projections: batches and hand-over shared").
     pub fn sharing(&self, projections: usize) -> Settings {
         let mut settings = self.clone();
