@@ -81,7 +81,11 @@ async fn apply_decoded<'p>(
     let tx = client.transaction().await.map_err(ApplyError::during("beginning the batch"))?;
     // The set-based statements of the fast path find each row through the key's index: a plan
     // made while the table was small (a hash join over a sequential scan) would otherwise be
-    // cached and kept as the table grows.
+    // cached and kept as the table grows. With only nested loops over the key's index left, the
+    // arrays bound have little to choose between, so each statement is planned once per
+    // connection (a generic plan). Left to choose, Postgres plans every execution for a small
+    // batch anew (one event's custom plan looks cheaper than the generic plan's guess of 100
+    // rows), and small batches are what a caught-up engine commits (BENCHMARKS, "Latency").
     let planner_off = !isolate && matches!(projection.dedupe, Dedupe::Version(_));
     // One round trip: the checkpoints' compare-and-sets, the keys' states and the planner's
     // settings, pipelined.
@@ -90,7 +94,13 @@ async fn apply_decoded<'p>(
     );
     let planner = async {
         match planner_off {
-            true => tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off").await,
+            true => {
+                tx.batch_execute(
+                    "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
+                     SET LOCAL plan_cache_mode = force_generic_plan",
+                )
+                .await
+            }
             false => Ok(()),
         }
     };
@@ -114,7 +124,7 @@ async fn apply_decoded<'p>(
     }
     // Event by event, with the planner's settings as the user left them.
     if planner_off {
-        tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin")
+        tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin; RESET plan_cache_mode")
             .await
             .map_err(ApplyError::during("resetting the planner"))?;
     }

@@ -153,7 +153,7 @@ pub async fn try_apply<'p>(
 
     // Guarded statements change exactly one row per event; an event-id projection's, any number.
     let (waves, exact) = match &projection.dedupe {
-        Dedupe::Version(_) => (set_based_waves(applier, applied.iter().collect()), true),
+        Dedupe::Version(_) => (set_based_waves(applier, applied.iter().collect(), 2), true),
         Dedupe::EventId => (event_id_waves(tx, applier, &applied).await?, false),
     };
     if let Some(waves) = waves {
@@ -163,8 +163,16 @@ pub async fn try_apply<'p>(
     }
 
     // Every statement of every applied event, pipelined, in batch order. For versioned
-    // projections the first statement of each event is its guard and must change a row.
+    // projections the first statement of each event is its guard and must change a row. The
+    // projection's own statements are planned as Postgres chooses (the engine's set-based ones
+    // use a generic plan: `apply_batch`); the reset goes ahead of them in the same pipeline.
     let guarded = matches!(projection.dedupe, Dedupe::Version(_));
+    let reset = async {
+        match guarded {
+            true => tx.batch_execute("RESET plan_cache_mode").await,
+            false => Ok(()),
+        }
+    };
     let mut pipeline = FuturesOrdered::new();
     for planned in &applied {
         for (index, bound) in planned.statements.iter().enumerate() {
@@ -174,7 +182,9 @@ pub async fn try_apply<'p>(
                 .push_back(async move { tx.execute(&bound.statement, &params).await.map(|rows| (rows, must_change)) });
         }
     }
-    let results: Vec<(u64, bool)> = pipeline.try_collect().await.map_err(fast_error)?;
+    let (reset, results) = futures::join!(reset, pipeline.try_collect::<Vec<(u64, bool)>>());
+    reset.map_err(ApplyError::during("resetting the planner"))?;
+    let results = results.map_err(fast_error)?;
     if let Some(position) = results.iter().position(|(rows, must_change)| *must_change && *rows == 0) {
         return Err(ApplyError::mispredicted(format!("guarded statement {position} of the batch changed no row")));
     }
@@ -222,8 +232,10 @@ fn guarded_waves<'a, 'p>(
     if !exact {
         return None;
     }
+    // Even one event: its guarded statement alone tells applied from refused, where the event's
+    // own statement would first need its row's version read (one more round trip).
     let planned: Vec<&'a Planned<'p>> = events.iter().map(|(_, _, planned)| planned).collect();
-    set_based_waves(applier, planned)
+    set_based_waves(applier, planned, 1)
 }
 
 /// Runs the waves, each group returning the keys it changed, then explains every event whose

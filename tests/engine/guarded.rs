@@ -188,3 +188,54 @@ async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
     drop(pool);
     db.drop().await;
 }
+
+/// Small batches are what a caught-up engine commits: their set-based statements are planned once
+/// per connection (a generic plan), not at every execution, and the setting ends with the batch.
+#[tokio::test]
+async fn set_based_statements_are_planned_once_per_connection() {
+    let db = TestDb::create().await;
+    projector::store::migrate_with(&db.url, &common::example_projections(TOPIC)).await.expect("migrations");
+    // One connection: the prepared statements counted below are the batches'.
+    let pool = projector::store::connect(&db.url, 1).await.expect("pool");
+    let projection = common::example_projection(TOPIC, "order_summary").remove(0);
+    let orders: Vec<String> = (0..8).map(|i| format!("00000000-0000-0000-0000-00000000000{i}")).collect();
+    let mut offset = 0;
+    for (version, event_type) in [(1, "OrderPlaced"), (2, "OrderPaid")] {
+        for order in &orders {
+            let batch = records(offset, &[(order, version, event_type)]);
+            let from = (offset > 0).then_some(offset);
+            let report = apply(&pool, &projection, &batch, from, false).await.expect("a one-event batch");
+            assert!(report.fast, "set-based");
+            assert_eq!(counts(&report), (1, 0, 0));
+            offset += 1;
+        }
+    }
+    // A gap, applied the careful way on the same connection.
+    let gap = records(offset, &[(&orders[0], 4, "OrderShipped")]);
+    let report = apply(&pool, &projection, &gap, Some(offset), true).await.expect("the gap, event by event");
+    assert_eq!(counts(&report), (0, 0, 1));
+
+    let client = pool.get().await.expect("the batches' connection");
+    let plans: Vec<(String, i64, i64)> = client
+        .query(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements
+              WHERE statement LIKE '%projector_rows.p1%' AND statement NOT LIKE '%pg_prepared_statements%'
+              ORDER BY statement",
+            &[],
+        )
+        .await
+        .expect("prepared statements")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    // The set-based statements (reading `projector_rows`): the creates and the updates.
+    assert_eq!(plans.len(), 2, "{plans:#?}");
+    for (statement, generic, custom) in &plans {
+        assert_eq!((*generic, *custom), (8, 0), "executions planned generic, custom: {statement}");
+    }
+    let mode: String = client.query_one("SHOW plan_cache_mode", &[]).await.expect("setting").get(0);
+    assert_eq!(mode, "auto", "the setting was the batches' own");
+    drop(client);
+    drop(pool);
+    db.drop().await;
+}
