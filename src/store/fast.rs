@@ -168,7 +168,7 @@ pub async fn try_apply<'p>(
     // use a generic plan: `apply_batch`); the reset goes ahead of them in the same pipeline.
     let guarded = matches!(projection.dedupe, Dedupe::Version(_));
     let reset = async {
-        match guarded {
+        match guarded && !applied.is_empty() {
             true => tx.batch_execute("RESET plan_cache_mode").await,
             false => Ok(()),
         }
