@@ -153,7 +153,9 @@ pub async fn try_apply<'p>(
 
     // Guarded statements change exactly one row per event; an event-id projection's, any number.
     let (waves, exact) = match &projection.dedupe {
-        Dedupe::Version(_) => (set_based_waves(applier, applied.iter().collect(), 2), true),
+        // A lone applied event runs its own statement.
+        Dedupe::Version(_) if applied.len() < 2 => (None, true),
+        Dedupe::Version(_) => (set_based_waves(applier, applied.iter().collect()), true),
         Dedupe::EventId => (event_id_waves(tx, applier, &applied).await?, false),
     };
     if let Some(waves) = waves {
@@ -235,7 +237,7 @@ fn guarded_waves<'a, 'p>(
     // Even one event: its guarded statement alone tells applied from refused, where the event's
     // own statement would first need its row's version read (one more round trip).
     let planned: Vec<&'a Planned<'p>> = events.iter().map(|(_, _, planned)| planned).collect();
-    set_based_waves(applier, planned, 1)
+    set_based_waves(applier, planned)
 }
 
 /// Runs the waves, each group returning the keys it changed, then explains every event whose

@@ -43,14 +43,12 @@ impl<'a, 'p> Group<'a, 'p> {
 /// The applied events of a versioned projection whose handlers are each one guarded statement
 /// with a set-based form, in waves: wave `w` holds the `w`-th applied event of each key, grouped
 /// by statement. Applying the waves in order keeps every key's order; within a wave no two
-/// events share a key, so each group can be one statement. `None`: apply event by event (so
-/// are batches of fewer than `at_least` events).
+/// events share a key, so each group can be one statement. `None`: apply event by event.
 pub(super) fn set_based_waves<'a, 'p>(
     applier: &Applier,
     applied: Vec<&'a Planned<'p>>,
-    at_least: usize,
 ) -> Option<Vec<Vec<Group<'a, 'p>>>> {
-    if !applier.set_based || applied.len() < at_least {
+    if !applier.set_based || applied.is_empty() {
         return None;
     }
     let mut waves: Vec<Vec<Group<'a, 'p>>> = Vec::new();
