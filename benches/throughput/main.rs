@@ -21,6 +21,10 @@
 //! This file holds the flags and the order of the modes; each mode, and each thing they share,
 //! has a file of its own beside it.
 
+/// The allocator the `projector` binary uses, for the engine this process runs (`mock`, `rebuild`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod broker;
 mod ceiling;
 mod cleared;
