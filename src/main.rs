@@ -10,8 +10,9 @@ use projector::settings::{redact_text, LogFormat, Settings};
 
 use crate::cli::{Cli, Command};
 
-/// jemalloc, not the system's allocator: glibc's malloc and free took a fifth of the engine's
-/// instructions, and jemalloc cut its CPU per event by 9-20% (BENCHMARKS.md, "The allocator: jemalloc").
+/// jemalloc, not the system's allocator: glibc's malloc and free ran about a quarter of the
+/// engine's instructions; jemalloc cut its CPU per event by 8% (one projection) to 20% (16)
+/// (BENCHMARKS.md, "The allocator: jemalloc").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
