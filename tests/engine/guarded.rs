@@ -57,11 +57,17 @@ fn counts(report: &BatchReport) -> (u64, u64, u64) {
     (report.total(Outcome::Applied), report.total(Outcome::Duplicate), report.total(Outcome::Gap))
 }
 
-#[tokio::test]
-async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
+/// A database with the example projections' tables, and a pool of `connections` on it.
+async fn migrated(connections: usize) -> (TestDb, deadpool_postgres::Pool) {
     let db = TestDb::create().await;
     projector::store::migrate_with(&db.url, &common::example_projections(TOPIC)).await.expect("migrations");
-    let pool = projector::store::connect(&db.url, 2).await.expect("pool");
+    let pool = projector::store::connect(&db.url, connections).await.expect("pool");
+    (db, pool)
+}
+
+#[tokio::test]
+async fn refused_events_are_duplicates_or_send_the_batch_the_careful_way() {
+    let (db, pool) = migrated(2).await;
     let projection = common::example_projection(TOPIC, "order_summary").remove(0);
     let (a, b, c) = (
         "00000000-0000-0000-0000-00000000000a",
@@ -142,9 +148,7 @@ sql = "UPDATE {table} SET p3 = p3 || '+' || :data.carrier, version = :version WH
 
 #[tokio::test]
 async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
-    let db = TestDb::create().await;
-    projector::store::migrate_with(&db.url, &common::example_projections(TOPIC)).await.expect("migrations");
-    let pool = projector::store::connect(&db.url, 2).await.expect("pool");
+    let (db, pool) = migrated(2).await;
     let client = db.connect().await;
     // `pcols`, and a table called like the rows the set-based statements read.
     for table in ["pcols", "projector_rows"] {
@@ -193,10 +197,8 @@ async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
 /// per connection (a generic plan), not at every execution, and the setting ends with the batch.
 #[tokio::test]
 async fn set_based_statements_are_planned_once_per_connection() {
-    let db = TestDb::create().await;
-    projector::store::migrate_with(&db.url, &common::example_projections(TOPIC)).await.expect("migrations");
     // One connection: the prepared statements counted below are the batches'.
-    let pool = projector::store::connect(&db.url, 1).await.expect("pool");
+    let (db, pool) = migrated(1).await;
     let projection = common::example_projection(TOPIC, "order_summary").remove(0);
     let orders: Vec<String> = (0..8).map(|i| format!("00000000-0000-0000-0000-00000000000{i}")).collect();
     let mut offset = 0;
