@@ -197,9 +197,7 @@ pub async fn broker_mode(
     }
     if args.latency_secs > 0.0 {
         let per_projection = cleared.steady_rate / names.len() as f64;
-        result["latency"] =
-            latency(&setup, workload, &mut per_partition, per_projection, &args.latency_rates, args.latency_secs)
-                .await?;
+        result["latency"] = latency(&setup, workload, &mut per_partition, per_projection, args).await?;
     }
     drop(broker);
     Ok(result)

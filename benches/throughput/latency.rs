@@ -23,6 +23,7 @@ use crate::produce::{producer_config, send_retrying};
 use crate::report::round;
 use crate::running::Engine;
 use crate::workload::{entity_id, event_json, Workload};
+use crate::Args;
 
 /// A rate of the latency phase: events per second, or `half`, half the steady backlog rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,15 +53,15 @@ pub async fn latency(
     workload: &mut Workload,
     per_partition: &mut [i64],
     steady_rate: f64,
-    rates: &[Rate],
-    secs: f64,
+    args: &Args,
 ) -> anyhow::Result<Value> {
+    let (secs, linger_ms) = (args.latency_secs, args.latency_linger_ms);
     let first = setup.projections[0].name.as_str();
     let engine = Engine::start(setup.kind, &setup.settings, &setup.projections, setup.dir.path())?;
     // Warm-up: a few events, until the engine has joined its group and applies them.
-    latency_phase(setup, workload, per_partition, 50.0, 1.0, engine.alive()).await?;
+    latency_phase(setup, workload, per_partition, 50.0, 1.0, linger_ms, engine.alive()).await?;
     let mut phases = Vec::new();
-    for rate in rates {
+    for rate in &args.latency_rates {
         let (rate, label) = match rate {
             Rate::PerSecond(rate) => (*rate, format!("{rate:.0}/s")),
             Rate::HalfMax => (steady_rate / 2.0, "half".to_string()),
@@ -69,7 +70,7 @@ pub async fn latency(
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = cpu_snapshot(engine.pid(), setup.broker_pid);
         let batches_before = engine.batches();
-        let mut phase = latency_phase(setup, workload, per_partition, rate, secs, engine.alive()).await?;
+        let mut phase = latency_phase(setup, workload, per_partition, rate, secs, linger_ms, engine.alive()).await?;
         let after = cpu_snapshot(engine.pid(), setup.broker_pid);
         phase["rate"] = json!(label);
         if let (Some(before), Some(after)) = (batches_before, engine.batches()) {
@@ -93,9 +94,12 @@ pub async fn latency(
     Ok(Value::Array(phases))
 }
 
-/// A record delivered: its partition, its offset, when it was due to be sent, and when the broker
+/// When a record was due to be sent, and when the producer was handed it.
+type Sending = (Instant, Instant);
+
+/// A record delivered: its partition, its offset, when it was due and sent, and when the broker
 /// acknowledged it (as the producer saw it).
-type Delivered = (i32, i64, Instant, Instant);
+type Delivered = (i32, i64, Sending, Instant);
 
 struct LatencyContext {
     delivered: Mutex<Vec<Delivered>>,
@@ -103,8 +107,8 @@ struct LatencyContext {
 }
 impl ClientContext for LatencyContext {}
 impl ProducerContext for LatencyContext {
-    type DeliveryOpaque = Box<Instant>;
-    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
+    type DeliveryOpaque = Box<Sending>;
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Sending>) {
         match result {
             Ok(message) => {
                 self.delivered.lock().unwrap().push((message.partition(), message.offset(), *sent, Instant::now()))
@@ -126,6 +130,7 @@ async fn latency_phase(
     per_partition: &mut [i64],
     rate: f64,
     secs: f64,
+    linger_ms: u32,
     mut alive: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<Value> {
     let count = (rate * secs) as usize;
@@ -142,8 +147,9 @@ async fn latency_phase(
     let projection = setup.projections[0].name.as_str();
     let (topic, bootstrap, value_bytes) = (workload.topic.clone(), setup.bootstrap.clone(), workload.value_bytes);
     let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Delivered>, f64)> {
-        // A producer tuned for latency, as one would be where it matters: 1 ms linger, no Nagle.
-        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap, "1", value_bytes)
+        // A producer tuned for latency, as one would be where it matters: 1 ms linger (unless
+        // `--latency-linger-ms` says otherwise), no Nagle.
+        let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap, &linger_ms.to_string(), value_bytes)
             .set("socket.nagle.disable", "true")
             .create_with_context(LatencyContext { delivered: Mutex::new(Vec::new()), failed: AtomicU64::new(0) })?;
         let started = Instant::now();
@@ -160,7 +166,7 @@ async fn latency_phase(
                 // Timed from when it was due, not when the loop got to it: a late send counts
                 // against the engine rather than hiding its delay (no coordinated omission).
                 let due_at = started + Duration::from_secs_f64(sent as f64 / rate);
-                let record = BaseRecord::with_opaque_to(&topic, Box::new(due_at))
+                let record = BaseRecord::with_opaque_to(&topic, Box::new((due_at, Instant::now())))
                     .partition(partition)
                     .key(key.as_bytes())
                     .payload(&payload[..]);
@@ -201,19 +207,34 @@ async fn latency_phase(
     let mut latencies: Vec<f64> = Vec::with_capacity(delivered.len());
     let mut acked: Vec<f64> = Vec::with_capacity(delivered.len());
     let mut after_ack: Vec<f64> = Vec::with_capacity(delivered.len());
+    let mut late: Vec<f64> = Vec::with_capacity(delivered.len());
+    // Each second of the phase (by when its records were due): their latencies.
+    let mut by_second: Vec<Vec<f64>> = vec![Vec::new(); secs.ceil() as usize + 1];
     let mut unmatched = 0;
-    for (partition, offset, sent, ack) in &delivered {
-        acked.push(ack.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
+    let ms = |later: Instant, earlier: Instant| later.saturating_duration_since(earlier).as_secs_f64() * 1000.0;
+    let first_due = delivered.iter().map(|(_, _, (due, _), _)| *due).min();
+    for (partition, offset, (due, sent), ack) in &delivered {
+        acked.push(ms(*ack, *due));
+        late.push(ms(*sent, *due));
         let first = timeline.partition_point(|(_, next)| next[*partition as usize] <= *offset);
         match timeline.get(first) {
             Some((at, _)) => {
-                latencies.push(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
-                after_ack.push(at.saturating_duration_since(*ack).as_secs_f64() * 1000.0);
+                latencies.push(ms(*at, *due));
+                after_ack.push(ms(*at, *ack));
+                let second = first_due.map_or(0, |start| due.saturating_duration_since(start).as_secs() as usize);
+                let last = by_second.len() - 1;
+                by_second[second.min(last)].push(ms(*at, *due));
             }
             None => unmatched += 1,
         }
     }
     let (latency, acked, after_ack) = (Percentiles::of(latencies), Percentiles::of(acked), Percentiles::of(after_ack));
+    let late = Percentiles::of(late);
+    let p99_by_second: Vec<f64> = by_second
+        .into_iter()
+        .filter(|second| !second.is_empty())
+        .map(|second| Percentiles::of(second).at(0.99))
+        .collect();
     Ok(json!({
         "target_rate": round(rate, 0),
         "achieved_rate": round(delivered.len() as f64 / produce_secs, 0),
@@ -226,6 +247,9 @@ async fn latency_phase(
         "acked_p99_ms": acked.at(0.99),
         "after_ack_p50_ms": after_ack.at(0.50),
         "after_ack_p99_ms": after_ack.at(0.99),
+        "late_p50_ms": late.at(0.50),
+        "late_p99_ms": late.at(0.99),
+        "p99_ms_by_second": p99_by_second,
         "poll_interval_ms": 1,
     }))
 }

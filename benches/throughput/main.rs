@@ -62,7 +62,7 @@ use crate::workload::Workload;
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "throughput", about = "projector's throughput benchmark (see BENCHMARKS.md)")]
-struct Args {
+pub struct Args {
     /// Records published (duplicates included).
     #[arg(long, default_value_t = 1_000_000)]
     events: usize,
@@ -126,6 +126,9 @@ struct Args {
     /// engine's steady backlog rate measured just before.
     #[arg(long, value_delimiter = ',', default_value = "100,1000,10000,half")]
     latency_rates: Vec<latency::Rate>,
+    /// The latency phases' producer's `linger.ms`.
+    #[arg(long, default_value_t = 1)]
+    latency_linger_ms: u32,
     /// The engine's `batch.max_events`.
     #[arg(long, default_value_t = Settings::default().batch.max_events)]
     batch_max_events: usize,
@@ -231,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
             "projections": args.projections, "dedupe": args.dedupe.label(), "keep_event_ids": args.keep_event_ids,
             "pool_size": args.pool_size, "lanes": args.lanes,
             "latency_rates": args.latency_rates.iter().map(|rate| format!("{rate:?}")).collect::<Vec<_>>(),
+            "latency_linger_ms": args.latency_linger_ms,
         },
         "workload": {
             "records": workload.records.len(), "distinct": workload.distinct(), "duplicates": workload.duplicates,
