@@ -59,7 +59,7 @@ pub async fn latency(
     let first = setup.projections[0].name.as_str();
     let engine = Engine::start(setup.kind, &setup.settings, &setup.projections, setup.dir.path())?;
     // Warm-up: a few events, until the engine has joined its group and applies them.
-    latency_phase(setup, workload, per_partition, 50.0, 1.0, linger_ms, engine.alive()).await?;
+    latency_phase(setup, workload, per_partition, 50.0, 1.0, linger_ms, &|| engine.batches(), engine.alive()).await?;
     let mut phases = Vec::new();
     for rate in &args.latency_rates {
         let (rate, label) = match rate {
@@ -70,7 +70,9 @@ pub async fn latency(
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = cpu_snapshot(engine.pid(), setup.broker_pid);
         let batches_before = engine.batches();
-        let mut phase = latency_phase(setup, workload, per_partition, rate, secs, linger_ms, engine.alive()).await?;
+        let mut phase =
+            latency_phase(setup, workload, per_partition, rate, secs, linger_ms, &|| engine.batches(), engine.alive())
+                .await?;
         let after = cpu_snapshot(engine.pid(), setup.broker_pid);
         phase["rate"] = json!(label);
         if let (Some(before), Some(after)) = (batches_before, engine.batches()) {
@@ -131,6 +133,7 @@ async fn latency_phase(
     rate: f64,
     secs: f64,
     linger_ms: u32,
+    batches: &dyn Fn() -> Option<(u64, f64, f64)>,
     mut alive: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<Value> {
     let count = (rate * secs) as usize;
@@ -189,9 +192,16 @@ async fn latency_phase(
     let mut timeline: Vec<(Instant, Vec<i64>)> = Vec::new();
     let statement = prepare_checkpoints(&setup.client).await?;
     let deadline = Instant::now() + Duration::from_secs_f64(secs + 120.0);
+    // The in-process engine's batch counters, read once a second.
+    let mut counted: Vec<(u64, f64, f64)> = batches().into_iter().collect();
+    let mut count_at = Instant::now() + Duration::from_secs(1);
     loop {
         let next = checkpoints(&setup.client, &statement, projection, &workload.topic, workload.partitions).await?;
         let now = Instant::now();
+        if now >= count_at {
+            counted.extend(batches());
+            count_at += Duration::from_secs(1);
+        }
         let done = next.iter().sum::<i64>() >= target;
         timeline.push((now, next));
         if done && producing.is_finished() {
@@ -230,6 +240,15 @@ async fn latency_phase(
     }
     let (latency, acked, after_ack) = (Percentiles::of(latencies), Percentiles::of(acked), Percentiles::of(after_ack));
     let late = Percentiles::of(late);
+    // Each second's batches: how many, their mean events and mean milliseconds.
+    let batches_by_second: Vec<Value> = counted
+        .windows(2)
+        .map(|pair| {
+            let (batches, seconds, events) = (pair[1].0 - pair[0].0, pair[1].1 - pair[0].1, pair[1].2 - pair[0].2);
+            let per = batches.max(1) as f64;
+            json!([batches, round(events / per, 1), round(seconds * 1000.0 / per, 2)])
+        })
+        .collect();
     let p99_by_second: Vec<f64> = by_second
         .into_iter()
         .filter(|second| !second.is_empty())
@@ -250,6 +269,7 @@ async fn latency_phase(
         "late_p50_ms": late.at(0.50),
         "late_p99_ms": late.at(0.99),
         "p99_ms_by_second": p99_by_second,
+        "batches_by_second": batches_by_second,
         "poll_interval_ms": 1,
     }))
 }
