@@ -1,7 +1,7 @@
 //! The latency phase of the `mock` and `tansu` modes: the engine started again, then `OrderNoted`
 //! updates produced open-loop (each sent on schedule, whether or not earlier ones are visible) at
-//! each of `--latency-rates` in turn, each timed from send to visible in the first bench
-//! projection (the engine runs them all).
+//! each of `--latency-rates` in turn, each timed from when it was due to when it is visible in
+//! the first bench projection (the engine runs them all).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -59,7 +59,7 @@ pub async fn latency(
     let first = setup.projections[0].name.as_str();
     let engine = Engine::start(setup.kind, &setup.settings, &setup.projections, setup.dir.path())?;
     // Warm-up: a few events, until the engine has joined its group and applies them.
-    latency_phase(setup, workload, per_partition, 50.0, 1.0, linger_ms, &|| engine.batches(), engine.alive()).await?;
+    latency_phase(setup, workload, per_partition, 50.0, 1.0, linger_ms, &engine).await?;
     let mut phases = Vec::new();
     for rate in &args.latency_rates {
         let (rate, label) = match rate {
@@ -70,9 +70,7 @@ pub async fn latency(
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = cpu_snapshot(engine.pid(), setup.broker_pid);
         let batches_before = engine.batches();
-        let mut phase =
-            latency_phase(setup, workload, per_partition, rate, secs, linger_ms, &|| engine.batches(), engine.alive())
-                .await?;
+        let mut phase = latency_phase(setup, workload, per_partition, rate, secs, linger_ms, &engine).await?;
         let after = cpu_snapshot(engine.pid(), setup.broker_pid);
         phase["rate"] = json!(label);
         if let (Some(before), Some(after)) = (batches_before, engine.batches()) {
@@ -124,8 +122,9 @@ impl ProducerContext for LatencyContext {
 
 /// Produces `OrderNoted` updates at `rate` for `secs` to the broker of `setup` while polling the
 /// checkpoints of its first projection every 1 ms; an event is visible at the first poll whose
-/// checkpoint of its partition is past its offset (the checkpoint commits with the row).
-/// `lengths` and `per_partition` are advanced.
+/// checkpoint of its partition is past its offset (the checkpoint commits with the row), and, for
+/// an engine in this process, its batch counters every second. `lengths` and `per_partition`
+/// are advanced.
 async fn latency_phase(
     setup: &Setup,
     workload: &mut Workload,
@@ -133,9 +132,9 @@ async fn latency_phase(
     rate: f64,
     secs: f64,
     linger_ms: u32,
-    batches: &dyn Fn() -> Option<(u64, f64, f64)>,
-    mut alive: impl FnMut() -> anyhow::Result<()>,
+    engine: &Engine,
 ) -> anyhow::Result<Value> {
+    let mut alive = engine.alive();
     let count = (rate * secs) as usize;
     let mut rng = StdRng::seed_from_u64(7);
     let mut plan = Vec::with_capacity(count);
@@ -193,13 +192,13 @@ async fn latency_phase(
     let statement = prepare_checkpoints(&setup.client).await?;
     let deadline = Instant::now() + Duration::from_secs_f64(secs + 120.0);
     // The in-process engine's batch counters, read once a second.
-    let mut counted: Vec<(u64, f64, f64)> = batches().into_iter().collect();
+    let mut counted: Vec<(u64, f64, f64)> = engine.batches().into_iter().collect();
     let mut count_at = Instant::now() + Duration::from_secs(1);
     loop {
         let next = checkpoints(&setup.client, &statement, projection, &workload.topic, workload.partitions).await?;
         let now = Instant::now();
         if now >= count_at {
-            counted.extend(batches());
+            counted.extend(engine.batches());
             count_at += Duration::from_secs(1);
         }
         let done = next.iter().sum::<i64>() >= target;
