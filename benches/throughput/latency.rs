@@ -74,10 +74,10 @@ pub async fn latency(
         let after = cpu_snapshot(engine.pid(), setup.broker_pid);
         phase["rate"] = json!(label);
         if let (Some(before), Some(after)) = (batches_before, engine.batches()) {
-            let batches = after.0 - before.0;
+            let (batches, events_per_batch, batch_ms_mean) = batch_stats(before, after);
             phase["batches"] = json!(batches);
-            phase["events_per_batch"] = json!(round((after.2 - before.2) / batches.max(1) as f64, 1));
-            phase["batch_ms_mean"] = json!(round((after.1 - before.1) * 1000.0 / batches.max(1) as f64, 2));
+            phase["events_per_batch"] = json!(events_per_batch);
+            phase["batch_ms_mean"] = json!(batch_ms_mean);
         }
         phase["cpu"] = cpu_split(&before, &after);
         if setup.projections.len() > 1 {
@@ -148,7 +148,7 @@ async fn latency_phase(
     let target: i64 = per_partition.iter().sum();
     let projection = setup.projections[0].name.as_str();
     let (topic, bootstrap, value_bytes) = (workload.topic.clone(), setup.bootstrap.clone(), workload.value_bytes);
-    let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Delivered>, f64)> {
+    let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Delivered>, Instant, f64)> {
         // A producer tuned for latency, as one would be where it matters: 1 ms linger (unless
         // `--latency-linger-ms` says otherwise), no Nagle.
         let producer: BaseProducer<LatencyContext> = producer_config(&bootstrap, &linger_ms.to_string(), value_bytes)
@@ -185,7 +185,7 @@ async fn latency_phase(
             bail!("{failed} latency records were not delivered");
         }
         let delivered = std::mem::take(&mut *producer.context().delivered.lock().unwrap());
-        Ok((delivered, produce_secs))
+        Ok((delivered, started, produce_secs))
     });
     // The timeline of checkpoints, polled until every record produced is applied.
     let mut timeline: Vec<(Instant, Vec<i64>)> = Vec::new();
@@ -212,7 +212,8 @@ async fn latency_phase(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let (delivered, produce_secs) = producing.await??;
+    // `started`: when the first record was due.
+    let (delivered, started, produce_secs) = producing.await??;
     let mut latencies: Vec<f64> = Vec::with_capacity(delivered.len());
     let mut acked: Vec<f64> = Vec::with_capacity(delivered.len());
     let mut after_ack: Vec<f64> = Vec::with_capacity(delivered.len());
@@ -221,7 +222,6 @@ async fn latency_phase(
     let mut by_second: Vec<Vec<f64>> = vec![Vec::new(); secs.ceil() as usize + 1];
     let mut unmatched = 0;
     let ms = |later: Instant, earlier: Instant| later.saturating_duration_since(earlier).as_secs_f64() * 1000.0;
-    let first_due = delivered.iter().map(|(_, _, (due, _), _)| *due).min();
     for (partition, offset, (due, sent), ack) in &delivered {
         acked.push(ms(*ack, *due));
         late.push(ms(*sent, *due));
@@ -230,7 +230,7 @@ async fn latency_phase(
             Some((at, _)) => {
                 latencies.push(ms(*at, *due));
                 after_ack.push(ms(*at, *ack));
-                let second = first_due.map_or(0, |start| due.saturating_duration_since(start).as_secs() as usize);
+                let second = due.saturating_duration_since(started).as_secs() as usize;
                 let last = by_second.len() - 1;
                 by_second[second.min(last)].push(ms(*at, *due));
             }
@@ -240,14 +240,7 @@ async fn latency_phase(
     let (latency, acked, after_ack) = (Percentiles::of(latencies), Percentiles::of(acked), Percentiles::of(after_ack));
     let late = Percentiles::of(late);
     // Each second's batches: how many, their mean events and mean milliseconds.
-    let batches_by_second: Vec<Value> = counted
-        .windows(2)
-        .map(|pair| {
-            let (batches, seconds, events) = (pair[1].0 - pair[0].0, pair[1].1 - pair[0].1, pair[1].2 - pair[0].2);
-            let per = batches.max(1) as f64;
-            json!([batches, round(events / per, 1), round(seconds * 1000.0 / per, 2)])
-        })
-        .collect();
+    let batches_by_second: Vec<Value> = counted.windows(2).map(|pair| json!(batch_stats(pair[0], pair[1]))).collect();
     let p99_by_second: Vec<f64> = by_second
         .into_iter()
         .filter(|second| !second.is_empty())
@@ -271,6 +264,14 @@ async fn latency_phase(
         "batches_by_second": batches_by_second,
         "poll_interval_ms": 1,
     }))
+}
+
+/// The batches an in-process engine committed between two readings of its counters
+/// ([`Engine::batches`]): how many, their mean events and their mean milliseconds.
+fn batch_stats(before: (u64, f64, f64), after: (u64, f64, f64)) -> (u64, f64, f64) {
+    let batches = after.0 - before.0;
+    let per = batches.max(1) as f64;
+    (batches, round((after.2 - before.2) / per, 1), round((after.1 - before.1) * 1000.0 / per, 2))
 }
 
 /// Milliseconds, sorted, for percentiles.
