@@ -76,6 +76,8 @@ if [ $# -eq 0 ]; then
     # Avro and Protobuf values (Confluent-framed, the schema from a directory).
     cargo bench --bench throughput -- --modes mock --events 2000 --format avro --latency-secs 0
     cargo bench --bench throughput -- --modes mock --events 2000 --format protobuf --latency-secs 0
+    # Decoding alone (fails unless every record decodes as handled).
+    cargo bench --bench decode -- 10000
 
     # The fuzz targets (fuzz/), briefly: 30 s each; `scripts/fuzz.sh 600` runs them longer.
     step "fuzzing the definition loader and the event decoder, 30 s each"

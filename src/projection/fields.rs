@@ -267,7 +267,12 @@ pub enum Json<'a> {
 impl<'a> Json<'a> {
     /// The value whose JSON text is `raw` (a span [`Fields::find`] found, or a whole value).
     pub fn parse(raw: &'a str) -> Result<Json<'a>, serde_json::Error> {
-        let raw = raw.trim_matches([' ', '\t', '\n', '\r']);
+        // JSON's whitespace, trimmed byte by byte (a span found in a record has none).
+        let space = |byte: &u8| matches!(byte, b' ' | b'\t' | b'\n' | b'\r');
+        let bytes = raw.as_bytes();
+        let start = bytes.iter().position(|byte| !space(byte)).unwrap_or(bytes.len());
+        let end = bytes.iter().rposition(|byte| !space(byte)).map_or(start, |last| last + 1);
+        let raw = &raw[start..end];
         Ok(match raw.as_bytes().first() {
             Some(b'n') => Json::Null,
             Some(b't') => Json::Bool(true),
@@ -346,6 +351,16 @@ mod tests {
             found(&["n"], r#"{"n": 123456789012345678901234567890}"#),
             [Some("123456789012345678901234567890".into())]
         );
+    }
+
+    #[test]
+    fn a_value_is_read_without_json_whitespace_around_it() {
+        assert_eq!(Json::parse(" \t\n\r\"x\" \r\n").unwrap(), Json::String(Cow::Borrowed("x")));
+        assert_eq!(Json::parse("\n12.50\t").unwrap(), Json::Number("12.50"));
+        assert_eq!(Json::parse(" {\"a\": [1] } ").unwrap(), Json::Composite("{\"a\": [1] }"));
+        // A form feed is not JSON's whitespace: it stays, and the text is no JSON value.
+        assert_eq!(Json::parse("\u{c}1").unwrap(), Json::Number("\u{c}1"));
+        assert_eq!(Json::parse(" \n ").unwrap(), Json::Number(""));
     }
 
     #[test]
