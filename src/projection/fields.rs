@@ -360,6 +360,7 @@ mod tests {
         assert_eq!(Json::parse(" {\"a\": [1] } ").unwrap(), Json::Composite("{\"a\": [1] }"));
         // A form feed is not JSON's whitespace: it stays, and the text is no JSON value.
         assert_eq!(Json::parse("\u{c}1").unwrap(), Json::Number("\u{c}1"));
+        // Only whitespace: nothing is left, and no slice out of bounds.
         assert_eq!(Json::parse(" \n ").unwrap(), Json::Number(""));
     }
 
