@@ -267,12 +267,9 @@ pub enum Json<'a> {
 impl<'a> Json<'a> {
     /// The value whose JSON text is `raw` (a span [`Fields::find`] found, or a whole value).
     pub fn parse(raw: &'a str) -> Result<Json<'a>, serde_json::Error> {
-        // JSON's whitespace, trimmed byte by byte (a span found in a record has none).
-        let space = |byte: &u8| matches!(byte, b' ' | b'\t' | b'\n' | b'\r');
-        let bytes = raw.as_bytes();
-        let start = bytes.iter().position(|byte| !space(byte)).unwrap_or(bytes.len());
-        let end = bytes.iter().rposition(|byte| !space(byte)).map_or(start, |last| last + 1);
-        let raw = &raw[start..end];
+        // JSON's whitespace (a span found in a record has none). A closure, not a list of chars,
+        // which `trim_matches` compares one by one: 430 instructions per event.
+        let raw = raw.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r'));
         Ok(match raw.as_bytes().first() {
             Some(b'n') => Json::Null,
             Some(b't') => Json::Bool(true),
