@@ -134,20 +134,19 @@ fn poll_loop(
                 drop(message);
                 let bytes = record_bytes(&record);
                 let epoch = epochs.get(&*record.topic).and_then(|of| of.get(&record.partition)).copied().unwrap_or(0);
-                // A record that would take the chunk past `CHUNK_BYTES` starts the next one.
-                let overflows = {
-                    let pending = consumer.context().pending.lock().expect("pending records");
-                    !pending.0.is_empty() && pending.1 + bytes > CHUNK_BYTES
-                };
-                if overflows && !consumer.context().send_pending() {
-                    break;
-                }
-                let full = {
+                // A record that would take the chunk past `CHUNK_BYTES` starts the next one: the
+                // chunk so far is sent before it is added.
+                let (overflowed, full) = {
                     let mut pending = consumer.context().pending.lock().expect("pending records");
+                    let overflowed = (!pending.0.is_empty() && pending.1 + bytes > CHUNK_BYTES)
+                        .then(|| std::mem::replace(&mut *pending, (Vec::with_capacity(CHUNK), 0)).0);
                     pending.0.push((record, epoch));
                     pending.1 += bytes;
-                    pending.0.len() >= CHUNK || pending.1 >= CHUNK_BYTES
+                    (overflowed, pending.0.len() >= CHUNK || pending.1 >= CHUNK_BYTES)
                 };
+                if overflowed.is_some_and(|chunk| !consumer.context().send(chunk)) {
+                    break;
+                }
                 if full && !consumer.context().send_pending() {
                     break;
                 }

@@ -12,7 +12,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
 
-use super::Input;
+use super::{Input, CHUNK};
 use crate::checkpoint::TopicPartition;
 use crate::projection::Record;
 
@@ -42,9 +42,21 @@ impl ProjectorContext {
         }
     }
 
-    /// Sends the pending records; false when the worker is gone.
+    /// Sends the pending records; false when the worker is gone. The next chunk starts with room
+    /// for a whole one (growing a chunk record by record copied it eight times over).
     pub(super) fn send_pending(&self) -> bool {
-        let (records, _) = std::mem::take(&mut *self.pending.lock().expect("pending records"));
+        let taken = {
+            let mut pending = self.pending.lock().expect("pending records");
+            if pending.0.is_empty() {
+                return true;
+            }
+            std::mem::replace(&mut *pending, (Vec::with_capacity(CHUNK), 0)).0
+        };
+        self.send(taken)
+    }
+
+    /// Sends `records` to the worker; false when it is gone.
+    pub(super) fn send(&self, records: Vec<(Record, u64)>) -> bool {
         records.is_empty() || self.inputs.blocking_send(Input::Records(records)).is_ok()
     }
 }

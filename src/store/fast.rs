@@ -45,8 +45,8 @@ pub enum Fast {
 pub(super) struct Planned<'p> {
     /// Its place among the batch's handled events.
     pub index: usize,
-    /// The entity key (versioned projections).
-    pub key: Option<String>,
+    /// The entity key (versioned projections), the event's own.
+    pub key: Option<&'p str>,
     pub sources: &'p [crate::projection::Statement],
     pub statements: Vec<Bound>,
 }
@@ -58,7 +58,7 @@ pub async fn try_apply<'p>(
     applier: &Applier,
     projection: &'p Projection,
     records: &[Record],
-    decoded: &[Decoded<'p>],
+    decoded: &'p [Decoded<'p>],
 ) -> Result<Fast, ApplyError> {
     // Bind everything first: an event that does not bind declines (the careful path parks it).
     let mut report = BatchReport::default();
@@ -73,8 +73,12 @@ pub async fn try_apply<'p>(
                 let Ok(statements) = planned.await.map_err(ApplyError::during("preparing a statement"))? else {
                     return Ok(declined(projection, "an event's values do not bind"));
                 };
-                let planned =
-                    Planned { index: events.len(), key: event.key.clone(), sources: &handler.statements, statements };
+                let planned = Planned {
+                    index: events.len(),
+                    key: event.key.as_deref(),
+                    sources: &handler.statements,
+                    statements,
+                };
                 events.push((event, *handler, planned));
             }
         }
@@ -269,7 +273,7 @@ async fn apply_guarded(
     for (rows, group) in &results {
         let changed: foldhash::HashSet<&str> = rows.iter().map(|row| row.get::<_, &str>(0)).collect();
         for planned in &group.events {
-            applied[planned.index] = planned.key.as_deref().is_some_and(|key| changed.contains(key));
+            applied[planned.index] = planned.key.is_some_and(|key| changed.contains(key));
         }
     }
 

@@ -59,7 +59,7 @@ pub(super) fn set_based_waves<'a, 'p>(
             return None;
         };
         let set = source.set_based.as_ref()?;
-        let wave = seen.entry(planned.key.as_deref()?).or_insert(0);
+        let wave = seen.entry(planned.key?).or_insert(0);
         if *wave == waves.len() {
             waves.push(Vec::new());
         }

@@ -47,7 +47,18 @@ impl Worker {
     /// Starts applying the records of `batch` on the lanes `chosen` says, with their partitions'
     /// pending advances; the other lanes' records stay in `batch`.
     fn dispatch(&mut self, batch: &mut Vec<Record>, pending: &mut Pending, chosen: &[bool]) {
-        let mut lanes: Vec<Vec<Record>> = (0..self.lanes).map(|_| Vec::new()).collect();
+        // Each chosen lane's part, with room for all its records (grown record by record, a part was
+        // copied again each time it doubled).
+        let mut sizes = vec![0usize; self.lanes];
+        let mut counted = Runs::default();
+        for record in batch.iter() {
+            sizes[counted.lane(&self.lane_map, record)] += 1;
+        }
+        let mut lanes: Vec<Vec<Record>> = sizes
+            .iter()
+            .zip(chosen)
+            .map(|(&size, &chosen)| Vec::with_capacity(if chosen { size } else { 0 }))
+            .collect();
         // The chosen lanes' records are taken out; the others stay where they are, in order.
         let (mut looked_up, mut taken) = (Runs::default(), Runs::default());
         for record in batch.extract_if(.., |record| chosen[looked_up.lane(&self.lane_map, record)]) {
