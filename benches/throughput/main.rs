@@ -1,6 +1,8 @@
 //! The throughput benchmark (issue 6): one run, one machine, one database server, one workload.
 //!
 //! Modes (`--modes`, in this order):
+//! - `decode`: the engine's decoding alone, on the workload's first `--decode-records` records,
+//!   through the first bench projection: no Kafka, no Postgres; the time per record.
 //! - `ceiling`: the workload's row changes (duplicates folded out) written straight to Postgres in
 //!   1,000-row set-based statements over arrays (`INSERT … SELECT FROM unnest`, `UPDATE … FROM
 //!   unnest`, version-guarded), one version "wave" at a time, on 2 connections. No Kafka, no checkpoints.
@@ -29,6 +31,7 @@ mod broker;
 mod ceiling;
 mod cleared;
 mod db;
+mod decode;
 mod engine;
 mod latency;
 mod naive;
@@ -107,9 +110,12 @@ pub struct Args {
     /// older than that are pruned, and a duplicate of one is applied again. Default: kept for ever.
     #[arg(long)]
     keep_event_ids: Option<String>,
-    /// Any of ceiling,naive,mock,rebuild,tansu (rebuild needs mock).
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,naive,mock,rebuild,tansu")]
+    /// Any of decode,ceiling,naive,mock,rebuild,tansu (rebuild needs mock or tansu).
+    #[arg(long, value_delimiter = ',', default_value = "decode,ceiling,naive,mock,rebuild,tansu")]
     modes: Vec<String>,
+    /// The `decode` mode decodes the workload's first this many records (all when fewer).
+    #[arg(long, default_value_t = 100_000)]
+    decode_records: usize,
     /// The server the `projector_bench_<random>_*` databases are created on (and dropped).
     #[arg(long, env = "PROJECTOR_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     database_url: String,
@@ -195,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     for mode in &args.modes {
-        if !["ceiling", "naive", "mock", "rebuild", "tansu"].contains(&mode.as_str()) {
+        if !["decode", "ceiling", "naive", "mock", "rebuild", "tansu"].contains(&mode.as_str()) {
             bail!("unknown mode `{mode}`");
         }
     }
@@ -230,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
             "duplicate_percent": args.duplicate_percent, "value_bytes": args.value_bytes, "format": format!("{:?}", args.format).to_lowercase(), "row_delay_ms": args.row_delay_ms,
             "existing_rows": args.existing_rows,
             "batch_max_events": args.batch_max_events, "batch_max_bytes": args.batch_max_bytes, "set_based": args.set_based,
-            "modes": args.modes, "latency_secs": args.latency_secs,
+            "modes": args.modes, "decode_records": args.decode_records, "latency_secs": args.latency_secs,
             "projections": args.projections, "dedupe": args.dedupe.label(), "keep_event_ids": args.keep_event_ids,
             "pool_size": args.pool_size, "lanes": args.lanes,
             "latency_rates": args.latency_rates.iter().map(|rate| format!("{rate:?}")).collect::<Vec<_>>(),
@@ -242,6 +248,11 @@ async fn main() -> anyhow::Result<()> {
         },
     });
     let outcome = async {
+        if has("decode") {
+            eprintln!("== decode (the first {} records, no Kafka, no Postgres)", args.decode_records);
+            results["decode"] = decode::decode(&args, &workload).await?;
+            eprintln!("  {}", results["decode"]);
+        }
         if has("ceiling") {
             eprintln!("== ceiling (set-based unnest statements, 2 connections, no Kafka, no checkpoints)");
             let url = dbs.create("ceiling").await?;

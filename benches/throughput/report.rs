@@ -55,6 +55,13 @@ fn print_summary(results: &Value) {
     let mut row = |cells: [String; 7]| {
         table.add_row(cells.to_vec());
     };
+    if !results["decode"].is_null() {
+        let decode = &results["decode"];
+        let label = format!("decode ({} records; no Kafka, no Postgres)", decode["records"]);
+        let rate = cell(get(decode, &["records_per_s"]));
+        let time = format!("{} ns per record", decode["ns_per_record"]);
+        row([label, rate, "".into(), "".into(), "".into(), time, text(&decode["check"])]);
+    }
     if !results["ceiling"].is_null() {
         let check = text(&results["ceiling"]["check"]);
         row(["ceiling (unnest, 2 conns)".into(), cell(ceiling), "1.00".into(), "".into(), "".into(), "".into(), check]);
