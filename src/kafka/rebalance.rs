@@ -43,7 +43,7 @@ impl ProjectorContext {
     }
 
     /// Sends the pending records; false when the worker is gone. The next chunk starts with room
-    /// for a whole one (growing a chunk record by record copied it eight times over).
+    /// for a whole one (grown record by record, a chunk was copied again each time it doubled).
     pub(super) fn send_pending(&self) -> bool {
         let taken = {
             let mut pending = self.pending.lock().expect("pending records");

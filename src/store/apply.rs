@@ -187,12 +187,10 @@ async fn key_states(
     keys: &[Option<Cow<'_, str>>],
 ) -> Result<KeyStates, ApplyError> {
     let mut states = KeyStates { held: BTreeSet::new(), parked: BTreeSet::new() };
-    let mut keys: Vec<&str> = keys.iter().flatten().map(|key| &**key).collect();
+    let keys = stored::distinct(keys.iter().flatten().map(|key| &**key), keys.len());
     if keys.is_empty() {
         return Ok(states);
     }
-    keys.sort_unstable();
-    keys.dedup();
     let statement = tx
         .prepare_cached(
             "SELECT DISTINCT true, entity_key FROM projector.held_events

@@ -19,7 +19,7 @@
 //!   fails the batch with [`ApplyError::Mispredicted`]: it rolls back and is retried on the
 //!   careful path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Transaction;
@@ -133,8 +133,7 @@ pub async fn try_apply<'p>(
                     None => return Ok(declined(projection, "an event has no id")),
                 }
             }
-            let mut unique: foldhash::HashSet<&str> = HashSet::with_capacity_and_hasher(ids.len(), Default::default());
-            let firsts: Vec<&str> = ids.iter().map(|id| &**id).filter(|id| unique.insert(id)).collect();
+            let firsts = stored::distinct(ids.iter().map(|id| &**id), ids.len());
             let recorded = tx
                 .query(
                     "INSERT INTO projector.processed_events (projection, event_id)

@@ -10,12 +10,21 @@
 //! - Free text (error messages, event types) is made NUL-free and cut to a bounded length.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 use sha2::{Digest, Sha256};
 
 /// The longest key or id stored as it is, in bytes. With a projection name (63 bytes at most) it
 /// leaves the index entry well under Postgres' limit; such keys were storable before digests.
 pub const KEY_BYTES: usize = 2000;
+
+/// Each of `keys` once, in the order first seen: a batch's keys or ids, sent as one array.
+/// Hashed, not sorted (sorting a batch's keys compared strings about a dozen times per key).
+/// `capacity`: how many keys there are at most.
+pub fn distinct<'a>(keys: impl Iterator<Item = &'a str>, capacity: usize) -> Vec<&'a str> {
+    let mut seen: foldhash::HashSet<&str> = HashSet::with_capacity_and_hasher(capacity, Default::default());
+    keys.filter(|key| seen.insert(key)).collect()
+}
 
 /// The longest message stored, in bytes.
 pub const MESSAGE_BYTES: usize = 8192;
@@ -86,6 +95,13 @@ pub fn record_at(row: &tokio_postgres::Row, first: usize) -> crate::projection::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_keeps_each_key_once_in_the_order_first_seen() {
+        let keys = ["b", "a", "b", "c", "a", ""];
+        assert_eq!(distinct(keys.into_iter(), keys.len()), ["b", "a", "c", ""]);
+        assert!(distinct(std::iter::empty(), 0).is_empty());
+    }
 
     #[test]
     fn ordinary_keys_are_stored_as_they_are() {
