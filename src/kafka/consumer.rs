@@ -13,7 +13,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::config::consumer_config;
-use super::rebalance::ProjectorContext;
+use super::rebalance::{take_chunk, ProjectorContext};
 use super::record::{copy_record, record_bytes, TopicNames};
 use super::{Command, Input, CHUNK, CHUNK_BYTES};
 use crate::checkpoint::TopicPartition;
@@ -138,8 +138,8 @@ fn poll_loop(
                 // chunk so far is sent before it is added.
                 let (overflowed, full) = {
                     let mut pending = consumer.context().pending.lock().expect("pending records");
-                    let overflowed = (!pending.0.is_empty() && pending.1 + bytes > CHUNK_BYTES)
-                        .then(|| std::mem::replace(&mut *pending, (Vec::with_capacity(CHUNK), 0)).0);
+                    let overflowed =
+                        (!pending.0.is_empty() && pending.1 + bytes > CHUNK_BYTES).then(|| take_chunk(&mut pending));
                     pending.0.push((record, epoch));
                     pending.1 += bytes;
                     (overflowed, pending.0.len() >= CHUNK || pending.1 >= CHUNK_BYTES)

@@ -42,15 +42,14 @@ impl ProjectorContext {
         }
     }
 
-    /// Sends the pending records; false when the worker is gone. The next chunk starts with room
-    /// for a whole one (grown record by record, a chunk was copied again each time it doubled).
+    /// Sends the pending records; false when the worker is gone.
     pub(super) fn send_pending(&self) -> bool {
         let taken = {
             let mut pending = self.pending.lock().expect("pending records");
             if pending.0.is_empty() {
                 return true;
             }
-            std::mem::replace(&mut *pending, (Vec::with_capacity(CHUNK), 0)).0
+            take_chunk(&mut pending)
         };
         self.send(taken)
     }
@@ -59,6 +58,12 @@ impl ProjectorContext {
     pub(super) fn send(&self, records: Vec<(Record, u64)>) -> bool {
         records.is_empty() || self.inputs.blocking_send(Input::Records(records)).is_ok()
     }
+}
+
+/// The records pending, leaving room for a whole next chunk (grown record by record, a chunk was
+/// copied again each time it doubled).
+pub(super) fn take_chunk(pending: &mut (Vec<(Record, u64)>, usize)) -> Vec<(Record, u64)> {
+    std::mem::replace(pending, (Vec::with_capacity(CHUNK), 0)).0
 }
 
 impl ClientContext for ProjectorContext {
