@@ -249,7 +249,8 @@ async fn main() -> anyhow::Result<()> {
     });
     let outcome = async {
         if has("decode") {
-            eprintln!("== decode (the first {} records, no Kafka, no Postgres)", args.decode_records);
+            let records = args.decode_records.min(workload.records.len());
+            eprintln!("== decode (the first {records} records, no Kafka, no Postgres)");
             results["decode"] = decode::decode(&args, &workload).await?;
             eprintln!("  {}", results["decode"]);
         }
