@@ -255,15 +255,12 @@ fn convert(param: &ParamRef, value: &Json<'_>, ty: &Type) -> Result<SqlValue, Bi
             };
             SqlValue::Numeric(Some(decimal.map_err(|e| misfit(&e.to_string().to_lowercase()))?))
         }
-        Type::UUID => {
-            // Parsed where it lies in the record; a time, the other value `string` takes, is no uuid.
-            let uuid = match value {
-                Json::String(text) => uuid::Uuid::parse_str(text).ok(),
-                Json::Time(_) => None,
-                _ => return Err(misfit("not a string")),
-            };
-            SqlValue::Uuid(Some(uuid.ok_or_else(|| misfit("invalid uuid"))?))
-        }
+        Type::UUID => SqlValue::Uuid(Some(match value {
+            // Parsed where it lies in the record, not from a copy.
+            Json::String(text) => uuid::Uuid::parse_str(text).map_err(|_| misfit("invalid uuid"))?,
+            // Anything else `string` takes is no uuid; what it refuses, it says why.
+            _ => return Err(string().err().unwrap_or_else(|| misfit("invalid uuid"))),
+        })),
         Type::TIMESTAMPTZ => SqlValue::TimestampTz(Some(
             parse_time(value).ok_or_else(|| misfit("not an RFC 3339 time or epoch milliseconds"))?,
         )),
