@@ -136,7 +136,7 @@ impl Observability {
         mode: Mode,
     ) -> Observability {
         for projection in projections {
-            metrics.register_projection(&projection.name, projection.handlers.keys().map(String::as_str));
+            metrics.register_projection(&projection.name, projection.handlers.keys().map(|event_type| &**event_type));
         }
         let metrics_for_reload = metrics.clone();
         let interval = Duration::from_millis(settings.http.lag_refresh_ms.max(1));
@@ -173,7 +173,8 @@ impl Observability {
     /// The projections running now, after a reload: readiness and lag follow them.
     pub fn set_projections(&self, projections: &[Projection]) {
         for projection in projections {
-            self.metrics.register_projection(&projection.name, projection.handlers.keys().map(String::as_str));
+            self.metrics
+                .register_projection(&projection.name, projection.handlers.keys().map(|event_type| &**event_type));
         }
         *self.health.projections.write().expect("not poisoned") = projections.iter().map(|p| p.name.clone()).collect();
         self.sampler.set_projections(projections);

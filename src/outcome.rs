@@ -70,8 +70,10 @@ impl BatchReport {
 /// (or `invalid` when it cannot be decoded). Bounded by the definition, whatever the events say.
 pub fn label(projection: &Projection, decoded: &Decoded<'_>) -> String {
     match decoded {
-        Decoded::Handled { event, .. } => event.event_type.clone(),
-        Decoded::Poison { event_type: Some(event_type), .. } if projection.handlers.contains_key(event_type) => {
+        Decoded::Handled { event, .. } => event.event_type.to_string(),
+        Decoded::Poison { event_type: Some(event_type), .. }
+            if projection.handlers.contains_key(event_type.as_str()) =>
+        {
             event_type.clone()
         }
         Decoded::Poison { .. } => "invalid".into(),

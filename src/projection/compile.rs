@@ -70,7 +70,7 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Projection, Vec<Definitio
             for (event_type, handler) in &on.get_ref().0 {
                 let compiled = cx.handler(event_type, handler, dedupe_kind, table.as_ref(), &envelope);
                 if let Some(compiled) = compiled {
-                    handlers.insert(event_type.get_ref().clone(), compiled);
+                    handlers.insert(event_type.get_ref().as_str().into(), compiled);
                 }
             }
         }

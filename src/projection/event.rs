@@ -1,5 +1,6 @@
 //! A Kafka record decoded through a projection's envelope: tombstone, ignored, handled or poison.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -34,7 +35,8 @@ impl Record {
 /// The envelope fields of an event, and where the projection's other fields are in its record.
 #[derive(Debug, Clone)]
 pub struct Event {
-    pub event_type: String,
+    /// Its handler's event type (shared, not copied per event).
+    pub event_type: std::sync::Arc<str>,
     pub event_id: Option<String>,
     pub key: Option<String>,
     pub version: Option<i64>,
@@ -151,12 +153,14 @@ impl Projection {
                 Ok(None) => return poison(None, missing("type", &envelope.event_type)),
                 Err(error) => return poison(None, error),
             };
-        let Some(handler) = self.handlers.get(&event_type) else {
-            return Decoded::Ignored { event_type };
+        let Some((event_type, handler)) = self.handlers.get_key_value(&*event_type) else {
+            return Decoded::Ignored { event_type: event_type.into_owned() };
         };
+        let owned = |text: Option<Cow<'_, str>>| text.map(Cow::into_owned);
         let fields = (|| {
-            let event_id = field(&envelope.event_id, id_slot, "id").and_then(|raw| text_of(raw, "id", true))?;
-            let key = field(&envelope.key, key_slot, "key").and_then(|raw| text_of(raw, "key", true))?;
+            let event_id =
+                field(&envelope.event_id, id_slot, "id").and_then(|raw| text_of(raw, "id", true)).map(owned)?;
+            let key = field(&envelope.key, key_slot, "key").and_then(|raw| text_of(raw, "key", true)).map(owned)?;
             let version = field(&envelope.version, version_slot, "version").and_then(version_of)?;
             let occurred_at = field(&envelope.occurred_at, time_slot, "occurred_at").and_then(time_of)?;
             match &self.dedupe {
@@ -168,10 +172,10 @@ impl Projection {
         })();
         match fields {
             Ok((event_id, key, version, occurred_at)) => Decoded::Handled {
-                event: Event { event_type, event_id, key, version, occurred_at, spans, body: None },
+                event: Event { event_type: event_type.clone(), event_id, key, version, occurred_at, spans, body: None },
                 handler,
             },
-            Err(error) => poison(Some(event_type), error),
+            Err(error) => poison(Some(event_type.to_string()), error),
         }
     }
 }
@@ -195,6 +199,7 @@ impl Projection {
                     .and_then(|raw| text_of(raw, "key", true))
                     .ok()
                     .flatten()
+                    .map(Cow::into_owned)
             }
         };
         from_envelope.or_else(|| record.key.as_deref().map(kafka_key_text))
@@ -286,15 +291,20 @@ fn shorten(text: String) -> String {
     }
 }
 
-fn text_of(read: Option<Read<'_>>, field: &'static str, integers: bool) -> Result<Option<String>, DecodeError> {
+/// A field's text, borrowed from the record where it can be.
+fn text_of<'v>(
+    read: Option<Read<'v>>,
+    field: &'static str,
+    integers: bool,
+) -> Result<Option<Cow<'v, str>>, DecodeError> {
     let Some(Read { raw, source }) = read else {
         return Ok(None);
     };
     match raw {
-        Raw::Text(text) => Ok(Some(text)),
-        Raw::Json(Json::String(text)) => Ok(Some(text.into_owned())),
-        Raw::Json(Json::Number(n)) if integers && is_integer(n) => Ok(Some(n.to_string())),
-        Raw::Millis(ms) if integers => Ok(Some(ms.to_string())),
+        Raw::Text(text) => Ok(Some(Cow::Owned(text))),
+        Raw::Json(Json::String(text)) => Ok(Some(text)),
+        Raw::Json(Json::Number(n)) if integers && is_integer(n) => Ok(Some(Cow::Borrowed(n))),
+        Raw::Millis(ms) if integers => Ok(Some(Cow::Owned(ms.to_string()))),
         other => Err(DecodeError::WrongType {
             field,
             from: source.to_string(),
@@ -376,123 +386,4 @@ fn time_of(read: Option<Read<'_>>) -> Result<Option<DateTime<Utc>>, DecodeError>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::projection::compile_file;
-    use std::path::Path;
-
-    fn projection(extra: &str) -> Projection {
-        let text = format!(
-            "topics = [\"t\"]\n{extra}\n[table]\nname = \"s\"\nkey = \"id\"\n[on.Placed]\ninsert = {{ x = \":data.x\" }}\n"
-        );
-        compile_file(Path::new("s.toml"), &text).unwrap()
-    }
-
-    fn record(value: &[u8]) -> Record {
-        Record {
-            topic: "t".into(),
-            partition: 0,
-            offset: 7,
-            key: Some(b"k-1".to_vec()),
-            value: Some(value.to_vec()),
-            headers: vec![(b"ce_type".to_vec(), Some(b"Placed".to_vec())), (b"bad".to_vec(), Some(vec![0xff]))],
-            timestamp_ms: Some(1_700_000_000_000),
-        }
-    }
-
-    fn poison(projection: &Projection, value: &[u8]) -> String {
-        match projection.decode(&record(value)) {
-            Decoded::Poison { error, .. } => error.to_string(),
-            other => panic!("expected poison, got {other:?}"),
-        }
-    }
-
-    fn handled(projection: &Projection, value: &[u8]) -> Event {
-        match projection.decode(&record(value)) {
-            Decoded::Handled { event, .. } => event,
-            other => panic!("expected handled, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn tombstone_ignored_handled() {
-        let p = projection("");
-        let mut tombstone = record(b"");
-        tombstone.value = None;
-        assert!(matches!(p.decode(&tombstone), Decoded::Tombstone));
-        assert!(
-            matches!(p.decode(&record(br#"{"type":"Other"}"#)), Decoded::Ignored { event_type } if event_type == "Other")
-        );
-        let event = handled(&p, br#"{"type":"Placed","id":12,"stream_id":"o-1","stream_version":"3","occurred_at":"2024-05-01T10:00:00+02:00","data":{}}"#);
-        assert_eq!(event.event_id.as_deref(), Some("12"));
-        assert_eq!(event.key.as_deref(), Some("o-1"));
-        assert_eq!(event.version, Some(3));
-        assert_eq!(event.occurred_at.unwrap().to_rfc3339(), "2024-05-01T08:00:00+00:00");
-        let event = handled(&p, br#"{"type":"Placed","stream_id":42,"stream_version":0,"occurred_at":1700000000000}"#);
-        assert_eq!(event.key.as_deref(), Some("42"));
-        assert_eq!(event.event_id, None);
-        assert_eq!(event.occurred_at.unwrap().timestamp_millis(), 1_700_000_000_000);
-    }
-
-    #[test]
-    fn poison_cases() {
-        let p = projection("");
-        assert!(poison(&p, b"\xff{}").starts_with("value is not valid UTF-8"));
-        assert!(poison(&p, b"{").starts_with("value is not valid JSON"));
-        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        assert!(poison(&p, deep.as_bytes()).contains("recursion limit exceeded"));
-        assert_eq!(poison(&p, br#"{"stream_id":"a"}"#), "envelope field `type` (from `type`) is missing");
-        assert_eq!(poison(&p, br#"{"type":1}"#), "envelope field `type` (from `type`) must be a string, got 1");
-        assert_eq!(
-            poison(&p, br#"{"type":"Placed","stream_version":1}"#),
-            "envelope field `key` (from `stream_id`) is missing"
-        );
-        assert_eq!(
-            poison(&p, br#"{"type":"Placed","stream_id":{"a":1},"stream_version":1}"#),
-            "envelope field `key` (from `stream_id`) must be a string or integer, got {\"a\":1}"
-        );
-        assert_eq!(
-            poison(&p, br#"{"type":"Placed","stream_id":"a"}"#),
-            "envelope field `version` (from `stream_version`) is missing"
-        );
-        for (version, got) in
-            [("-1", "-1"), ("9223372036854775808", "9223372036854775808"), ("1.5", "1.5"), ("\"x1\"", "\"x1\"")]
-        {
-            let value = format!(r#"{{"type":"Placed","stream_id":"a","stream_version":{version}}}"#);
-            assert_eq!(
-                poison(&p, value.as_bytes()),
-                format!("envelope field `version` (from `stream_version`) must be a non-negative integer, got {got}")
-            );
-        }
-        assert_eq!(
-            poison(&p, br#"{"type":"Placed","stream_id":"a","stream_version":1,"occurred_at":"yesterday"}"#),
-            "envelope field `occurred_at` (from `occurred_at`) is not an RFC 3339 time, got \"yesterday\""
-        );
-        match p.decode(&record(br#"{"type":"Placed"}"#)) {
-            Decoded::Poison { event_type, .. } => assert_eq!(event_type.as_deref(), Some("Placed")),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn headers_and_kafka_sources() {
-        let p =
-            projection("[envelope]\ntype = \"header:ce_type\"\nkey = \"kafka:key\"\noccurred_at = \"kafka:timestamp\"");
-        let event = handled(&p, br#"{"stream_version":2}"#);
-        assert_eq!(event.event_type, "Placed");
-        assert_eq!(event.key.as_deref(), Some("k-1"));
-        assert_eq!(event.occurred_at.unwrap().timestamp_millis(), 1_700_000_000_000);
-        let p = projection("[envelope]\ntype = \"header:bad\"");
-        assert_eq!(poison(&p, b"{}"), "envelope field `type` (from `header:bad`) is not valid UTF-8");
-    }
-
-    #[test]
-    fn event_id_dedupe_requires_the_id() {
-        let text = "topics = [\"t\"]\ndedupe = \"event_id\"\n[on.Placed]\nsql = \"SELECT 1\"\n";
-        let p = compile_file(Path::new("e.toml"), text).unwrap();
-        assert_eq!(poison(&p, br#"{"type":"Placed"}"#), "envelope field `id` (from `id`) is missing");
-        let event = handled(&p, br#"{"type":"Placed","id":"e-1"}"#);
-        assert_eq!(event.event_id.as_deref(), Some("e-1"));
-        assert_eq!(event.version, None);
-    }
-}
+mod tests;

@@ -55,7 +55,8 @@ pub struct Projection {
     pub envelope: Envelope,
     pub dedupe: Dedupe,
     /// Event type to what it does. Types not in this map are `ignored`.
-    pub handlers: BTreeMap<String, Handler>,
+    /// By event type; an event handled shares its type's name from here.
+    pub handlers: BTreeMap<std::sync::Arc<str>, Handler>,
     /// Hex SHA-256 of what the projection does (topics, envelope, dedupe, compiled statements):
     /// recorded with checkpoints to notice definition changes. Comments and layout do not count.
     pub hash: String,

@@ -110,32 +110,36 @@ fn lookup<'a>(param: &'a ParamRef, event: &'a Event, record: &'a Record) -> Resu
             )),
             None => None,
         },
-        ParamSource::WholeValue => Some(json_at(param, value_text(event, record), None)?),
+        ParamSource::WholeValue => Some(json_at(param, value_text(event, record))?),
         ParamSource::Path(path) => {
-            let whole = value_text(event, record);
             // Every path of a compiled projection has its slot.
             match path.slot.and_then(|slot| event.spans.get(slot).copied().flatten()) {
-                Some((start, end)) => Some(json_at(param, whole, Some((start as usize, end as usize)))?),
+                // Only the field's own bytes are checked to be UTF-8 (decoding checked the whole
+                // value once); a span falls on JSON's token boundaries.
+                Some((start, end)) => {
+                    let field = value_bytes(event, record).get(start as usize..end as usize);
+                    Some(json_at(param, field.and_then(|field| std::str::from_utf8(field).ok()).unwrap_or("null"))?)
+                }
                 None => None,
             }
         }
     })
 }
 
-/// The event's value as JSON text: its framed body read with its schema, else the record's value
-/// (decoding checked that it is UTF-8 JSON).
-fn value_text<'a>(event: &'a Event, record: &'a Record) -> &'a str {
-    if let Some(body) = &event.body {
-        return body;
+/// The event's value as JSON: its framed body read with its schema, else the record's value.
+fn value_bytes<'a>(event: &'a Event, record: &'a Record) -> &'a [u8] {
+    match &event.body {
+        Some(body) => body.as_bytes(),
+        None => record.value.as_deref().unwrap_or(b"null"),
     }
-    record.value.as_deref().and_then(|bytes| std::str::from_utf8(bytes).ok()).unwrap_or("null")
 }
 
-fn json_at<'a>(param: &ParamRef, whole: &'a str, span: Option<(usize, usize)>) -> Result<Json<'a>, BindError> {
-    let raw = match span {
-        Some((start, end)) => whole.get(start..end).unwrap_or("null"),
-        None => whole,
-    };
+/// The event's value as JSON text (decoding checked that it is UTF-8 JSON).
+fn value_text<'a>(event: &'a Event, record: &'a Record) -> &'a str {
+    std::str::from_utf8(value_bytes(event, record)).unwrap_or("null")
+}
+
+fn json_at<'a>(param: &ParamRef, raw: &'a str) -> Result<Json<'a>, BindError> {
     Json::parse(raw).map_err(|error| BindError::DoesNotFit {
         name: param.name.clone(),
         value: raw.chars().take(60).collect(),

@@ -61,7 +61,7 @@ async fn process(
         Dedupe::EventId => apply_deduped_by_id(tx, projection, event, handler, record).await?,
         Dedupe::Version(_) => apply_versioned(tx, projection, event, handler, record, source).await?,
     };
-    Ok(Processed { label: event.event_type.clone(), outcome, key: event.key.clone() })
+    Ok(Processed { label: event.event_type.to_string(), outcome, key: event.key.clone() })
 }
 
 /// The event's plan ([`Planner::plan`]): a value that does not fit parks the event untouched.

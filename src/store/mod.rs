@@ -217,7 +217,7 @@ pub async fn check_statements(
         let mut statements: Vec<(&str, &crate::projection::Statement)> = projection
             .handlers
             .iter()
-            .flat_map(|(event_type, handler)| handler.statements.iter().map(move |s| (event_type.as_str(), s)))
+            .flat_map(|(event_type, handler)| handler.statements.iter().map(move |s| (&**event_type, s)))
             .collect();
         if let crate::projection::Dedupe::Version(table) = &projection.dedupe {
             statements.push(("version lookup", &table.version_lookup));
