@@ -301,6 +301,17 @@ impl SetBased {
         }
     }
 
+    /// [`SetBased::sql_returning`] read as one row: the keys of the rows it inserted or updated,
+    /// as one text array (NULL when there are none). The engine reads one row per statement
+    /// instead of one per event. (A non-recursive `WITH` is not visible inside its own statement,
+    /// so a table called `projector_changed` is still the table there.)
+    pub fn sql_changed_keys(&self, types: &[String], column: &str) -> String {
+        format!(
+            "WITH projector_changed (projector_key) AS ({}) SELECT array_agg(projector_key) FROM projector_changed",
+            self.sql_returning(types, column)
+        )
+    }
+
     /// The statement applying any number of events at once: it binds one array per parameter.
     /// `types[j]` is the SQL type of `$(j+1)` of the single-event statement.
     pub fn sql(&self, types: &[String]) -> String {
@@ -374,6 +385,19 @@ mod tests {
             "UPDATE projector_rows SET version = projector_rows_.p1 \
              FROM unnest($1::int8[], $2::text[]) AS projector_rows_(p1, p2) \
              WHERE id = projector_rows_.p2 AND version = projector_rows_.p1 - 1 RETURNING projector_rows.id::text"
+        );
+    }
+
+    #[test]
+    fn the_changed_keys_are_read_as_one_array() {
+        let set =
+            SetBased::from_sql("UPDATE t SET version = $1 WHERE id = $2 AND version = $1 - 1", 2).expect("set-based");
+        assert_eq!(
+            set.sql_changed_keys(&["int8".to_string(), "text".to_string()], "id"),
+            "WITH projector_changed (projector_key) AS (UPDATE t SET version = projector_rows.p1 \
+             FROM unnest($1::int8[], $2::text[]) AS projector_rows(p1, p2) \
+             WHERE id = projector_rows.p2 AND version = projector_rows.p1 - 1 RETURNING t.id::text) \
+             SELECT array_agg(projector_key) FROM projector_changed"
         );
     }
 

@@ -2,9 +2,9 @@
 //!
 //! - **Guarded waves** (versioned projections whose handlers are each one exactly guarded statement
 //!   with a set-based form): every event runs, a key's *k*-th event in wave *k*, as one
-//!   statement per wave and event type over arrays, each returning the keys it changed. The guards
-//!   decide; then only the keys of refused events are read, to tell duplicates (the row at or
-//!   past the event's version) from anything else, which rolls the batch back
+//!   statement per wave and event type over arrays, each returning the keys it changed as one
+//!   array. The guards decide; then only the keys of refused events are read, to tell duplicates
+//!   (the row at or past the event's version) from anything else, which rolls the batch back
 //!   ([`ApplyError::Mispredicted`]) to be retried event by event.
 //! - **Predicted outcomes** (everything else): one read of the rows' current versions (or, for an
 //!   event-id projection, recording the batch's event ids, which returns those new) decides every
@@ -258,19 +258,20 @@ async fn apply_guarded(
     let mut statements: Vec<(tokio_postgres::Statement, Vec<Column<'_>>, &Group)> = Vec::new();
     for group in waves.iter().flatten() {
         let types = group.types();
-        let sql = group.set.sql_returning(&types, &table.key_column);
+        let sql = group.set.sql_changed_keys(&types, &table.key_column);
         let prepared = tx.prepare_cached(&sql).await.map_err(ApplyError::during("preparing a set-based statement"))?;
         statements.push((prepared, columns(group, types.len()), group));
     }
     let mut pipeline = FuturesOrdered::new();
     for (statement, columns, group) in &statements {
         let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|column| column as &(dyn ToSql + Sync)).collect();
-        pipeline.push_back(async move { tx.query(statement, &params).await.map(|rows| (rows, *group)) });
+        pipeline.push_back(async move { tx.query_one(statement, &params).await.map(|row| (row, *group)) });
     }
-    let results: Vec<(Vec<tokio_postgres::Row>, &Group)> = pipeline.try_collect().await.map_err(fast_error)?;
+    let results: Vec<(tokio_postgres::Row, &Group)> = pipeline.try_collect().await.map_err(fast_error)?;
     let mut applied = vec![false; events.len()];
-    for (rows, group) in &results {
-        let changed: foldhash::HashSet<&str> = rows.iter().map(|row| row.get::<_, &str>(0)).collect();
+    for (row, group) in &results {
+        let changed: foldhash::HashSet<&str> =
+            row.get::<_, Option<Vec<&str>>>(0).unwrap_or_default().into_iter().collect();
         for planned in &group.events {
             applied[planned.index] = planned.key.is_some_and(|key| changed.contains(key));
         }

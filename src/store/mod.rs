@@ -229,7 +229,7 @@ pub async fn check_statements(
                     // Its form for many events at once, as the fast path would run it.
                     (Some(set), crate::projection::Dedupe::Version(table)) if set_based => {
                         let types: Vec<String> = prepared.params().iter().map(column::sql_type).collect();
-                        client.prepare(&set.sql_returning(&types, &table.key_column)).await.err().map(|error| {
+                        client.prepare(&set.sql_changed_keys(&types, &table.key_column)).await.err().map(|error| {
                             format!(
                                 "{} (in the form applying many events in one statement; \
                                  `batch.set_based = false` applies them one by one)",

@@ -150,8 +150,9 @@ sql = "UPDATE {table} SET p3 = p3 || '+' || :data.carrier, version = :version WH
 async fn columns_named_like_the_set_based_statements_own_are_not_ambiguous() {
     let (db, pool) = migrated(2).await;
     let client = db.connect().await;
-    // `pcols`, and a table called like the rows the set-based statements read.
-    for table in ["pcols", "projector_rows"] {
+    // `pcols`, a table called like the rows the set-based statements read, and one called like
+    // the keys they return.
+    for table in ["pcols", "projector_rows", "projector_changed"] {
         client
             .batch_execute(&format!(
                 "CREATE TABLE {table} (p1 text PRIMARY KEY, version bigint NOT NULL, p2 numeric NOT NULL,
