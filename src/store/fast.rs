@@ -134,15 +134,18 @@ pub async fn try_apply<'p>(
                 }
             }
             let firsts = stored::distinct(ids.iter().map(|id| &**id), ids.len());
+            // The ids recorded now, as one array in one row (as the guarded waves' changed keys).
             let recorded = tx
-                .query(
-                    "INSERT INTO projector.processed_events (projection, event_id)
-                     SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING event_id",
+                .query_one(
+                    "WITH recorded AS (INSERT INTO projector.processed_events (projection, event_id)
+                     SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING event_id)
+                     SELECT array_agg(event_id) FROM recorded",
                     &[&projection.name, &firsts],
                 )
                 .await
                 .map_err(ApplyError::during("recording event ids"))?;
-            let mut new: foldhash::HashSet<String> = recorded.into_iter().map(|row| row.get(0)).collect();
+            let mut new: foldhash::HashSet<&str> =
+                recorded.get::<_, Option<Vec<&str>>>(0).unwrap_or_default().into_iter().collect();
             for ((event, _, planned), id) in events.into_iter().zip(&ids) {
                 if new.remove(&**id) {
                     applied.push(planned);
