@@ -144,8 +144,7 @@ pub async fn try_apply<'p>(
                 )
                 .await
                 .map_err(ApplyError::during("recording event ids"))?;
-            let mut new: foldhash::HashSet<&str> =
-                recorded.get::<_, Option<Vec<&str>>>(0).unwrap_or_default().into_iter().collect();
+            let mut new = texts(&recorded);
             for ((event, _, planned), id) in events.into_iter().zip(&ids) {
                 if new.remove(&**id) {
                     applied.push(planned);
@@ -273,8 +272,7 @@ async fn apply_guarded(
     let results: Vec<(tokio_postgres::Row, &Group)> = pipeline.try_collect().await.map_err(fast_error)?;
     let mut applied = vec![false; events.len()];
     for (row, group) in &results {
-        let changed: foldhash::HashSet<&str> =
-            row.get::<_, Option<Vec<&str>>>(0).unwrap_or_default().into_iter().collect();
+        let changed = texts(row);
         for planned in &group.events {
             applied[planned.index] = planned.key.is_some_and(|key| changed.contains(key));
         }
@@ -338,6 +336,11 @@ async fn apply_guarded(
         }
     }
     Ok(outcomes)
+}
+
+/// The texts in a one-row result's array (`array_agg`'s NULL: none).
+fn texts(row: &tokio_postgres::Row) -> foldhash::HashSet<&str> {
+    row.get::<_, Option<Vec<&str>>>(0).unwrap_or_default().into_iter().collect()
 }
 
 fn declined(projection: &Projection, why: &str) -> Fast {
