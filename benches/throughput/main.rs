@@ -159,9 +159,11 @@ pub struct Args {
     /// (repeatable; given once, it replaces all the defaults; `--kafka-property` wins). Tansu 0.6
     /// holds every fetch for about half of `fetch.wait.max.ms` even when it has records to
     /// return, and fills a fetch up to `fetch.max.bytes` (capped at 5 MB) from its first
-    /// partitions, ignoring `max.partition.fetch.bytes`: see BENCHMARKS.md.
+    /// partitions, ignoring `max.partition.fetch.bytes`: a fetch of 256 KB holds one partition's
+    /// records, and the engine's lanes take turns (librdkafka requires `message.max.bytes` no
+    /// larger than `fetch.max.bytes`). See BENCHMARKS.md.
     #[arg(long = "tansu-property", value_parser = parse_property,
-          default_values = ["fetch.wait.max.ms=3", "fetch.max.bytes=1048576"])]
+          default_values = ["fetch.wait.max.ms=3", "fetch.max.bytes=262144", "message.max.bytes=262144"])]
     tansu_properties: Vec<(String, String)>,
     /// librdkafka properties for the engine's consumer against the mock cluster only, as
     /// `--tansu-property`. The mock holds a fetch that finds no record for all of
