@@ -9,20 +9,10 @@ caps a consumer at one fetch (at most 5 MB) per ~250 ms.
 """
 import json, os, subprocess, sys, time, uuid
 from confluent_kafka import Producer, Consumer
-from confluent_kafka.admin import AdminClient, NewTopic
+from tansu_broker import tansu_topic
 
-port = 19093
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 400000
-broker = subprocess.Popen(["tansu", "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
-    "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"],
-    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-try:
-    time.sleep(2)
-    bootstrap = f"127.0.0.1:{port}"
-    topic = "t" + uuid.uuid4().hex[:8]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for f in admin.create_topics([NewTopic(topic, 8, 1)]).values():
-        f.result()
+with tansu_topic(19093, 8) as (broker, bootstrap, topic):
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     payload = json.dumps({"type": "OrderNoted", "id": str(uuid.uuid4()), "stream_id": str(uuid.uuid4()),
         "stream_version": 7, "occurred_at": "2024-05-01T10:00:00Z", "data": {"note": "x" * 100}}).encode()
@@ -54,5 +44,3 @@ try:
         print(f"  python cpu so far {ru.ru_utime + ru.ru_stime:.2f} s; tansu cpu so far {(int(st[13]) + int(st[14])) / os.sysconf('SC_CLK_TCK'):.2f} s")
         print(f"consumed {got} in {secs:.2f} s: {got/secs:,.0f} records/s {props}")
         c.close()
-finally:
-    broker.kill()

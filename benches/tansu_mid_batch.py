@@ -9,21 +9,11 @@ meets this (README, `[kafka.properties]`). Exits 1 if any offset was skipped.
     pip install confluent-kafka   # not needed by the tests
     python3 benches/tansu_mid_batch.py   # needs `tansu` on PATH
 """
-import subprocess, sys, time, uuid
+import sys
 from confluent_kafka import Producer, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from tansu_broker import tansu_topic
 
-port = 19094
-broker = subprocess.Popen(["tansu", "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
-    "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"],
-    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-try:
-    time.sleep(2)
-    bootstrap = f"127.0.0.1:{port}"
-    topic = "t" + uuid.uuid4().hex[:8]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for f in admin.create_topics([NewTopic(topic, 1, 1)]).values():
-        f.result()
+with tansu_topic(19094, 1) as (broker, bootstrap, topic):
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "batch.num.messages": 10})
     for i in range(100):
         producer.produce(topic, key=str(i), value=str(i))
@@ -45,5 +35,3 @@ try:
         skipped |= not offsets or offsets[0] != start
         print(f"assigned at {start}: first offsets {offsets}")
     sys.exit(1 if skipped else 0)
-finally:
-    broker.terminate()
