@@ -7,7 +7,7 @@ caps a consumer at one fetch (at most 5 MB) per ~250 ms.
     pip install confluent-kafka   # not needed by the tests
     python3 benches/tansu_consume.py [RECORDS]   # default 400000; needs `tansu` on PATH
 """
-import json, os, subprocess, sys, time, uuid
+import json, os, sys, time, uuid
 from confluent_kafka import Producer, Consumer
 from tansu_broker import tansu_topic
 
